@@ -1,0 +1,176 @@
+//! Expansion of `#[derive(Aggregate)]`.
+
+use std::collections::HashSet;
+
+use proc_macro2::TokenStream;
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{DeriveInput, Path};
+
+use crate::internals::ast::Container;
+use crate::internals::attr::AggregateAttrs;
+use crate::internals::check;
+use crate::internals::ctxt::Ctxt;
+
+pub fn expand(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::new();
+    if Container::from_ast(&mut cx, input, "Aggregate").is_none() {
+        return cx.into_compile_errors();
+    }
+    let attrs = AggregateAttrs::from_attrs(&mut cx, &input.attrs);
+    check::no_generics(&mut cx, &input.generics, "Aggregate");
+
+    let ident = &input.ident;
+    let events: Vec<Path> = match &attrs.events {
+        Some(list) => {
+            check::events_list(&mut cx, &list.value, list.span);
+            list.value.clone()
+        }
+        None => {
+            cx.error_spanned_by(
+                ident,
+                "missing `events(...)`: add #[aggregate(events(...))] listing the events this \
+                 aggregate applies",
+            );
+            Vec::new()
+        }
+    };
+    let krate = attrs.krate.as_ref().map_or_else(
+        || quote!(::annals),
+        |k| {
+            let path = &k.value;
+            quote!(#path)
+        },
+    );
+    let private = quote!(#krate::__private);
+    let name = attrs
+        .name
+        .as_ref()
+        .map_or_else(|| ident.to_string(), |n| n.value.clone());
+    let snapshot_version = attrs.snapshot_version.as_ref().map_or(1, |v| v.value);
+    if let (Some(v), None) = (&attrs.snapshot_version, &attrs.snapshot_every) {
+        cx.syn_error(syn::Error::new(
+            v.span,
+            "`snapshot_version` has no effect without `snapshot_every`",
+        ));
+    }
+
+    // One `Handles` impl per listed type, at the span of the type in the user's list, so a
+    // missing `Apply` impl is reported there.
+    let mut seen = HashSet::new();
+    let handles: Vec<TokenStream> = events
+        .iter()
+        .filter(|path| seen.insert(path.to_token_stream().to_string()))
+        .map(|path| {
+            quote_spanned! {path.span()=>
+                #[automatically_derived]
+                impl #krate::Handles<#path> for #ident {}
+            }
+        })
+        .collect();
+
+    if !cx.is_ok() {
+        let errors = cx.into_compile_errors();
+        if !input.generics.params.is_empty() {
+            return errors;
+        }
+        return quote! {
+            #errors
+            const _: () = {
+                #[automatically_derived]
+                impl #krate::Aggregate for #ident {
+                    const NAME: &'static str = #name;
+                    const SNAPSHOT_EVERY: ::core::option::Option<u64> = ::core::option::Option::None;
+                    const SNAPSHOT_VERSION: u32 = 1;
+                    fn apply_stored(&mut self, stored: &#private::StoredPayload<'_>) -> #private::Result<()> {
+                        ::core::result::Result::Err(stored.unknown(#name))
+                    }
+                    fn encode_snapshot(&self) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
+                        ::core::option::Option::None
+                    }
+                    fn decode_snapshot(_: &[u8], version: u64) -> #private::Result<Self> {
+                        #private::no_snapshots(#name, version)
+                    }
+                }
+                #(#handles)*
+            };
+        };
+    }
+
+    let dispatch = events.iter().map(|path| {
+        quote! {
+            if <#path as #krate::Event>::NAMES.iter().any(|n| *n == stored.name) {
+                return <Self as #krate::Handles<#path>>::apply_stored_event(self, stored);
+            }
+        }
+    });
+    let (snapshot_every, encode_snapshot, decode_snapshot) = match &attrs.snapshot_every {
+        Some(every) => {
+            let every = every.value;
+            (
+                quote!(::core::option::Option::Some(#every)),
+                quote_spanned! {ident.span()=>
+                    ::core::option::Option::Some(#private::encode_snapshot(self, #name))
+                },
+                quote_spanned! {ident.span()=>
+                    #private::decode_snapshot::<Self>(payload, version, #name, #snapshot_version)
+                },
+            )
+        }
+        None => (
+            quote!(::core::option::Option::None),
+            quote!(::core::option::Option::None),
+            quote!(#private::no_snapshots(#name, version)),
+        ),
+    };
+    let listed = events.iter().map(|path| {
+        quote! {
+            #private::ListedEvent {
+                names: <#path as #krate::Event>::NAMES,
+                rust_type: #private::type_name::<#path>,
+            }
+        }
+    });
+
+    quote! {
+        const _: () = {
+            #[automatically_derived]
+            impl #krate::Aggregate for #ident {
+                const NAME: &'static str = #name;
+                const SNAPSHOT_EVERY: ::core::option::Option<u64> = #snapshot_every;
+                const SNAPSHOT_VERSION: u32 = #snapshot_version;
+
+                fn apply_stored(
+                    &mut self,
+                    stored: &#private::StoredPayload<'_>,
+                ) -> #private::Result<()> {
+                    #(#dispatch)*
+                    ::core::result::Result::Err(stored.unknown(#name))
+                }
+
+                fn encode_snapshot(
+                    &self,
+                ) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
+                    #encode_snapshot
+                }
+
+                #[allow(unused_variables)]
+                fn decode_snapshot(payload: &[u8], version: u64) -> #private::Result<Self> {
+                    #decode_snapshot
+                }
+            }
+
+            #(#handles)*
+
+            #private::inventory::submit! {
+                #private::AggregateRegistration {
+                    name: #name,
+                    rust_type: #private::type_name::<#ident>,
+                    snapshot_every: #snapshot_every,
+                    snapshot_version: #snapshot_version,
+                    events: &[#(#listed),*],
+                }
+            }
+        };
+    }
+}

@@ -1,0 +1,27 @@
+//! Derive macros for [annals](https://docs.rs/annals): `#[derive(Event)]` and
+//! `#[derive(Aggregate)]`. Use them through the `annals` crate, which re-exports both.
+
+#![forbid(unsafe_code)]
+
+mod aggregate;
+mod event;
+mod internals;
+
+use proc_macro::TokenStream;
+use syn::{DeriveInput, parse_macro_input};
+
+/// Derives `annals::Event` for a struct (one registered name) or an enum (one name per
+/// variant). See `annals::Event`.
+#[proc_macro_derive(Event, attributes(event))]
+pub fn derive_event(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    event::expand(&input).into()
+}
+
+/// Derives `annals::Aggregate`: the dispatch from stored events to `Apply` impls, the snapshot
+/// codec and the registration. See `annals::Aggregate`.
+#[proc_macro_derive(Aggregate, attributes(aggregate))]
+pub fn derive_aggregate(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    aggregate::expand(&input).into()
+}

@@ -1,0 +1,263 @@
+//! The one error type of annals.
+
+use crate::aggregate::AggregateId;
+
+/// A boxed error from a storage backend or a codec, kept as the source of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in annals.
+///
+/// Variants carry what a caller needs to act: which aggregate, which version, which position in
+/// the global feed. The enum is `#[non_exhaustive]`: match the variants you handle and keep a
+/// fallback arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another context committed to this aggregate after it was loaded here; nothing of this
+    /// context was written. Re-run the work (see [`Store::transact_with_retry`](crate::Store::transact_with_retry)).
+    #[error(
+        "concurrency conflict on {aggregate_type} {aggregate}: expected version {expected}, found {actual}"
+    )]
+    Conflict {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The aggregate whose version moved.
+        aggregate: AggregateId,
+        /// The version this context loaded.
+        expected: u64,
+        /// The version in the store at commit time.
+        actual: u64,
+    },
+
+    /// No aggregate of that type has this id or key.
+    #[error("{aggregate_type} {target} not found")]
+    NotFound {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The id or natural key that was looked up.
+        target: Target,
+    },
+
+    /// A natural key is already held by another aggregate of the same type; nothing of this
+    /// context was written.
+    #[error("{aggregate_type} key {key:?} is already taken")]
+    KeyTaken {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The natural key.
+        key: String,
+    },
+
+    /// A natural key is empty, longer than 1,024 bytes, or contains a NUL character.
+    #[error("invalid natural key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The id belongs to an aggregate of another type.
+    #[error("aggregate {aggregate} is a {found}, not a {expected}")]
+    WrongAggregateType {
+        /// The aggregate that was loaded.
+        aggregate: AggregateId,
+        /// The type the caller asked for.
+        expected: String,
+        /// The type recorded in the store.
+        found: String,
+    },
+
+    /// A stored event's name is not one the loading code knows.
+    #[error(
+        "unknown event type {event_type:?} at position {position}{}",
+        for_aggregate(aggregate_type)
+    )]
+    UnknownEventType {
+        /// The event's name as stored.
+        event_type: String,
+        /// The event's position in the global feed.
+        position: u64,
+        /// The aggregate type that was being rebuilt, when there was one.
+        aggregate_type: Option<String>,
+    },
+
+    /// A stored payload (event or snapshot) does not decode into its Rust type.
+    #[error(
+        "cannot decode {what} {event_type:?} (schema version {schema_version}) at position {position}: {source}"
+    )]
+    Decode {
+        /// `"event"` or `"snapshot"`.
+        what: &'static str,
+        /// The event or aggregate type's name.
+        event_type: String,
+        /// The stored schema version.
+        schema_version: u32,
+        /// The event's position in the global feed (for a snapshot: the aggregate version it holds).
+        position: u64,
+        /// What the decoder said.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A value could not be encoded before staging; nothing was staged.
+    #[error("cannot encode {what} {type_name:?}: {source}")]
+    Encode {
+        /// `"event"` or `"snapshot"`.
+        what: &'static str,
+        /// The event or aggregate type's name.
+        type_name: String,
+        /// What the encoder said.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An encoded payload is larger than the store accepts; nothing was staged.
+    #[error("{what} {type_name:?} is {size} bytes, over the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// `"event"`, `"snapshot"` or `"metadata"`.
+        what: &'static str,
+        /// The event or aggregate type's name.
+        type_name: String,
+        /// The encoded size.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+
+    /// Two Rust types were registered under one name.
+    #[error("type name collision: {kind} name {name:?} is used by both `{first}` and `{second}`")]
+    TypeNameCollision {
+        /// `"event"` or `"aggregate"`.
+        kind: &'static str,
+        /// The registered name.
+        name: String,
+        /// One Rust type.
+        first: String,
+        /// The other Rust type.
+        second: String,
+    },
+
+    /// An aggregate lists an event type that is not in the registry.
+    #[error("aggregate {aggregate_type:?} lists event `{event_type}`, which is not registered")]
+    UnregisteredEvent {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The event's Rust type.
+        event_type: String,
+    },
+
+    /// An aggregate type was used that is not in the registry.
+    #[error("aggregate type `{rust_type}` is not registered")]
+    UnregisteredAggregate {
+        /// The aggregate's Rust type.
+        rust_type: String,
+    },
+
+    /// `apply` was called on a read-only context.
+    #[error("this context is read-only: it cannot stage events")]
+    ReadOnly,
+
+    /// A root was used with a context that did not load or create it.
+    #[error("aggregate {aggregate} was not loaded or created in this context")]
+    ForeignRoot {
+        /// The aggregate of the root.
+        aggregate: AggregateId,
+    },
+
+    /// A root is behind the events this context already staged for its aggregate: another root
+    /// of the same aggregate, loaded in this context, has been applied to since.
+    #[error(
+        "stale root for aggregate {aggregate}: it is at version {root_version}, this context is at {context_version}; load it again"
+    )]
+    StaleRoot {
+        /// The aggregate.
+        aggregate: AggregateId,
+        /// The root's version.
+        root_version: u64,
+        /// The version this context has staged up to.
+        context_version: u64,
+    },
+
+    /// The store holds data that breaks an invariant annals relies on (a gap in an aggregate's
+    /// versions, a value out of range). Nothing is changed.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+
+    /// A store URL, option or identifier is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The store's schema was written by a newer annals than this one.
+    #[error("the store's schema is version {found}; this annals knows up to version {supported}")]
+    SchemaTooNew {
+        /// The schema version found in the store.
+        found: i64,
+        /// The newest schema version this library knows.
+        supported: i64,
+    },
+
+    /// The database or the connection failed.
+    #[error("backend error: {0}")]
+    Backend(#[source] BoxError),
+}
+
+fn for_aggregate(aggregate_type: &Option<String>) -> String {
+    match aggregate_type {
+        Some(t) => format!(" while loading a {t}"),
+        None => String::new(),
+    }
+}
+
+/// What a lookup was for: an aggregate id or a natural key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An aggregate id.
+    Id(AggregateId),
+    /// A natural key.
+    Key(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Id(id) => write!(f, "{id}"),
+            Target::Key(key) => write!(f, "with key {key:?}"),
+        }
+    }
+}
+
+impl Error {
+    /// Wraps any backend error.
+    pub fn backend(source: impl Into<BoxError>) -> Self {
+        Error::Backend(source.into())
+    }
+}
+
+/// Recognises a concurrency conflict inside an error type, so the retry helper can re-run work
+/// whose error type is the user's own.
+///
+/// Implement it for your error type by asking the `annals::Error` it wraps:
+///
+/// ```
+/// # use annals::IsConflict;
+/// enum BankError { Overdrawn, Store(annals::Error) }
+/// impl IsConflict for BankError {
+///     fn is_conflict(&self) -> bool {
+///         matches!(self, BankError::Store(e) if e.is_conflict())
+///     }
+/// }
+/// ```
+pub trait IsConflict {
+    /// True when the error is a concurrency conflict that re-running the work may resolve.
+    fn is_conflict(&self) -> bool;
+}
+
+impl IsConflict for Error {
+    fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+}
+
+/// A shorthand for `Result<T, annals::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

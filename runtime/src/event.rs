@@ -1,0 +1,163 @@
+//! Events: the facts an aggregate is rebuilt from, and the records the store reads back.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::AggregateId;
+use crate::error::{BoxError, Error, Result};
+use crate::metadata::Metadata;
+
+/// A fact that happened to an aggregate. Derive it with `#[derive(Event)]`:
+///
+/// ```
+/// use annals::prelude::*;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Event, Serialize, Deserialize)]
+/// #[event(name = "account.opened", version = 2)]
+/// struct Opened { owner: String }
+///
+/// #[derive(Event, Serialize, Deserialize)]
+/// enum Moved {
+///     #[event(name = "money.in")]
+///     In { amount: i64 },
+///     Out { amount: i64 },
+/// }
+///
+/// assert_eq!(<Opened as Event>::NAMES, ["account.opened"]);
+/// assert_eq!(<Moved as Event>::NAMES, ["money.in", "Out"]);
+/// ```
+///
+/// A struct is registered under one name (default: the type's name); an enum under one name per
+/// variant (default: the variant's name). The payload is the value's serde JSON form.
+pub trait Event: Send + Sync + Sized + 'static {
+    /// Every name values of this type are stored under: one for a struct, one per variant for an
+    /// enum.
+    const NAMES: &'static [&'static str];
+    /// The schema version stored with every event of this type.
+    const VERSION: u32;
+
+    /// The name this value is stored under.
+    fn name(&self) -> &'static str;
+
+    /// Encodes the payload.
+    #[doc(hidden)]
+    fn encode(&self) -> std::result::Result<Vec<u8>, BoxError>;
+
+    /// Decodes a payload stored under `name` with schema version `version`.
+    #[doc(hidden)]
+    fn decode(name: &str, version: u32, payload: &[u8]) -> std::result::Result<Self, BoxError>;
+}
+
+/// A stored event as the generated dispatch sees it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct StoredPayload<'a> {
+    pub name: &'a str,
+    pub schema_version: u32,
+    pub payload: &'a [u8],
+    pub position: u64,
+}
+
+impl StoredPayload<'_> {
+    /// Decodes into `E`, mapping a failure to [`Error::Decode`] at this event's position.
+    pub fn decode<E: Event>(&self) -> Result<E> {
+        E::decode(self.name, self.schema_version, self.payload).map_err(|source| Error::Decode {
+            what: "event",
+            event_type: self.name.to_owned(),
+            schema_version: self.schema_version,
+            position: self.position,
+            source,
+        })
+    }
+
+    /// The error for a name the aggregate does not list.
+    pub fn unknown(&self, aggregate_type: &str) -> Error {
+        Error::UnknownEventType {
+            event_type: self.name.to_owned(),
+            position: self.position,
+            aggregate_type: Some(aggregate_type.to_owned()),
+        }
+    }
+}
+
+/// Where a reader of the global feed stands. Pass the cursor of the last event handled to read
+/// on from there; [`FeedCursor::START`] reads from the beginning.
+///
+/// On PostgreSQL the feed is ordered by the writing transaction first, so the cursor carries the
+/// transaction id beside the position; on other stores `tx` is always 0.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct FeedCursor {
+    /// The writing transaction's id (PostgreSQL), or 0.
+    pub tx: u64,
+    /// The global position of the last event read.
+    pub position: u64,
+}
+
+impl FeedCursor {
+    /// Before the first event.
+    pub const START: FeedCursor = FeedCursor { tx: 0, position: 0 };
+}
+
+/// An event as read back from the store: where it stands, what it is, and its payload.
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    /// The event's place in the global feed.
+    pub cursor: FeedCursor,
+    /// The aggregate it belongs to.
+    pub aggregate_id: AggregateId,
+    /// The aggregate type's registered name.
+    pub aggregate_type: String,
+    /// The aggregate's version after this event (1 for its first event).
+    pub version: u64,
+    /// The event's registered name.
+    pub event_type: String,
+    /// The schema version it was written with.
+    pub schema_version: u32,
+    /// The encoded payload (JSON).
+    pub payload: Vec<u8>,
+    /// The event's unique id.
+    pub event_id: uuid::Uuid,
+    /// When the commit that wrote it was made.
+    pub recorded_at: SystemTime,
+    /// Correlation, causation, reference and headers.
+    pub metadata: Metadata,
+}
+
+impl RecordedEvent {
+    /// The global position.
+    pub fn position(&self) -> u64 {
+        self.cursor.position
+    }
+
+    /// Decodes the payload as `E`; `Ok(None)` when the event is not one of `E`'s names.
+    pub fn decode<E: Event>(&self) -> Result<Option<E>> {
+        if !E::NAMES.contains(&self.event_type.as_str()) {
+            return Ok(None);
+        }
+        self.stored().decode().map(Some)
+    }
+
+    /// The payload as a JSON value, whatever its Rust type.
+    pub fn payload_json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
+            what: "event",
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
+            position: self.cursor.position,
+            source: Box::new(e),
+        })
+    }
+
+    pub(crate) fn stored(&self) -> StoredPayload<'_> {
+        StoredPayload {
+            name: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            position: self.cursor.position,
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! # annals
+//!
+//! Event sourcing for Rust. Derive [`Event`] on the facts of your domain and [`Aggregate`] on
+//! the state they build; a [`Context`] loads aggregates, stages the events your commands
+//! produce, and commits all of them atomically, across aggregates, or none of them.
+//!
+//! ```
+//! use annals::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Event, Serialize, Deserialize, Debug)]
+//! struct Deposited { amount: i64 }
+//!
+//! #[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+//! #[aggregate(name = "account", events(Deposited))]
+//! struct Account { balance: i64 }
+//!
+//! impl Apply<Deposited> for Account {
+//!     fn apply(&mut self, e: &Deposited) { self.balance += e.amount }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), annals::Error> {
+//! let store = Store::open("memory:").await?;
+//! store.transact(async |ctx| {
+//!     let mut alice = ctx.load_or_create_by_key::<Account>("alice").await?;
+//!     ctx.apply(&mut alice, Deposited { amount: 30 })?;
+//!     Ok::<_, annals::Error>(())
+//! }).await?;
+//!
+//! let alice = store.begin_read_only().load_by_key::<Account>("alice").await?;
+//! assert_eq!((alice.balance, alice.version()), (30, 1));
+//! # Ok(()) }
+//! ```
+//!
+//! ## Invariants
+//!
+//! - A context writes nothing before [`Context::commit`]; loads read committed state without
+//!   locks, and the commit checks each changed aggregate's version ([`Error::Conflict`]).
+//! - A commit writes all of its events and snapshots, across aggregates, or none.
+//! - The global feed ([`Store::read_feed`]) returns every committed event once, in commit order.
+//!
+//! ## Stores
+//!
+//! `memory:` (feature `memory`) for tests; `sqlite://…` (feature `sqlite`, the default);
+//! `postgres://…` (feature `postgres`). See [`Store::open`].
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod aggregate;
+mod context;
+mod error;
+mod event;
+mod metadata;
+pub mod registry;
+mod retry;
+mod store;
+
+pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
+pub use annals_macros::{Aggregate, Event};
+pub use context::Context;
+pub use error::{BoxError, Error, IsConflict, Result, Target};
+pub use event::{Event, FeedCursor, RecordedEvent};
+pub use metadata::Metadata;
+pub use registry::{Registry, registry};
+pub use retry::Retry;
+pub use store::{Store, StoreOptions, Synchronous};
+
+/// The names most programs need: `use annals::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Aggregate, AggregateId, Apply, Context, Error, Event, FeedCursor, IsConflict, Metadata,
+        RecordedEvent, Retry, Root, Store, StoreOptions,
+    };
+}
+
+/// What the derives' generated code names. Not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::error::{BoxError, Error, Result};
+    pub use crate::event::StoredPayload;
+    pub use crate::registry::{AggregateRegistration, EventRegistration, ListedEvent};
+    pub use core::any::type_name;
+    pub use inventory;
+
+    /// Encodes an event payload.
+    pub fn encode_json<T: serde::Serialize + ?Sized>(
+        value: &T,
+    ) -> core::result::Result<Vec<u8>, BoxError> {
+        serde_json::to_vec(value).map_err(Into::into)
+    }
+
+    /// Decodes an event payload.
+    pub fn decode_json<T: serde::de::DeserializeOwned>(
+        payload: &[u8],
+    ) -> core::result::Result<T, BoxError> {
+        serde_json::from_slice(payload).map_err(Into::into)
+    }
+
+    /// The error for an enum payload that decodes to another variant than the stored name.
+    pub fn variant_mismatch(stored: &str, decoded: &str) -> BoxError {
+        format!("the payload holds variant {decoded:?}, but the event is stored as {stored:?}")
+            .into()
+    }
+
+    /// Encodes an aggregate's state as a snapshot.
+    pub fn encode_snapshot<T: serde::Serialize>(state: &T, name: &str) -> Result<Vec<u8>> {
+        serde_json::to_vec(state).map_err(|e| Error::Encode {
+            what: "snapshot",
+            type_name: name.to_owned(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Decodes a snapshot.
+    pub fn decode_snapshot<T: serde::de::DeserializeOwned>(
+        payload: &[u8],
+        version: u64,
+        name: &str,
+        snapshot_version: u32,
+    ) -> Result<T> {
+        serde_json::from_slice(payload).map_err(|e| Error::Decode {
+            what: "snapshot",
+            event_type: name.to_owned(),
+            schema_version: snapshot_version,
+            position: version,
+            source: Box::new(e),
+        })
+    }
+
+    /// For aggregates without snapshots: a stored snapshot is never asked for.
+    pub fn no_snapshots<T>(name: &str, version: u64) -> Result<T> {
+        Err(Error::Decode {
+            what: "snapshot",
+            event_type: name.to_owned(),
+            schema_version: 0,
+            position: version,
+            source: "this aggregate type takes no snapshots".into(),
+        })
+    }
+}

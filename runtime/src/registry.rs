@@ -1,0 +1,203 @@
+//! The compile-time registry of every event and aggregate type.
+//!
+//! Each `#[derive(Event)]` and `#[derive(Aggregate)]` submits a registration through
+//! `inventory`; [`registry`] gathers them into one inspectable list, and
+//! [`Registry::validate`] (run by every [`Store::open`](crate::Store::open)) refuses two Rust
+//! types under one name and aggregates that list unregistered events.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+
+/// What `#[derive(Event)]` submits for one event type.
+#[doc(hidden)]
+pub struct EventRegistration {
+    pub names: &'static [&'static str],
+    pub version: u32,
+    pub rust_type: fn() -> &'static str,
+}
+
+/// One event type in an aggregate's `events(...)` list.
+#[doc(hidden)]
+pub struct ListedEvent {
+    pub names: &'static [&'static str],
+    pub rust_type: fn() -> &'static str,
+}
+
+/// What `#[derive(Aggregate)]` submits for one aggregate type.
+#[doc(hidden)]
+pub struct AggregateRegistration {
+    pub name: &'static str,
+    pub rust_type: fn() -> &'static str,
+    pub snapshot_every: Option<u64>,
+    pub snapshot_version: u32,
+    pub events: &'static [ListedEvent],
+}
+
+inventory::collect!(EventRegistration);
+inventory::collect!(AggregateRegistration);
+
+/// One registered event name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventInfo {
+    /// The name stored with each event.
+    pub name: &'static str,
+    /// The schema version written with new events.
+    pub schema_version: u32,
+    /// The Rust type (for an enum: the enum; each variant has its own name).
+    pub rust_type: &'static str,
+}
+
+/// One registered aggregate type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateInfo {
+    /// The name stored with each aggregate.
+    pub name: &'static str,
+    /// The Rust type.
+    pub rust_type: &'static str,
+    /// Snapshot policy: one snapshot every this many events.
+    pub snapshot_every: Option<u64>,
+    /// The shape version of its snapshots.
+    pub snapshot_version: u32,
+    /// The names of the events it applies, in the order listed.
+    pub events: Vec<&'static str>,
+}
+
+/// Every event and aggregate type linked into this program.
+#[derive(Debug)]
+pub struct Registry {
+    events: Vec<EventInfo>,
+    aggregates: Vec<AggregateInfo>,
+    listed: Vec<(usize, &'static str, &'static str)>,
+}
+
+/// The registry of this program, gathered once.
+pub fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Registry::gather)
+}
+
+impl Registry {
+    fn gather() -> Registry {
+        let mut events: Vec<EventInfo> = inventory::iter::<EventRegistration>
+            .into_iter()
+            .flat_map(|r| {
+                r.names.iter().map(move |name| EventInfo {
+                    name,
+                    schema_version: r.version,
+                    rust_type: (r.rust_type)(),
+                })
+            })
+            .collect();
+        events.sort_by(|a, b| (a.name, a.rust_type).cmp(&(b.name, b.rust_type)));
+        events.dedup();
+
+        let mut aggregates = Vec::new();
+        let mut listed = Vec::new();
+        let mut regs: Vec<&AggregateRegistration> = inventory::iter::<AggregateRegistration>
+            .into_iter()
+            .collect();
+        regs.sort_by_key(|r| (r.name, (r.rust_type)()));
+        for (index, r) in regs.into_iter().enumerate() {
+            for e in r.events {
+                for name in e.names {
+                    listed.push((index, *name, (e.rust_type)()));
+                }
+            }
+            aggregates.push(AggregateInfo {
+                name: r.name,
+                rust_type: (r.rust_type)(),
+                snapshot_every: r.snapshot_every,
+                snapshot_version: r.snapshot_version,
+                events: r
+                    .events
+                    .iter()
+                    .flat_map(|e| e.names.iter().copied())
+                    .collect(),
+            });
+        }
+        Registry {
+            events,
+            aggregates,
+            listed,
+        }
+    }
+
+    /// Every registered event name, sorted by name.
+    pub fn events(&self) -> &[EventInfo] {
+        &self.events
+    }
+
+    /// Every registered aggregate type, sorted by name.
+    pub fn aggregates(&self) -> &[AggregateInfo] {
+        &self.aggregates
+    }
+
+    /// The event registered under `name`.
+    pub fn event(&self, name: &str) -> Option<&EventInfo> {
+        self.events.iter().find(|e| e.name == name)
+    }
+
+    /// The aggregate type registered under `name`.
+    pub fn aggregate(&self, name: &str) -> Option<&AggregateInfo> {
+        self.aggregates.iter().find(|a| a.name == name)
+    }
+
+    /// The aggregate types that list the event `name`.
+    pub fn aggregates_using(&self, event_name: &str) -> impl Iterator<Item = &AggregateInfo> {
+        self.aggregates
+            .iter()
+            .filter(move |a| a.events.contains(&event_name))
+    }
+
+    /// Checks that every name belongs to one Rust type and that every event an aggregate lists
+    /// is registered. Run by [`Store::open`](crate::Store::open).
+    pub fn validate(&self) -> Result<()> {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for e in &self.events {
+            if let Some(first) = seen.insert(e.name, e.rust_type) {
+                if first != e.rust_type {
+                    return Err(collision("event", e.name, first, e.rust_type));
+                }
+            }
+        }
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for a in &self.aggregates {
+            if let Some(first) = seen.insert(a.name, a.rust_type) {
+                return Err(collision("aggregate", a.name, first, a.rust_type));
+            }
+        }
+        for (index, name, rust_type) in &self.listed {
+            let registered = self
+                .events
+                .iter()
+                .any(|e| e.name == *name && e.rust_type == *rust_type);
+            if !registered {
+                let aggregate_type = self
+                    .aggregates
+                    .get(*index)
+                    .map_or_else(String::new, |a| a.name.to_owned());
+                return Err(Error::UnregisteredEvent {
+                    aggregate_type,
+                    event_type: (*rust_type).to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn collision(kind: &'static str, name: &str, first: &str, second: &str) -> Error {
+    let (first, second) = if first <= second {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    Error::TypeNameCollision {
+        kind,
+        name: name.to_owned(),
+        first: first.to_owned(),
+        second: second.to_owned(),
+    }
+}

@@ -1,0 +1,361 @@
+//! The store: where events live. [`Store`] is the handle users hold; [`Backend`] is what each
+//! storage engine implements, and the only place a concrete database is named.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::aggregate::AggregateId;
+use crate::context::Context;
+use crate::error::{Error, IsConflict, Result};
+use crate::event::{FeedCursor, RecordedEvent};
+use crate::registry::{Registry, registry};
+use crate::retry::Retry;
+
+#[cfg(feature = "memory")]
+pub(crate) mod memory;
+mod options;
+
+pub use options::{StoreOptions, Synchronous};
+
+/// A boxed future, as the backend trait returns them.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An aggregate's row: its type, key and committed version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AggregateRow {
+    pub id: AggregateId,
+    pub aggregate_type: String,
+    pub key: Option<String>,
+    pub version: u64,
+}
+
+/// Which aggregate to load.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Locate<'a> {
+    Id(AggregateId),
+    Key {
+        aggregate_type: &'a str,
+        key: &'a str,
+    },
+}
+
+/// What a context asks of the backend to rebuild one aggregate.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoadRequest<'a> {
+    pub locate: Locate<'a>,
+    /// The snapshot shape to use, or `None` to rebuild from events alone.
+    pub snapshot_version: Option<u32>,
+    /// Read no further than this version (the version an earlier load in the same context saw).
+    pub up_to: Option<u64>,
+}
+
+/// A snapshot as stored.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredSnapshot {
+    pub version: u64,
+    pub payload: Vec<u8>,
+}
+
+/// An event as needed to rebuild an aggregate.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamEvent {
+    pub version: u64,
+    pub position: u64,
+    pub name: String,
+    pub schema_version: u32,
+    pub payload: Vec<u8>,
+}
+
+/// The answer to a [`LoadRequest`]: the row, the newest usable snapshot and the events after it,
+/// in version order, up to the row's version (or `up_to`).
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedStream {
+    pub row: AggregateRow,
+    pub snapshot: Option<StoredSnapshot>,
+    pub events: Vec<StreamEvent>,
+}
+
+/// An event staged by a context, encoded and ready to insert.
+#[derive(Debug, Clone)]
+pub(crate) struct StagedEvent {
+    pub version: u64,
+    pub name: &'static str,
+    pub schema_version: u32,
+    pub payload: Vec<u8>,
+    pub metadata: Option<Vec<u8>>,
+    pub event_id: uuid::Uuid,
+}
+
+/// A snapshot staged by a context.
+#[derive(Debug, Clone)]
+pub(crate) struct StagedSnapshot {
+    pub version: u64,
+    pub snapshot_version: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Everything a context changes for one aggregate.
+#[derive(Debug, Clone)]
+pub(crate) struct Change {
+    pub id: AggregateId,
+    pub aggregate_type: &'static str,
+    pub key: Option<String>,
+    /// True when the aggregate is created by this commit (its row is inserted).
+    pub is_new: bool,
+    /// The committed version this context started from (0 for a new aggregate).
+    pub expected: u64,
+    pub events: Vec<StagedEvent>,
+    pub snapshot: Option<StagedSnapshot>,
+}
+
+impl Change {
+    /// The version after this commit.
+    pub fn new_version(&self) -> u64 {
+        self.expected + self.events.len() as u64
+    }
+}
+
+/// One atomic commit: every change, or none.
+#[derive(Debug, Clone)]
+pub(crate) struct CommitBatch {
+    pub changes: Vec<Change>,
+    pub recorded_at: SystemTime,
+}
+
+impl CommitBatch {
+    pub fn event_count(&self) -> usize {
+        self.changes.iter().map(|c| c.events.len()).sum()
+    }
+}
+
+/// A storage engine. Implementations keep the invariants of the crate docs: `commit` writes a
+/// whole batch atomically or nothing, and answers `Conflict` or `KeyTaken` when a version check
+/// or a key fails; the feed returns each committed event once, in commit order.
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// Creates or migrates the schema and warms up the type tables for `registry`.
+    fn prepare<'a>(&'a self, registry: &'a Registry) -> BoxFuture<'a, Result<()>>;
+
+    /// Rebuild material for one aggregate; `None` when it does not exist.
+    fn load<'a>(&'a self, request: LoadRequest<'a>) -> BoxFuture<'a, Result<Option<LoadedStream>>>;
+
+    /// The row of one aggregate.
+    fn locate<'a>(&'a self, locate: Locate<'a>) -> BoxFuture<'a, Result<Option<AggregateRow>>>;
+
+    /// Writes a batch atomically.
+    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>>;
+
+    /// Every event of one aggregate with a version above `after_version`, in version order.
+    fn read_stream<'a>(
+        &'a self,
+        id: AggregateId,
+        after_version: u64,
+    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
+
+    /// Up to `limit` events of the global feed after `after`, in commit order.
+    fn read_feed<'a>(
+        &'a self,
+        after: FeedCursor,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
+
+    /// Releases connections.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+pub(crate) struct StoreInner {
+    pub backend: Box<dyn Backend>,
+    pub registry: &'static Registry,
+    pub options: StoreOptions,
+}
+
+/// A handle to an event store. Cheap to clone; all clones share one backend and its
+/// connections.
+///
+/// ```
+/// # async fn demo() -> Result<(), annals::Error> {
+/// let store = annals::Store::open("memory:").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<StoreInner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens a store with default options.
+    ///
+    /// - `memory:` — a fresh in-memory store (feature `memory`), for tests;
+    /// - `sqlite://path/to/file.db` (created when missing), `sqlite::memory:` — SQLite (feature
+    ///   `sqlite`, on by default);
+    /// - `postgres://user@host/db` — PostgreSQL (feature `postgres`).
+    ///
+    /// Validates the registry (see [`Registry::validate`]), then creates or migrates the schema
+    /// and warms up the type tables.
+    pub async fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, StoreOptions::default()).await
+    }
+
+    /// Opens a store with the given options.
+    pub async fn open_with(url: &str, options: StoreOptions) -> Result<Store> {
+        options.validate()?;
+        let registry = registry();
+        registry.validate()?;
+        let backend = open_backend(url, &options).await?;
+        backend.prepare(registry).await?;
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                backend,
+                registry,
+                options,
+            }),
+        })
+    }
+
+    /// The registry this store was validated against.
+    pub fn registry(&self) -> &'static Registry {
+        self.inner.registry
+    }
+
+    /// The options this store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.options
+    }
+
+    /// A new read-write context. It writes nothing until [`Context::commit`]; dropped, it
+    /// discards what it staged.
+    pub fn begin(&self) -> Context {
+        Context::new(self.clone(), false)
+    }
+
+    /// A new read-only context: it loads aggregates and refuses to stage events.
+    pub fn begin_read_only(&self) -> Context {
+        Context::new(self.clone(), true)
+    }
+
+    /// Runs `work` in a new context and commits what it staged when it returns `Ok`; on `Err`,
+    /// nothing is written and the error comes back unchanged.
+    ///
+    /// The error type is the caller's own; store errors convert into it through `From`.
+    // Not an `async fn`: the returned future owns a clone of the store instead of borrowing
+    // `self`, which keeps it `Send` where the closure's future is (a borrowed `&Store` held
+    // across the closure's await defeats the compiler's `Send` proof).
+    pub fn transact<T, E, F>(
+        &self,
+        work: F,
+    ) -> impl Future<Output = std::result::Result<T, E>> + use<T, E, F>
+    where
+        F: AsyncFnOnce(&mut Context) -> std::result::Result<T, E>,
+        E: From<Error>,
+    {
+        let mut ctx = self.begin();
+        async move {
+            let out = work(&mut ctx).await?;
+            ctx.commit().await?;
+            Ok(out)
+        }
+    }
+
+    /// Like [`transact`](Store::transact), but re-runs the whole of `work` in a fresh context
+    /// when it or its commit fails with a concurrency conflict, as `retry` allows. Any other
+    /// error, or a conflict on the last attempt, comes back to the caller.
+    pub fn transact_with_retry<T, E, F>(
+        &self,
+        retry: Retry,
+        mut work: F,
+    ) -> impl Future<Output = std::result::Result<T, E>> + use<T, E, F>
+    where
+        F: AsyncFnMut(&mut Context) -> std::result::Result<T, E>,
+        E: From<Error> + IsConflict,
+    {
+        let store = self.clone();
+        async move {
+            let mut attempt = 1;
+            loop {
+                let mut ctx = store.begin();
+                let result = match work(&mut ctx).await {
+                    Ok(out) => ctx.commit().await.map(|()| out).map_err(E::from),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Err(e) if e.is_conflict() && attempt < retry.max_attempts => {
+                        tracing::debug!(attempt, "conflict, retrying");
+                        tokio::time::sleep(retry.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    other => return other,
+                }
+            }
+        }
+    }
+
+    /// Every event of one aggregate, oldest first.
+    pub async fn history(&self, id: AggregateId) -> Result<Vec<RecordedEvent>> {
+        self.inner.backend.read_stream(id, 0).await
+    }
+
+    /// Up to `limit` events of the global feed after `after`, each once, in commit order. Pass
+    /// [`FeedCursor::START`] to read from the beginning, then the `cursor` of the last event
+    /// read.
+    pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<Vec<RecordedEvent>> {
+        self.inner.backend.read_feed(after, limit).await
+    }
+
+    /// Closes the store's connections; later calls on any clone fail.
+    pub async fn close(&self) {
+        self.inner.backend.close().await
+    }
+}
+
+async fn open_backend(url: &str, options: &StoreOptions) -> Result<Box<dyn Backend>> {
+    let scheme = url.split(':').next().unwrap_or_default();
+    match scheme {
+        #[cfg(feature = "memory")]
+        "memory" if url == "memory:" => Ok(Box::new(memory::MemoryBackend::new(options))),
+        _ => {
+            let _ = options;
+            Err(Error::Config(format!(
+                "unsupported store URL {url:?}: expected memory:, sqlite://… or postgres://… \
+                 (with the matching cargo feature enabled)"
+            )))
+        }
+    }
+}
+
+/// Converts a stored integer into the unsigned form the API uses.
+pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64> {
+    u64::try_from(value).map_err(|_| Error::Corrupt(format!("negative {what}: {value}")))
+}
+
+/// Converts an unsigned value into the signed form databases store.
+pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::Config(format!("{what} {value} is out of range")))
+}
+
+/// Microseconds since the Unix epoch, as stored.
+pub(crate) fn to_micros(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The inverse of [`to_micros`].
+pub(crate) fn from_micros(micros: i64) -> SystemTime {
+    let magnitude = Duration::from_micros(micros.unsigned_abs());
+    let t = if micros >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(magnitude)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(magnitude)
+    };
+    t.unwrap_or(SystemTime::UNIX_EPOCH)
+}

@@ -1,0 +1,141 @@
+//! Options a store is opened with.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// SQLite's `synchronous` setting for the store file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Every commit is flushed to disk before it is acknowledged: an acknowledged commit
+    /// survives a power loss. The default.
+    #[default]
+    Full,
+    /// Faster commits; in WAL mode the database stays consistent, but the last commits before
+    /// a power loss or OS crash may be lost even though they were acknowledged. A crash of the
+    /// process alone loses nothing.
+    Normal,
+}
+
+/// How a store is opened. Every field has a default; set the ones you need.
+///
+/// ```
+/// use annals::StoreOptions;
+/// let options = StoreOptions::new().table_prefix("bank_").max_payload_bytes(1 << 20);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreOptions {
+    /// Prepended to every table name; must match `[a-z_][a-z0-9_]{0,40}`. Default `annals_`.
+    pub table_prefix: String,
+    /// The largest encoded event, snapshot or metadata accepted; larger ones are refused with
+    /// [`Error::PayloadTooLarge`] before anything is written. Default 16 MiB.
+    pub max_payload_bytes: usize,
+    /// SQLite: durability of commits. Default [`Synchronous::Full`].
+    pub synchronous: Synchronous,
+    /// SQLite: how long a connection waits for a lock held by another process. Default 5 s.
+    pub busy_timeout: Duration,
+    /// SQL stores: the most connections the store opens. Default 10 (SQLite: readers, besides
+    /// its one writer).
+    pub pool_size: u32,
+    /// PostgreSQL: the schema the tables live in (created when missing). Default `public`.
+    pub schema: Option<String>,
+    /// Apply migrations at open. When false, a store whose schema is not current is refused;
+    /// apply the migrations yourself. Default true.
+    pub migrate: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            table_prefix: "annals_".to_owned(),
+            max_payload_bytes: 16 << 20,
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            pool_size: 10,
+            schema: None,
+            migrate: true,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the table prefix.
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.table_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the largest payload accepted.
+    pub fn max_payload_bytes(mut self, max: usize) -> Self {
+        self.max_payload_bytes = max;
+        self
+    }
+
+    /// Sets SQLite's `synchronous` mode.
+    pub fn synchronous(mut self, mode: Synchronous) -> Self {
+        self.synchronous = mode;
+        self
+    }
+
+    /// Sets SQLite's busy timeout.
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Sets the connection pool's size.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Sets the PostgreSQL schema.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// Turns migrations at open on or off.
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_identifier("table prefix", &self.table_prefix)?;
+        if let Some(schema) = &self.schema {
+            check_identifier("schema", schema)?;
+        }
+        if self.pool_size == 0 {
+            return Err(Error::Config("pool size must be at least 1".to_owned()));
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(Error::Config(
+                "max payload size must be at least 1 byte".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an identifier against `[a-z_][a-z0-9_]{0,40}`: it is spliced into SQL text.
+pub(crate) fn check_identifier(what: &str, ident: &str) -> Result<()> {
+    let mut chars = ident.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if first_ok && rest_ok && ident.len() <= 41 {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid {what} {ident:?}: it must match [a-z_][a-z0-9_]{{0,40}}"
+        )))
+    }
+}

@@ -1,0 +1,910 @@
+//! The conformance suite: every store passes all of it. Each case is a generic async function
+//! over a [`Store`]; [`conformance_suite!`] turns them into `#[tokio::test]`s for one backend.
+
+#![allow(dead_code)]
+
+pub mod domain;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use annals::prelude::*;
+use annals::{Error, Target};
+use tokio::sync::Barrier;
+
+use domain::*;
+
+/// Generates one `#[tokio::test]` per conformance case. `$open` is an async expression that
+/// yields `(Store, guard)`: a fresh, empty store for that test, and whatever must stay alive
+/// while it is used (a temp dir, a schema).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($open:expr) => {
+        $crate::conformance_suite!(@cases $open;
+            round_trip,
+            history_and_metadata,
+            enum_events_round_trip,
+            transfer_commits_both,
+            failed_closure_commits_nothing,
+            dropped_context_commits_nothing,
+            created_without_events_writes_nothing,
+            conflicting_contexts,
+            conflict_between_tasks,
+            natural_key_unique_under_concurrency,
+            key_taken_in_same_context,
+            load_twice_in_one_context,
+            not_found_and_wrong_type,
+            read_only_context,
+            snapshots_are_used,
+            snapshot_version_mismatch_rebuilds,
+            retry_helper_counts_to_400,
+            retry_reruns_on_conflict_only,
+            feed_each_event_once_in_commit_order,
+            payload_too_large_is_refused,
+            odd_payloads_round_trip,
+        );
+    };
+    (@cases $open:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (store, _guard) = $open.await;
+                $crate::conformance::$case(&store).await;
+                store.close().await;
+            }
+        )*
+    };
+}
+
+async fn open_account(store: &Store, key: &str, owner: &str, deposit: i64) -> AggregateId {
+    store
+        .transact(async |ctx| {
+            let mut account = ctx.create_with_key::<Account>(key).await?;
+            ctx.apply(
+                &mut account,
+                Opened {
+                    owner: owner.to_owned(),
+                },
+            )?;
+            if deposit > 0 {
+                ctx.apply(&mut account, Deposited { amount: deposit })?;
+            }
+            Ok::<_, Error>(account.id())
+        })
+        .await
+        .expect("open account")
+}
+
+async fn balance(store: &Store, key: &str) -> (i64, u64) {
+    let account = store
+        .begin_read_only()
+        .load_by_key::<Account>(key)
+        .await
+        .expect("load account");
+    (account.balance, account.version())
+}
+
+pub async fn round_trip(store: &Store) {
+    let id = open_account(store, "alice", "Alice", 100).await;
+
+    let mut ctx = store.begin_read_only();
+    let by_id = ctx.load::<Account>(id).await.unwrap();
+    assert_eq!(by_id.id(), id);
+    assert_eq!(by_id.key(), Some("alice"));
+    assert_eq!(by_id.version(), 2);
+    assert_eq!(by_id.owner, "Alice");
+    assert_eq!(by_id.balance, 100);
+
+    store
+        .transact(async |ctx| {
+            let mut alice = ctx.load_by_key::<Account>("alice").await?;
+            ctx.apply(&mut alice, Deposited { amount: 5 })?;
+            ctx.apply(&mut alice, Withdrawn { amount: 30 })?;
+            assert_eq!(alice.version(), 4);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(balance(store, "alice").await, (75, 4));
+}
+
+pub async fn history_and_metadata(store: &Store) {
+    let correlation = uuid::Uuid::now_v7();
+    let (id, deposit_id) = store
+        .transact(async |ctx| {
+            ctx.set_metadata(
+                Metadata::new()
+                    .correlation_id(correlation)
+                    .reference("request-7")
+                    .header("tenant", "acme"),
+            );
+            let mut a = ctx.create::<Account>()?;
+            let opened = ctx.apply(
+                &mut a,
+                Opened {
+                    owner: "Ann".into(),
+                },
+            )?;
+            let deposit = ctx.apply_with(
+                &mut a,
+                Deposited { amount: 9 },
+                Metadata::new().causation_id(opened).header("user", "u1"),
+            )?;
+            Ok::<_, Error>((a.id(), deposit))
+        })
+        .await
+        .unwrap();
+
+    let history = store.history(id).await.unwrap();
+    let summary: Vec<(u64, &str, u32)> = history
+        .iter()
+        .map(|e| (e.version, e.event_type.as_str(), e.schema_version))
+        .collect();
+    assert_eq!(
+        summary,
+        [(1, "account.opened", 1), (2, "account.deposited", 2)]
+    );
+    assert!(
+        history
+            .iter()
+            .all(|e| e.aggregate_id == id && e.aggregate_type == "account")
+    );
+    assert_eq!(
+        history[0].decode::<Opened>().unwrap(),
+        Some(Opened {
+            owner: "Ann".into()
+        })
+    );
+    assert_eq!(history[0].decode::<Deposited>().unwrap(), None);
+    assert_eq!(
+        history[1].payload_json().unwrap(),
+        serde_json::json!({ "amount": 9 })
+    );
+    assert_eq!(history[1].event_id, deposit_id);
+    assert_ne!(history[0].event_id, history[1].event_id);
+    let age = history[0].recorded_at.elapsed().unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(600),
+        "recorded_at is the commit time"
+    );
+
+    let first = &history[0].metadata;
+    assert_eq!(first.correlation_id, Some(correlation));
+    assert_eq!(first.reference.as_deref(), Some("request-7"));
+    assert_eq!(first.causation_id, None);
+    let second = &history[1].metadata;
+    assert_eq!(second.correlation_id, Some(correlation));
+    assert_eq!(second.causation_id, Some(history[0].event_id));
+    let headers: Vec<(&str, &str)> = second
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(headers, [("tenant", "acme"), ("user", "u1")]);
+}
+
+pub async fn enum_events_round_trip(store: &Store) {
+    let id = store
+        .transact(async |ctx| {
+            let mut c = ctx.create::<Counter>()?;
+            ctx.apply(&mut c, CounterEvent::Incremented)?;
+            ctx.apply(&mut c, CounterEvent::Added { by: 10 })?;
+            ctx.apply(&mut c, CounterEvent::Incremented)?;
+            ctx.apply(&mut c, CounterEvent::Reset(3))?;
+            ctx.apply(&mut c, CounterEvent::Incremented)?;
+            Ok::<_, Error>(c.id())
+        })
+        .await
+        .unwrap();
+    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
+    assert_eq!((counter.value, counter.version()), (4, 5));
+    let names: Vec<String> = store
+        .history(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "counter.incremented",
+            "counter.added",
+            "counter.incremented",
+            "Reset",
+            "counter.incremented"
+        ]
+    );
+    let history = store.history(id).await.unwrap();
+    assert_eq!(
+        history[1].decode::<CounterEvent>().unwrap(),
+        Some(CounterEvent::Added { by: 10 })
+    );
+}
+
+pub async fn transfer_commits_both(store: &Store) {
+    open_account(store, "alice", "Alice", 100).await;
+    open_account(store, "bob", "Bob", 0).await;
+    store
+        .transact(async |ctx| {
+            let mut alice = ctx.load_by_key::<Account>("alice").await?;
+            let mut bob = ctx.load_by_key::<Account>("bob").await?;
+            let w = alice.withdraw(30)?;
+            ctx.apply(&mut alice, w)?;
+            ctx.apply(&mut bob, Deposited { amount: 30 })?;
+            Ok::<_, BankError>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(balance(store, "alice").await, (70, 3));
+    assert_eq!(balance(store, "bob").await, (30, 2));
+}
+
+pub async fn failed_closure_commits_nothing(store: &Store) {
+    open_account(store, "alice", "Alice", 100).await;
+    open_account(store, "bob", "Bob", 0).await;
+    let feed_before = store
+        .read_feed(FeedCursor::START, 1000)
+        .await
+        .unwrap()
+        .len();
+
+    // Both aggregates get an event, a new one is created, then the domain refuses.
+    let result = store
+        .transact(async |ctx| {
+            let mut bob = ctx.load_by_key::<Account>("bob").await?;
+            ctx.apply(&mut bob, Deposited { amount: 500 })?;
+            let mut carol = ctx.create_with_key::<Account>("carol").await?;
+            ctx.apply(
+                &mut carol,
+                Opened {
+                    owner: "Carol".into(),
+                },
+            )?;
+            let mut alice = ctx.load_by_key::<Account>("alice").await?;
+            ctx.apply(&mut alice, Deposited { amount: 1 })?;
+            let w = alice.withdraw(500)?;
+            ctx.apply(&mut alice, w)?;
+            Ok::<_, BankError>(())
+        })
+        .await;
+    assert_eq!(
+        result,
+        Err(BankError::Overdrawn {
+            balance: 101,
+            wanted: 500
+        })
+    );
+    assert_eq!(balance(store, "alice").await, (100, 2));
+    assert_eq!(balance(store, "bob").await, (0, 1));
+    let carol = store
+        .begin_read_only()
+        .find_by_key::<Account>("carol")
+        .await
+        .unwrap();
+    assert!(carol.is_none());
+    let feed_after = store
+        .read_feed(FeedCursor::START, 1000)
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(feed_before, feed_after);
+}
+
+pub async fn dropped_context_commits_nothing(store: &Store) {
+    open_account(store, "alice", "Alice", 10).await;
+    {
+        let mut ctx = store.begin();
+        let mut alice = ctx.load_by_key::<Account>("alice").await.unwrap();
+        ctx.apply(&mut alice, Deposited { amount: 5 }).unwrap();
+        assert_eq!(ctx.staged_events(), 1);
+        drop(ctx);
+    }
+    assert_eq!(balance(store, "alice").await, (10, 2));
+
+    let mut ctx = store.begin();
+    let mut alice = ctx.load_by_key::<Account>("alice").await.unwrap();
+    ctx.apply(&mut alice, Deposited { amount: 5 }).unwrap();
+    ctx.commit().await.unwrap();
+    assert_eq!(balance(store, "alice").await, (15, 3));
+}
+
+pub async fn created_without_events_writes_nothing(store: &Store) {
+    let id = store
+        .transact(async |ctx| {
+            let a = ctx.load_or_create_by_key::<Account>("ghost").await?;
+            assert_eq!(a.version(), 0);
+            Ok::<_, Error>(a.id())
+        })
+        .await
+        .unwrap();
+    let mut ctx = store.begin_read_only();
+    assert!(ctx.find_by_key::<Account>("ghost").await.unwrap().is_none());
+    assert!(matches!(
+        ctx.load::<Account>(id).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(
+        store
+            .read_feed(FeedCursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn conflicting_contexts(store: &Store) {
+    let id = open_account(store, "alice", "Alice", 100).await;
+
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a1 = first.load::<Account>(id).await.unwrap();
+    let mut a2 = second.load::<Account>(id).await.unwrap();
+    // The second context also creates an aggregate: it must not be written either.
+    let mut b2 = second.create_with_key::<Account>("bob").await.unwrap();
+    first.apply(&mut a1, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut a2, Deposited { amount: 2 }).unwrap();
+    second.apply(&mut a2, Deposited { amount: 3 }).unwrap();
+    second
+        .apply(
+            &mut b2,
+            Opened {
+                owner: "Bob".into(),
+            },
+        )
+        .unwrap();
+
+    first.commit().await.unwrap();
+    match second.commit().await {
+        Err(Error::Conflict {
+            aggregate_type,
+            aggregate,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(aggregate_type, "account");
+            assert_eq!(aggregate, id);
+            assert_eq!((expected, actual), (2, 3));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(balance(store, "alice").await, (101, 3));
+    let bob = store
+        .begin_read_only()
+        .find_by_key::<Account>("bob")
+        .await
+        .unwrap();
+    assert!(
+        bob.is_none(),
+        "nothing of the conflicting context is written"
+    );
+}
+
+pub async fn conflict_between_tasks(store: &Store) {
+    let id = open_account(store, "alice", "Alice", 0).await;
+    let barrier = Arc::new(Barrier::new(2));
+    let tasks: Vec<_> = (0..2)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let mut ctx = store.begin();
+                let mut a = ctx.load::<Account>(id).await?;
+                ctx.apply(&mut a, Deposited { amount: 10 + i })?;
+                barrier.wait().await;
+                ctx.commit().await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut conflicts = 0;
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(Ok(()))) => ok += 1,
+            Ok(Ok(Err(Error::Conflict { .. }))) => conflicts += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (1, 1));
+    let (balance, version) = balance(store, "alice").await;
+    assert_eq!(version, 2);
+    assert!(balance == 10 || balance == 11);
+}
+
+pub async fn natural_key_unique_under_concurrency(store: &Store) {
+    const TASKS: usize = 8;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let mut ctx = store.begin();
+                let mut a = ctx.load_or_create_by_key::<Account>("shared").await?;
+                ctx.apply(
+                    &mut a,
+                    Opened {
+                        owner: format!("owner {i}"),
+                    },
+                )?;
+                barrier.wait().await;
+                ctx.commit().await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(Ok(()))) => ok += 1,
+            Ok(Ok(Err(Error::KeyTaken {
+                aggregate_type,
+                key,
+            }))) => {
+                assert_eq!(
+                    (aggregate_type.as_str(), key.as_str()),
+                    ("account", "shared")
+                );
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one creator wins the key");
+    let feed = store.read_feed(FeedCursor::START, 100).await.unwrap();
+    assert_eq!(feed.len(), 1, "the losers wrote nothing");
+    let (_, version) = balance(store, "shared").await;
+    assert_eq!(version, 1);
+}
+
+pub async fn key_taken_in_same_context(store: &Store) {
+    open_account(store, "alice", "Alice", 0).await;
+    let mut ctx = store.begin();
+    assert!(matches!(
+        ctx.create_with_key::<Account>("alice").await,
+        Err(Error::KeyTaken { .. })
+    ));
+    ctx.create_with_key::<Account>("dora").await.unwrap();
+    assert!(matches!(
+        ctx.create_with_key::<Account>("dora").await,
+        Err(Error::KeyTaken { .. })
+    ));
+    // A key is per aggregate type: a counter may use it.
+    ctx.create_with_key::<Counter>("alice").await.unwrap();
+}
+
+pub async fn load_twice_in_one_context(store: &Store) {
+    let id = open_account(store, "alice", "Alice", 100).await;
+    let mut ctx = store.begin();
+    let mut first = ctx.load::<Account>(id).await.unwrap();
+    ctx.apply(&mut first, Deposited { amount: 10 }).unwrap();
+
+    // Another context commits in between: the second load still sees the version this context
+    // started from, plus what it staged.
+    store
+        .transact(async |other| {
+            let mut a = other.load::<Account>(id).await?;
+            other.apply(&mut a, Deposited { amount: 1000 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+
+    let mut second = ctx.load_by_key::<Account>("alice").await.unwrap();
+    assert_eq!((second.balance, second.version()), (110, 3));
+    ctx.apply(&mut second, Deposited { amount: 1 }).unwrap();
+    // The first root is behind now.
+    match ctx.apply(&mut first, Deposited { amount: 1 }) {
+        Err(Error::StaleRoot {
+            root_version,
+            context_version,
+            ..
+        }) => assert_eq!((root_version, context_version), (3, 4)),
+        other => panic!("expected StaleRoot, got {other:?}"),
+    }
+    assert_eq!(ctx.staged_events(), 2);
+    // The commit conflicts with the other context's commit, as any stale context would.
+    assert!(matches!(ctx.commit().await, Err(Error::Conflict { .. })));
+
+    // Without interference, both staged events land in order.
+    let mut ctx = store.begin();
+    let mut first = ctx.load::<Account>(id).await.unwrap();
+    ctx.apply(&mut first, Deposited { amount: 1 }).unwrap();
+    let mut second = ctx.load::<Account>(id).await.unwrap();
+    ctx.apply(&mut second, Withdrawn { amount: 2 }).unwrap();
+    ctx.commit().await.unwrap();
+    assert_eq!(balance(store, "alice").await, (1099, 5));
+
+    // A new aggregate loaded again by its key in the context that created it.
+    let mut ctx = store.begin();
+    let mut new = ctx.create_with_key::<Account>("erin").await.unwrap();
+    ctx.apply(
+        &mut new,
+        Opened {
+            owner: "Erin".into(),
+        },
+    )
+    .unwrap();
+    let again = ctx.load_by_key::<Account>("erin").await.unwrap();
+    assert_eq!(
+        (again.owner.as_str(), again.version(), again.id()),
+        ("Erin", 1, new.id())
+    );
+    ctx.commit().await.unwrap();
+}
+
+pub async fn not_found_and_wrong_type(store: &Store) {
+    let mut ctx = store.begin_read_only();
+    let missing = AggregateId::new();
+    match ctx.load::<Account>(missing).await {
+        Err(Error::NotFound {
+            aggregate_type,
+            target,
+        }) => {
+            assert_eq!(aggregate_type, "account");
+            assert_eq!(target, Target::Id(missing));
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    match ctx.load_by_key::<Account>("nobody").await {
+        Err(Error::NotFound { target, .. }) => assert_eq!(target, Target::Key("nobody".into())),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    let id = open_account(store, "alice", "Alice", 0).await;
+    match ctx.load::<Counter>(id).await {
+        Err(Error::WrongAggregateType {
+            aggregate,
+            expected,
+            found,
+        }) => {
+            assert_eq!(aggregate, id);
+            assert_eq!((expected.as_str(), found.as_str()), ("counter", "account"));
+        }
+        other => panic!("expected WrongAggregateType, got {other:?}"),
+    }
+    // Keys are per type: there is no counter "alice".
+    assert!(ctx.find_by_key::<Counter>("alice").await.unwrap().is_none());
+}
+
+pub async fn read_only_context(store: &Store) {
+    let id = open_account(store, "alice", "Alice", 50).await;
+    let mut ctx = store.begin_read_only();
+    assert!(ctx.is_read_only());
+    let mut alice = ctx.load::<Account>(id).await.unwrap();
+    assert_eq!(alice.balance, 50);
+    assert!(matches!(
+        ctx.apply(&mut alice, Deposited { amount: 1 }),
+        Err(Error::ReadOnly)
+    ));
+    assert_eq!(
+        (alice.balance, alice.version()),
+        (50, 2),
+        "the root is unchanged"
+    );
+    assert!(matches!(ctx.create::<Account>(), Err(Error::ReadOnly)));
+    assert!(matches!(
+        ctx.load_or_create_by_key::<Account>("zed").await,
+        Err(Error::ReadOnly)
+    ));
+    ctx.commit().await.unwrap();
+    assert_eq!(balance(store, "alice").await, (50, 2));
+}
+
+async fn tick(store: &Store, id: Option<AggregateId>, times: usize) -> AggregateId {
+    store
+        .transact(async |ctx| {
+            let mut meter = match id {
+                Some(id) => ctx.load::<Meter>(id).await?,
+                None => ctx.create::<Meter>()?,
+            };
+            for _ in 0..times {
+                ctx.apply(&mut meter, Ticked)?;
+            }
+            Ok::<_, Error>(meter.id())
+        })
+        .await
+        .unwrap()
+}
+
+pub async fn snapshots_are_used(store: &Store) {
+    let id = tick(store, None, 3).await;
+    let meter = store.begin_read_only().load::<Meter>(id).await.unwrap();
+    assert_eq!(
+        (meter.ticks, meter.applied_since_load),
+        (3, 3),
+        "no snapshot yet"
+    );
+
+    tick(store, Some(id), 9).await; // versions 4..=12: snapshots staged at 5 and 10
+    let meter = store.begin_read_only().load::<Meter>(id).await.unwrap();
+    assert_eq!(meter.version(), 12);
+    assert_eq!(meter.ticks, 12);
+    assert_eq!(
+        meter.applied_since_load, 2,
+        "loaded from the snapshot at 10"
+    );
+
+    tick(store, Some(id), 3).await; // 13..=15: snapshot at 15
+    let meter = store.begin_read_only().load::<Meter>(id).await.unwrap();
+    assert_eq!((meter.ticks, meter.applied_since_load), (15, 0));
+
+    // A context that loads twice reads the snapshot no newer than its starting version.
+    let mut ctx = store.begin();
+    let mut m = ctx.load::<Meter>(id).await.unwrap();
+    ctx.apply(&mut m, Ticked).unwrap();
+    let again = ctx.load::<Meter>(id).await.unwrap();
+    assert_eq!((again.ticks, again.version()), (16, 16));
+}
+
+pub async fn snapshot_version_mismatch_rebuilds(store: &Store) {
+    let id = tick(store, None, 12).await; // snapshots of shape 1 at 5 and 10
+    let old = store.begin_read_only().load::<Meter>(id).await.unwrap();
+    assert_eq!(old.applied_since_load, 2);
+
+    // The next release ignores shape-1 snapshots and rebuilds from all 12 events.
+    let next = store
+        .begin_read_only()
+        .load::<MeterNextRelease>(id)
+        .await
+        .unwrap();
+    assert_eq!((next.inner.ticks, next.version()), (12, 12));
+    assert_eq!(next.inner.applied_since_load, 12, "rebuilt from events");
+
+    // It writes shape-2 snapshots of its own, which it then uses.
+    store
+        .transact(async |ctx| {
+            let mut m = ctx.load::<MeterNextRelease>(id).await?;
+            for _ in 0..3 {
+                ctx.apply(&mut m, Ticked)?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    let next = store
+        .begin_read_only()
+        .load::<MeterNextRelease>(id)
+        .await
+        .unwrap();
+    assert_eq!((next.inner.ticks, next.inner.applied_since_load), (15, 0));
+    // And the old release still finds its own shape-1 snapshot at 10.
+    let old = store.begin_read_only().load::<Meter>(id).await.unwrap();
+    assert_eq!((old.ticks, old.applied_since_load), (15, 5));
+}
+
+pub async fn retry_helper_counts_to_400(store: &Store) {
+    const TASKS: u64 = 8;
+    const INCREMENTS: u64 = 50;
+    let id = store
+        .transact(async |ctx| {
+            let mut c = ctx.create::<Counter>()?;
+            ctx.apply(&mut c, CounterEvent::Reset(0))?;
+            Ok::<_, Error>(c.id())
+        })
+        .await
+        .unwrap();
+
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..INCREMENTS {
+                    store
+                        .transact_with_retry(Retry::attempts(1000), async move |ctx| {
+                            let mut c = ctx.load::<Counter>(id).await?;
+                            ctx.apply(&mut c, CounterEvent::Incremented)?;
+                            Ok::<_, Error>(())
+                        })
+                        .await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(300), task)
+            .await
+            .expect("task finished in time")
+            .expect("task did not panic")
+            .expect("no error reached the caller");
+    }
+    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
+    assert_eq!(counter.value, TASKS * INCREMENTS);
+    let versions: Vec<u64> = store
+        .history(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    let expected: Vec<u64> = (1..=TASKS * INCREMENTS + 1).collect();
+    assert_eq!(versions, expected, "versions with no gap");
+}
+
+pub async fn retry_reruns_on_conflict_only(store: &Store) {
+    let id = open_account(store, "alice", "Alice", 0).await;
+    // Each attempt is overtaken by another commit between its load and its commit.
+    let mut attempts = 0;
+    let result = store
+        .transact_with_retry(Retry::attempts(3), async |ctx| {
+            attempts += 1;
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount: 1 })?;
+            store
+                .transact(async |other| {
+                    let mut a = other.load::<Account>(id).await?;
+                    other.apply(&mut a, Deposited { amount: 100 })?;
+                    Ok::<_, Error>(())
+                })
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await;
+    assert!(matches!(result, Err(Error::Conflict { .. })));
+    assert_eq!(
+        attempts, 3,
+        "three attempts, then the conflict reaches the caller"
+    );
+    assert_eq!(balance(store, "alice").await, (300, 4));
+
+    // Overtaken once, then it commits.
+    let mut attempts = 0;
+    store
+        .transact_with_retry(Retry::attempts(3), async |ctx| {
+            attempts += 1;
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount: 1 })?;
+            if attempts == 1 {
+                store
+                    .transact(async |other| {
+                        let mut a = other.load::<Account>(id).await?;
+                        other.apply(&mut a, Deposited { amount: 100 })?;
+                        Ok::<_, Error>(())
+                    })
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(attempts, 2);
+    assert_eq!(balance(store, "alice").await, (401, 6));
+
+    // A domain error is not retried.
+    let mut attempts = 0;
+    let result = store
+        .transact_with_retry(Retry::attempts(5), async |ctx| {
+            attempts += 1;
+            let a = ctx.load::<Account>(id).await?;
+            a.withdraw(10_000)?;
+            Ok::<_, BankError>(())
+        })
+        .await;
+    assert!(matches!(result, Err(BankError::Overdrawn { .. })));
+    assert_eq!(attempts, 1);
+}
+
+pub async fn feed_each_event_once_in_commit_order(store: &Store) {
+    let mut expected: Vec<(AggregateId, u64)> = Vec::new();
+    let alice = open_account(store, "alice", "Alice", 10).await;
+    expected.extend([(alice, 1), (alice, 2)]);
+    let bob = open_account(store, "bob", "Bob", 0).await;
+    expected.push((bob, 1));
+    for round in 0..5u64 {
+        store
+            .transact(async |ctx| {
+                let mut b = ctx.load::<Account>(bob).await?;
+                let mut a = ctx.load::<Account>(alice).await?;
+                ctx.apply(&mut b, Deposited { amount: 1 })?;
+                ctx.apply(&mut a, Deposited { amount: 1 })?;
+                ctx.apply(&mut b, Deposited { amount: 1 })?;
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap();
+        expected.extend([
+            (bob, 2 + 2 * round),
+            (alice, 3 + round),
+            (bob, 3 + 2 * round),
+        ]);
+    }
+
+    // Read in small pages to exercise the cursor.
+    let mut cursor = FeedCursor::START;
+    let mut read = Vec::new();
+    loop {
+        let page = store.read_feed(cursor, 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 4);
+        cursor = page.last().unwrap().cursor;
+        read.extend(page);
+    }
+    // Events of one commit keep the order they were applied in; commits keep their order.
+    let got: Vec<(AggregateId, u64)> = read.iter().map(|e| (e.aggregate_id, e.version)).collect();
+    let per_commit_sorted = |v: &[(AggregateId, u64)]| {
+        let mut by_aggregate: BTreeMap<AggregateId, Vec<u64>> = BTreeMap::new();
+        for (a, ver) in v {
+            by_aggregate.entry(*a).or_default().push(*ver);
+        }
+        by_aggregate
+    };
+    assert_eq!(per_commit_sorted(&got), per_commit_sorted(&expected));
+    assert_eq!(got.len(), expected.len());
+    let mut seen = HashSet::new();
+    for e in &read {
+        assert!(seen.insert(e.event_id), "each event once");
+    }
+    let positions: Vec<u64> = read.iter().map(|e| e.position()).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions increase"
+    );
+    // Commit order: the first three events are alice's opening and bob's, then the rounds.
+    assert_eq!(&got[..3], &expected[..3]);
+    let mut last_version: HashMap<AggregateId, u64> = HashMap::new();
+    for (a, v) in &got {
+        let prev = last_version.insert(*a, *v).unwrap_or(0);
+        assert_eq!(*v, prev + 1, "each aggregate's events in version order");
+    }
+    // Reading on from the end gives nothing.
+    assert!(store.read_feed(cursor, 10).await.unwrap().is_empty());
+}
+
+pub async fn payload_too_large_is_refused(store: &Store) {
+    let max = store.options().max_payload_bytes;
+    let mut ctx = store.begin();
+    let mut blob = ctx.create::<Blob>().unwrap();
+    ctx.apply(
+        &mut blob,
+        BlobWritten {
+            data: "small".into(),
+        },
+    )
+    .unwrap();
+    let big = "x".repeat(max + 1);
+    match ctx.apply(&mut blob, BlobWritten { data: big }) {
+        Err(Error::PayloadTooLarge {
+            what,
+            type_name,
+            size,
+            max: limit,
+        }) => {
+            assert_eq!(
+                (what, type_name.as_str(), limit),
+                ("event", "blob.written", max)
+            );
+            assert!(size > max);
+        }
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    assert_eq!((blob.data.as_str(), blob.version()), ("small", 1));
+    assert_eq!(ctx.staged_events(), 1);
+    let id = blob.id();
+    ctx.commit().await.unwrap();
+    let blob = store.begin_read_only().load::<Blob>(id).await.unwrap();
+    assert_eq!((blob.data.as_str(), blob.version()), ("small", 1));
+}
+
+pub async fn odd_payloads_round_trip(store: &Store) {
+    let odd = "nul \u{0} escaped \\u0000 quote \" backslash \\ emoji 🦀 newline \n end".to_owned();
+    let id = store
+        .transact(async |ctx| {
+            let mut blob = ctx.create_with_key::<Blob>("clé ünïcode 🦀").await?;
+            ctx.apply(&mut blob, BlobWritten { data: odd.clone() })?;
+            Ok::<_, Error>(blob.id())
+        })
+        .await
+        .unwrap();
+    let mut ctx = store.begin_read_only();
+    let blob = ctx.load::<Blob>(id).await.unwrap();
+    assert_eq!(blob.data, odd);
+    let by_key = ctx.load_by_key::<Blob>("clé ünïcode 🦀").await.unwrap();
+    assert_eq!(by_key.id(), id);
+    for bad in ["", "nul \u{0} inside", &"k".repeat(1025)] {
+        assert!(matches!(
+            ctx.find_by_key::<Blob>(bad).await,
+            Err(Error::InvalidKey { .. })
+        ));
+    }
+}
