@@ -1,1 +1,220 @@
-fn main() {}
+//! A small bank on annals: accounts opened by key, deposits, a transfer between two accounts in
+//! one atomic commit, an overdraft refused by the domain with nothing committed, and each
+//! account's history.
+//!
+//! ```text
+//! cargo run --example bank                                   # SQLite file bank.db, here
+//! cargo run --example bank -- --store memory:
+//! cargo run --example bank --features postgres -- --store postgres://postgres@127.0.0.1/test
+//! ```
+//!
+//! The store URL can also come from `ANNALS_STORE`.
+
+use annals::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone)]
+#[event(name = "account.opened")]
+pub struct Opened {
+    pub owner: String,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone)]
+#[event(name = "account.deposited")]
+pub struct Deposited {
+    pub amount: i64,
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone)]
+#[event(name = "account.withdrawn")]
+pub struct Withdrawn {
+    pub amount: i64,
+}
+
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+#[aggregate(
+    name = "account",
+    events(Opened, Deposited, Withdrawn),
+    snapshot_every = 100
+)]
+pub struct Account {
+    owner: String,
+    balance: i64,
+}
+
+impl Apply<Opened> for Account {
+    fn apply(&mut self, e: &Opened) {
+        self.owner = e.owner.clone();
+    }
+}
+
+impl Apply<Deposited> for Account {
+    fn apply(&mut self, e: &Deposited) {
+        self.balance += e.amount;
+    }
+}
+
+impl Apply<Withdrawn> for Account {
+    fn apply(&mut self, e: &Withdrawn) {
+        self.balance -= e.amount;
+    }
+}
+
+/// The bank's own errors; store errors pass through `From`.
+#[derive(Debug)]
+pub enum BankError {
+    Overdrawn {
+        owner: String,
+        balance: i64,
+        wanted: i64,
+    },
+    Store(annals::Error),
+}
+
+impl std::fmt::Display for BankError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BankError::Overdrawn {
+                owner,
+                balance,
+                wanted,
+            } => write!(f, "{owner} has {balance} and cannot pay {wanted}"),
+            BankError::Store(e) => write!(f, "store: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BankError {}
+
+impl From<annals::Error> for BankError {
+    fn from(e: annals::Error) -> Self {
+        BankError::Store(e)
+    }
+}
+
+impl IsConflict for BankError {
+    fn is_conflict(&self) -> bool {
+        matches!(self, BankError::Store(e) if e.is_conflict())
+    }
+}
+
+impl Account {
+    /// A command: decides, returns the event or a domain error, changes nothing.
+    pub fn withdraw(&self, amount: i64) -> Result<Withdrawn, BankError> {
+        if amount > self.balance {
+            return Err(BankError::Overdrawn {
+                owner: self.owner.clone(),
+                balance: self.balance,
+                wanted: amount,
+            });
+        }
+        Ok(Withdrawn { amount })
+    }
+}
+
+/// Opens the account `key` unless it exists, and deposits `amount`.
+async fn open_and_deposit(
+    store: &Store,
+    key: &str,
+    owner: &str,
+    amount: i64,
+) -> Result<(), BankError> {
+    store
+        .transact(async |ctx| {
+            let mut account = ctx.load_or_create_by_key::<Account>(key).await?;
+            if account.version() == 0 {
+                ctx.apply(
+                    &mut account,
+                    Opened {
+                        owner: owner.to_owned(),
+                    },
+                )?;
+            }
+            ctx.apply(&mut account, Deposited { amount })?;
+            Ok(())
+        })
+        .await
+}
+
+/// Moves `amount` from one account to another: both events commit together, or neither.
+async fn transfer(store: &Store, from: &str, to: &str, amount: i64) -> Result<(), BankError> {
+    store
+        .transact_with_retry(Retry::default(), async |ctx| {
+            let mut from = ctx.load_by_key::<Account>(from).await?;
+            let mut to = ctx.load_by_key::<Account>(to).await?;
+            let withdrawn = from.withdraw(amount)?;
+            ctx.apply(&mut from, withdrawn)?;
+            ctx.apply(&mut to, Deposited { amount })?;
+            Ok(())
+        })
+        .await
+}
+
+async fn print_account(store: &Store, key: &str) -> Result<(), BankError> {
+    let account = store.begin_read_only().load_by_key::<Account>(key).await?;
+    println!(
+        "\n{key}: {} has {} (version {})",
+        account.owner,
+        account.balance,
+        account.version()
+    );
+    for event in store.history(account.id()).await? {
+        println!(
+            "  v{:<3} {:<18} schema v{}  {}",
+            event.version,
+            event.event_type,
+            event.schema_version,
+            event.payload_json()?
+        );
+    }
+    Ok(())
+}
+
+fn store_url() -> String {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--store" {
+            if let Some(url) = args.next() {
+                return url;
+            }
+        } else if let Some(url) = arg.strip_prefix("--store=") {
+            return url.to_owned();
+        }
+    }
+    std::env::var("ANNALS_STORE").unwrap_or_else(|_| "sqlite://bank.db".to_owned())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = store_url();
+    let store = Store::open(&url).await?;
+    println!("store: {url}");
+
+    open_and_deposit(&store, "alice", "Alice", 100).await?;
+    open_and_deposit(&store, "bob", "Bob", 20).await?;
+
+    transfer(&store, "alice", "bob", 30).await?;
+    println!("transferred 30 from alice to bob");
+
+    let before = store
+        .begin_read_only()
+        .load_by_key::<Account>("bob")
+        .await?;
+    match transfer(&store, "bob", "alice", before.balance + 1_000).await {
+        Err(BankError::Overdrawn { .. }) => {
+            let after = store
+                .begin_read_only()
+                .load_by_key::<Account>("bob")
+                .await?;
+            assert_eq!(after.version(), before.version(), "nothing was committed");
+            println!("refused an overdraft of bob's account; nothing was committed");
+        }
+        Ok(()) => return Err("the overdraft was accepted".into()),
+        Err(e) => return Err(e.into()),
+    }
+
+    print_account(&store, "alice").await?;
+    print_account(&store, "bob").await?;
+    store.close().await;
+    Ok(())
+}

@@ -97,10 +97,17 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         };
     }
 
+    // The `Apply` call is spanned at the type in the user's list: a missing impl is reported
+    // there, once.
     let dispatch = events.iter().map(|path| {
+        let apply = quote_spanned! {path.span()=>
+            <Self as #krate::Apply<#path>>::apply(self, &event);
+        };
         quote! {
             if <#path as #krate::Event>::NAMES.iter().any(|n| *n == stored.name) {
-                return <Self as #krate::Handles<#path>>::apply_stored_event(self, stored);
+                let event = stored.decode::<#path>()?;
+                #apply
+                return ::core::result::Result::Ok(());
             }
         }
     });

@@ -128,15 +128,7 @@ pub trait Apply<E> {
     label = "`{E}` is not one of `{Self}`'s events",
     note = "add `{E}` to `#[aggregate(events(...))]` on `{Self}` and implement `Apply<{E}>`"
 )]
-pub trait Handles<E: Event>: Aggregate + Apply<E> {
-    /// Decodes a stored event as `E` and applies it.
-    #[doc(hidden)]
-    fn apply_stored_event(&mut self, stored: &crate::event::StoredPayload<'_>) -> Result<()> {
-        let event = stored.decode::<E>()?;
-        self.apply(&event);
-        Ok(())
-    }
-}
+pub trait Handles<E: Event>: Aggregate {}
 
 /// One aggregate loaded into (or created in) a context: its id, natural key, version and state.
 ///

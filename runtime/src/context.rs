@@ -194,7 +194,7 @@ impl Context {
     /// Nothing is staged, and the root is unchanged, when this fails.
     pub fn apply<A, E>(&mut self, root: &mut Root<A>, event: E) -> Result<uuid::Uuid>
     where
-        A: Handles<E>,
+        A: Handles<E> + crate::Apply<E>,
         E: Event,
     {
         self.apply_with(root, event, Metadata::default())
@@ -208,7 +208,7 @@ impl Context {
         metadata: Metadata,
     ) -> Result<uuid::Uuid>
     where
-        A: Handles<E>,
+        A: Handles<E> + crate::Apply<E>,
         E: Event,
     {
         self.writable()?;
@@ -266,6 +266,19 @@ impl Context {
     /// first; nothing of this context is written then. A context with nothing staged (and every
     /// read-only context) commits without touching the store.
     pub async fn commit(self) -> Result<()> {
+        let Some((store, batch)) = self.into_batch() else {
+            return Ok(());
+        };
+        let span = tracing::debug_span!(
+            "annals.commit",
+            aggregates = batch.changes.len(),
+            events = batch.event_count(),
+        );
+        store.inner.backend.commit(&batch).instrument(span).await
+    }
+
+    /// The store and what to write, or `None` when nothing is staged.
+    pub(crate) fn into_batch(self) -> Option<(Store, CommitBatch)> {
         let changes: Vec<Change> = self
             .tracked
             .into_iter()
@@ -280,24 +293,14 @@ impl Context {
                 snapshot: t.snapshot,
             })
             .collect();
-        if changes.is_empty() {
-            return Ok(());
+        if changes.is_empty() || self.read_only {
+            return None;
         }
         let batch = CommitBatch {
             changes,
             recorded_at: SystemTime::now(),
         };
-        let span = tracing::debug_span!(
-            "annals.commit",
-            aggregates = batch.changes.len(),
-            events = batch.event_count(),
-        );
-        self.store
-            .inner
-            .backend
-            .commit(&batch)
-            .instrument(span)
-            .await
+        Some((self.store, batch))
     }
 
     fn writable(&self) -> Result<()> {
@@ -498,7 +501,7 @@ fn rebuild<A: Aggregate>(stream: &LoadedStream) -> Result<Root<A>> {
 /// snapshot that cannot be encoded or is too large is skipped: snapshots only speed up loading.
 fn snapshot_due<A: Aggregate>(root: &Root<A>, max: usize) -> Option<StagedSnapshot> {
     let every = A::SNAPSHOT_EVERY?;
-    if every == 0 || root.version % every != 0 {
+    if every == 0 || !root.version.is_multiple_of(every) {
         return None;
     }
     match root.state.encode_snapshot()? {

@@ -66,6 +66,8 @@ pub use metadata::Metadata;
 pub use registry::{Registry, registry};
 pub use retry::Retry;
 pub use store::{Store, StoreOptions, Synchronous};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use store::{Dialect, Migration, migrations};
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {

@@ -156,10 +156,10 @@ impl Registry {
     pub fn validate(&self) -> Result<()> {
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for e in &self.events {
-            if let Some(first) = seen.insert(e.name, e.rust_type) {
-                if first != e.rust_type {
-                    return Err(collision("event", e.name, first, e.rust_type));
-                }
+            if let Some(first) = seen.insert(e.name, e.rust_type)
+                && first != e.rust_type
+            {
+                return Err(collision("event", e.name, first, e.rust_type));
             }
         }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
@@ -43,12 +43,14 @@ struct State {
 
 pub(crate) struct MemoryBackend {
     state: Mutex<State>,
+    committed: tokio::sync::Notify,
 }
 
 impl MemoryBackend {
     pub(crate) fn new(_options: &StoreOptions) -> Self {
         MemoryBackend {
             state: Mutex::new(State::default()),
+            committed: tokio::sync::Notify::new(),
         }
     }
 
@@ -249,6 +251,8 @@ impl Backend for MemoryBackend {
             let mut state = self.state()?;
             state.check(batch)?;
             state.apply(batch);
+            drop(state);
+            self.committed.notify_waiters();
             Ok(())
         })
     }
@@ -281,6 +285,16 @@ impl Backend for MemoryBackend {
             let end = start.saturating_add(limit).min(state.events.len());
             (start..end).map(|index| state.record(index)).collect()
         })
+    }
+
+    fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(max_wait, self.committed.notified()).await;
+        })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

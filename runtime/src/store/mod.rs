@@ -16,8 +16,12 @@ use crate::retry::Retry;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
 mod options;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) mod sql;
 
 pub use options::{StoreOptions, Synchronous};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sql::{Dialect, Migration, migrations};
 
 /// A boxed future, as the backend trait returns them.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -160,8 +164,17 @@ pub(crate) trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
 
+    /// Resolves when a commit may have added events to the feed, or after `max_wait` at the
+    /// latest. Spurious wake-ups are allowed: callers read the feed to know.
+    fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()>;
+
     /// Releases connections.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// The backend as `Any`, for features tied to one database (committing inside a caller's
+    /// own transaction).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 pub(crate) struct StoreInner {
@@ -310,6 +323,27 @@ impl Store {
         self.inner.backend.read_feed(after, limit).await
     }
 
+    /// Waits until the feed holds events after `after`, for at most `timeout`. Returns true
+    /// when there are such events, false when the time ran out first.
+    ///
+    /// Commits made through this process wake waiters at once; on PostgreSQL, commits of other
+    /// processes wake them through `LISTEN`/`NOTIFY`. Otherwise the feed is polled every
+    /// [`StoreOptions::poll_interval`].
+    pub async fn wait_for_events(&self, after: FeedCursor, timeout: Duration) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.read_feed(after, 1).await?.is_empty() {
+                return Ok(true);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            let wait = (deadline - now).min(self.inner.options.poll_interval);
+            self.inner.backend.wait_for_change(wait).await;
+        }
+    }
+
     /// Closes the store's connections; later calls on any clone fail.
     pub async fn close(&self) {
         self.inner.backend.close().await
@@ -321,6 +355,12 @@ async fn open_backend(url: &str, options: &StoreOptions) -> Result<Box<dyn Backe
     match scheme {
         #[cfg(feature = "memory")]
         "memory" if url == "memory:" => Ok(Box::new(memory::MemoryBackend::new(options))),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Box::new(sql::sqlite::SqliteBackend::open(url, options).await?)),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Box::new(
+            sql::postgres::PostgresBackend::open(url, options).await?,
+        )),
         _ => {
             let _ = options;
             Err(Error::Config(format!(

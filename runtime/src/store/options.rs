@@ -40,8 +40,11 @@ pub struct StoreOptions {
     pub pool_size: u32,
     /// PostgreSQL: the schema the tables live in (created when missing). Default `public`.
     pub schema: Option<String>,
+    /// How often [`Store::wait_for_events`](crate::Store::wait_for_events) polls when no wake-up
+    /// arrives. Default 500 ms.
+    pub poll_interval: Duration,
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
-    /// apply the migrations yourself. Default true.
+    /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
 }
 
@@ -54,6 +57,7 @@ impl Default for StoreOptions {
             busy_timeout: Duration::from_secs(5),
             pool_size: 10,
             schema: None,
+            poll_interval: Duration::from_millis(500),
             migrate: true,
         }
     }
@@ -98,6 +102,12 @@ impl StoreOptions {
     /// Sets the PostgreSQL schema.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = Some(schema.into());
+        self
+    }
+
+    /// Sets the fallback poll interval of [`Store::wait_for_events`](crate::Store::wait_for_events).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 

@@ -1,0 +1,492 @@
+//! What only the SQLite store promises: contention through one writer, crash safety, typed
+//! errors for bad rows, payload limits, migrations and options.
+
+#![cfg(feature = "sqlite")]
+
+mod conformance;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use annals::prelude::*;
+use annals::{Dialect, Synchronous, migrations};
+use conformance::domain::*;
+use sqlx::{Connection, SqliteConnection};
+
+fn url(path: &Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+async fn raw(path: &Path) -> SqliteConnection {
+    SqliteConnection::connect(&url(path))
+        .await
+        .expect("raw connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contention_8_tasks_200_increments() {
+    const TASKS: u64 = 8;
+    const INCREMENTS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&url(&dir.path().join("c.db"))).await.unwrap();
+    let id = store
+        .transact(async |ctx| {
+            let mut c = ctx.create::<Counter>()?;
+            ctx.apply(&mut c, CounterEvent::Reset(0))?;
+            Ok::<_, Error>(c.id())
+        })
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..INCREMENTS {
+                    store
+                        .transact_with_retry(Retry::attempts(10_000), async move |ctx| {
+                            let mut c = ctx.load::<Counter>(id).await?;
+                            ctx.apply(&mut c, CounterEvent::Incremented)?;
+                            Ok::<_, Error>(())
+                        })
+                        .await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .expect("finished in time")
+            .expect("no panic")
+            .expect("no error reached the caller");
+    }
+    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
+    assert_eq!(counter.value, TASKS * INCREMENTS);
+    assert_eq!(counter.version(), TASKS * INCREMENTS + 1);
+    let versions: Vec<u64> = store
+        .history(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, (1..=TASKS * INCREMENTS + 1).collect::<Vec<_>>());
+}
+
+/// A pseudo-random delay, different each round, without a random-number crate.
+fn jitter_ms(round: u64, min: u64, max: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    min + (nanos ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % (max - min)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_commits_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("crash.db");
+    let mut acknowledged = 0u64;
+    for round in 0..6u64 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_annals-crash-writer"))
+            .arg(url(&db))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the writer");
+        let stdout = child.stdout.take().expect("piped stdout");
+        // Read acknowledgements on a thread; the pipe drains to EOF after the kill.
+        let reader = std::thread::spawn(move || {
+            let mut acks = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(v) = line
+                    .strip_prefix("ACK ")
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    acks.push(v);
+                }
+            }
+            acks
+        });
+        std::thread::sleep(Duration::from_millis(jitter_ms(round, 150, 900)));
+        child.kill().expect("SIGKILL the writer");
+        let status = child.wait().expect("reap the writer");
+        assert!(!status.success(), "the writer was killed, not finished");
+        let acks = reader.join().expect("reader thread");
+        if let Some(&last) = acks.last() {
+            assert!(last > acknowledged, "round {round} made progress");
+            acknowledged = last;
+        }
+
+        let mut conn = raw(&db).await;
+        let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(check, "ok", "round {round}");
+        conn.close().await.unwrap();
+
+        let store = Store::open(&url(&db)).await.unwrap();
+        if acknowledged > 0 {
+            let counter = store
+                .begin_read_only()
+                .load_by_key::<Counter>("crash")
+                .await
+                .unwrap();
+            assert!(
+                counter.version() >= acknowledged,
+                "round {round}: acknowledged version {acknowledged}, store has {}",
+                counter.version()
+            );
+            assert_eq!(counter.value, counter.version());
+            let versions: Vec<u64> = store
+                .history(counter.id())
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.version)
+                .collect();
+            assert_eq!(versions, (1..=counter.version()).collect::<Vec<_>>());
+            acknowledged = counter.version();
+        }
+        store.close().await;
+    }
+    assert!(acknowledged > 0, "the writer acknowledged commits");
+}
+
+async fn open_account(store: &Store, key: &str, deposits: i64) -> AggregateId {
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.create_with_key::<Account>(key).await?;
+            ctx.apply(
+                &mut a,
+                Opened {
+                    owner: key.to_owned(),
+                },
+            )?;
+            for amount in 1..=deposits {
+                ctx.apply(&mut a, Deposited { amount })?;
+            }
+            Ok::<_, Error>(a.id())
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bad_rows_give_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bad.db");
+    let store = Store::open(&url(&db)).await.unwrap();
+    let broken = open_account(&store, "broken", 2).await;
+    let strange = open_account(&store, "strange", 2).await;
+    let healthy = open_account(&store, "healthy", 2).await;
+    let position_of = |id: AggregateId, version: u64| {
+        let store = store.clone();
+        async move {
+            store
+                .history(id)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|e| e.version == version)
+                .unwrap()
+                .position()
+        }
+    };
+    let bad_payload = position_of(broken, 2).await;
+    let unknown = position_of(strange, 3).await;
+
+    let mut conn = raw(&db).await;
+    sqlx::query("UPDATE annals_events SET payload = ?1 WHERE position = ?2")
+        .bind(&b"{\"amount\": \"not a number\"}"[..])
+        .bind(bad_payload as i64)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO annals_event_types (name) VALUES ('account.frozen')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE annals_events SET event_type_id = \
+         (SELECT id FROM annals_event_types WHERE name = 'account.frozen') WHERE position = ?1",
+    )
+    .bind(unknown as i64)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+
+    let mut ctx = store.begin_read_only();
+    match ctx.load::<Account>(broken).await {
+        Err(Error::Decode {
+            what,
+            event_type,
+            schema_version,
+            position,
+            ..
+        }) => {
+            assert_eq!((what, event_type.as_str()), ("event", "account.deposited"));
+            assert_eq!((schema_version, position), (2, bad_payload));
+        }
+        other => panic!("expected Decode, got {other:?}"),
+    }
+    match ctx.load::<Account>(strange).await {
+        Err(Error::UnknownEventType {
+            event_type,
+            position,
+            aggregate_type,
+        }) => {
+            assert_eq!(event_type, "account.frozen");
+            assert_eq!(position, unknown);
+            assert_eq!(aggregate_type.as_deref(), Some("account"));
+        }
+        other => panic!("expected UnknownEventType, got {other:?}"),
+    }
+    let fine = ctx.load::<Account>(healthy).await.unwrap();
+    assert_eq!((fine.balance, fine.version()), (3, 3));
+
+    // The feed still reads every row; decoding the bad one is a typed error.
+    let feed = store.read_feed(FeedCursor::START, 100).await.unwrap();
+    assert_eq!(feed.len(), 9);
+    let bad = feed.iter().find(|e| e.position() == bad_payload).unwrap();
+    assert!(
+        matches!(bad.decode::<Deposited>(), Err(Error::Decode { position, .. }) if position == bad_payload)
+    );
+    let message = ctx.load::<Account>(broken).await.unwrap_err().to_string();
+    assert!(
+        message.contains(&format!("position {bad_payload}")),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn large_payloads_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = url(&dir.path().join("big.db"));
+    let store = Store::open(&db).await.unwrap();
+    let mib: String = "0123456789abcdef".repeat(65_536); // 1 MiB
+    let id = store
+        .transact(async |ctx| {
+            let mut blob = ctx.create::<Blob>()?;
+            ctx.apply(&mut blob, BlobWritten { data: mib.clone() })?;
+            Ok::<_, Error>(blob.id())
+        })
+        .await
+        .unwrap();
+    let blob = store.begin_read_only().load::<Blob>(id).await.unwrap();
+    assert_eq!(blob.data, mib);
+    store.close().await;
+
+    let limited = Store::open_with(&db, StoreOptions::new().max_payload_bytes(1000))
+        .await
+        .unwrap();
+    let result = limited
+        .transact(async |ctx| {
+            let mut blob = ctx.load::<Blob>(id).await?;
+            ctx.apply(
+                &mut blob,
+                BlobWritten {
+                    data: "y".repeat(2000),
+                },
+            )?;
+            Ok::<_, Error>(())
+        })
+        .await;
+    match result {
+        Err(Error::PayloadTooLarge { size, max, .. }) => assert_eq!((size, max), (2011, 1000)),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    assert_eq!(
+        limited
+            .read_feed(FeedCursor::START, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let blob = limited.begin_read_only().load::<Blob>(id).await.unwrap();
+    assert_eq!((blob.version(), blob.data.len()), (1, mib.len()));
+}
+
+#[tokio::test]
+async fn migrations_by_hand_and_schema_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("manual.db");
+    let options = StoreOptions::new().table_prefix("bank_").migrate(false);
+
+    // Not migrated and not allowed to: refused with a message that says what to do.
+    match Store::open_with(&url(&path), options.clone()).await {
+        Err(Error::Config(message)) => assert!(message.contains("annals::migrations"), "{message}"),
+        other => panic!("expected Config, got {other:?}"),
+    }
+
+    // Apply the migrations by hand, as a user with their own tooling would.
+    let sql = migrations(Dialect::Sqlite, &options).unwrap();
+    assert_eq!(sql.len(), 1);
+    assert!(
+        sql[0]
+            .sql
+            .contains("CREATE TABLE IF NOT EXISTS bank_events")
+    );
+    assert!(!sql[0].sql.contains("{prefix}"));
+    let mut conn = raw(&path).await;
+    for m in &sql {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.clone()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql(
+        "CREATE TABLE bank_schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL);
+         INSERT INTO bank_schema_migrations VALUES (1, 'initial schema', 0);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let store = Store::open_with(&url(&path), options.clone())
+        .await
+        .unwrap();
+    open_account(&store, "alice", 1).await;
+    store.close().await;
+
+    // A schema from a newer annals is refused and left untouched.
+    sqlx::query("INSERT INTO bank_schema_migrations VALUES (99, 'from the future', 0)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let tables_before: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    for migrate in [false, true] {
+        match Store::open_with(&url(&path), options.clone().migrate(migrate)).await {
+            Err(Error::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (99, 1))
+            }
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+    }
+    let tables_after: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(tables_before, tables_after);
+    let events: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM bank_events")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(events, 2);
+}
+
+#[tokio::test]
+async fn options_prefixes_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opts.db");
+
+    for bad in ["", "Bank", "1bank", "bank-", "bank;drop", &"p".repeat(42)] {
+        match Store::open_with(&url(&path), StoreOptions::new().table_prefix(bad)).await {
+            Err(Error::Config(message)) => assert!(message.contains("table prefix"), "{message}"),
+            other => panic!("prefix {bad:?}: expected Config, got {other:?}"),
+        }
+    }
+    let missing_dir = dir.path().join("no/such/dir/x.db");
+    assert!(matches!(
+        Store::open(&url(&missing_dir)).await,
+        Err(Error::Backend(_))
+    ));
+    assert!(matches!(
+        Store::open("mysql://x").await,
+        Err(Error::Config(_))
+    ));
+
+    // Two prefixes in one file are two independent stores.
+    let a = Store::open_with(&url(&path), StoreOptions::new().table_prefix("a_"))
+        .await
+        .unwrap();
+    let b = Store::open_with(
+        &url(&path),
+        StoreOptions::new()
+            .table_prefix("b_")
+            .synchronous(Synchronous::Normal),
+    )
+    .await
+    .unwrap();
+    let id = open_account(&a, "alice", 2).await;
+    assert!(
+        b.begin_read_only()
+            .find_by_key::<Account>("alice")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    open_account(&b, "alice", 5).await;
+    a.close().await;
+    b.close().await;
+
+    // Everything is there after reopening.
+    let a = Store::open_with(&url(&path), StoreOptions::new().table_prefix("a_"))
+        .await
+        .unwrap();
+    let alice = a.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!((alice.balance, alice.version()), (3, 3));
+    let mut conn = raw(&path).await;
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn in_memory_sqlite() {
+    let store = Store::open("sqlite::memory:").await.unwrap();
+    let id = open_account(&store, "alice", 3).await;
+    let alice = store.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!((alice.balance, alice.version()), (6, 4));
+    assert_eq!(
+        store.read_feed(FeedCursor::START, 10).await.unwrap().len(),
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_on_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(
+        &url(&dir.path().join("w.db")),
+        StoreOptions::new().poll_interval(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !store
+            .wait_for_events(FeedCursor::START, Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .wait_for_events(FeedCursor::START, Duration::from_secs(120))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    open_account(&store, "alice", 0).await;
+    let woke = tokio::time::timeout(Duration::from_secs(120), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(woke);
+}

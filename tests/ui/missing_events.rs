@@ -1,0 +1,7 @@
+use annals::prelude::*;
+
+#[derive(Aggregate, Default)]
+#[aggregate(name = "empty")]
+struct Empty;
+
+fn main() {}
