@@ -84,3 +84,35 @@ async fn derives_ignore_shadowed_names() {
         (vec!["a".to_owned(), "b".to_owned()], true, 3)
     );
 }
+
+/// `crate = "..."` makes the generated code name annals by another path, for users who rename
+/// the dependency.
+mod renamed {
+    use annals as events_lib;
+    use events_lib::{Aggregate, Apply, Event};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Event, Serialize, Deserialize)]
+    #[event(crate = "events_lib", name = "renamed.rang")]
+    pub struct Rang;
+
+    #[derive(Aggregate, Default)]
+    #[aggregate(crate = "events_lib", name = "renamed.bell", events(Rang))]
+    pub struct Bell {
+        pub rings: u32,
+    }
+
+    impl Apply<Rang> for Bell {
+        fn apply(&mut self, _: &Rang) {
+            self.rings += 1;
+        }
+    }
+}
+
+#[test]
+fn crate_attribute_renames_the_runtime_path() {
+    use annals::{Aggregate, Event};
+    assert_eq!(<renamed::Rang as Event>::NAMES, ["renamed.rang"]);
+    assert_eq!(<renamed::Bell as Aggregate>::NAME, "renamed.bell");
+    assert!(annals::registry().aggregate("renamed.bell").is_some());
+}

@@ -490,3 +490,39 @@ async fn waiters_wake_on_commit() {
         .unwrap();
     assert!(woke);
 }
+
+#[tokio::test]
+async fn one_commit_larger_than_an_insert_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&url(&dir.path().join("chunks.db")))
+        .await
+        .unwrap();
+    let (a, b) = store
+        .transact(async |ctx| {
+            let mut a = ctx.create::<Account>()?;
+            let mut b = ctx.create::<Counter>()?;
+            ctx.apply(&mut a, Opened { owner: "A".into() })?;
+            for i in 0..1_200 {
+                ctx.apply(&mut a, Deposited { amount: 1 })?;
+                if i % 2 == 0 {
+                    ctx.apply(&mut b, CounterEvent::Incremented)?;
+                }
+            }
+            Ok::<_, Error>((a.id(), b.id()))
+        })
+        .await
+        .unwrap();
+    let mut ctx = store.begin_read_only();
+    let a = ctx.load::<Account>(a).await.unwrap();
+    let b = ctx.load::<Counter>(b).await.unwrap();
+    assert_eq!((a.balance, a.version()), (1_200, 1_201));
+    assert_eq!((b.value, b.version()), (600, 600));
+    let feed = store.read_feed(FeedCursor::START, 5_000).await.unwrap();
+    assert_eq!(feed.len(), 1_801);
+    // Within one commit, events keep the order they were applied in.
+    assert_eq!(feed[0].event_type, "account.opened");
+    assert_eq!(
+        (feed[1].event_type.as_str(), feed[2].event_type.as_str()),
+        ("account.deposited", "counter.incremented")
+    );
+}

@@ -54,6 +54,8 @@ pub struct Context {
     by_id: HashMap<AggregateId, usize>,
     by_key: HashMap<(&'static str, String), usize>,
     metadata: Metadata,
+    /// Events applied so far: orders staged events across aggregates.
+    applied: u64,
 }
 
 impl Context {
@@ -65,6 +67,7 @@ impl Context {
             by_id: HashMap::new(),
             by_key: HashMap::new(),
             metadata: Metadata::default(),
+            applied: 0,
         }
     }
 
@@ -243,8 +246,10 @@ impl Context {
         root.version += 1;
         let event_id = uuid::Uuid::now_v7();
         let snapshot = snapshot_due::<A>(root, max);
+        self.applied += 1;
         if let Some(tracked) = self.tracked.get_mut(index) {
             tracked.events.push(StagedEvent {
+                seq: self.applied,
                 version: root.version,
                 name,
                 schema_version: E::VERSION,

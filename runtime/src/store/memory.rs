@@ -147,7 +147,6 @@ impl State {
 
     fn apply(&mut self, batch: &CommitBatch) {
         for change in &batch.changes {
-            let version = change.new_version();
             let row = self
                 .aggregates
                 .entry(change.id)
@@ -157,26 +156,10 @@ impl State {
                     key: change.key.clone(),
                     version: 0,
                 });
-            row.version = version;
+            row.version = change.new_version();
             if let (true, Some(key)) = (change.is_new, &change.key) {
                 self.keys
                     .insert((change.aggregate_type.to_owned(), key.clone()), change.id);
-            }
-            let stream = self.streams.entry(change.id).or_default();
-            for event in &change.events {
-                stream.push(self.events.len());
-                self.event_ids.insert(event.event_id);
-                self.events.push(StoredEvent {
-                    aggregate_id: change.id,
-                    aggregate_type: change.aggregate_type.to_owned(),
-                    version: event.version,
-                    name: event.name.to_owned(),
-                    schema_version: event.schema_version,
-                    payload: event.payload.clone(),
-                    metadata: event.metadata.clone(),
-                    event_id: event.event_id,
-                    recorded_at: batch.recorded_at,
-                });
             }
             if let Some(snapshot) = &change.snapshot {
                 self.snapshots
@@ -184,6 +167,24 @@ impl State {
                     .or_default()
                     .insert(snapshot.version, snapshot.payload.clone());
             }
+        }
+        for (change, event) in batch.events_in_order() {
+            self.streams
+                .entry(change.id)
+                .or_default()
+                .push(self.events.len());
+            self.event_ids.insert(event.event_id);
+            self.events.push(StoredEvent {
+                aggregate_id: change.id,
+                aggregate_type: change.aggregate_type.to_owned(),
+                version: event.version,
+                name: event.name.to_owned(),
+                schema_version: event.schema_version,
+                payload: event.payload.clone(),
+                metadata: event.metadata.clone(),
+                event_id: event.event_id,
+                recorded_at: batch.recorded_at,
+            });
         }
     }
 }

@@ -84,6 +84,8 @@ pub(crate) struct LoadedStream {
 /// An event staged by a context, encoded and ready to insert.
 #[derive(Debug, Clone)]
 pub(crate) struct StagedEvent {
+    /// The order the context applied it in, across all aggregates of the commit.
+    pub seq: u64,
     pub version: u64,
     pub name: &'static str,
     pub schema_version: u32,
@@ -131,6 +133,18 @@ pub(crate) struct CommitBatch {
 impl CommitBatch {
     pub fn event_count(&self) -> usize {
         self.changes.iter().map(|c| c.events.len()).sum()
+    }
+
+    /// Every event of the batch with its change, in the order the context applied them: the
+    /// order the feed gives them.
+    pub fn events_in_order(&self) -> Vec<(&Change, &StagedEvent)> {
+        let mut events: Vec<(&Change, &StagedEvent)> = self
+            .changes
+            .iter()
+            .flat_map(|c| c.events.iter().map(move |e| (c, e)))
+            .collect();
+        events.sort_by_key(|(_, e)| e.seq);
+        events
     }
 }
 

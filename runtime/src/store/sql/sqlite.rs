@@ -373,14 +373,14 @@ impl SqliteBackend {
         let mut conn = self.writer.acquire().await.map_err(backend_error)?;
         // Type ids of names first seen now are written outside the commit: a type name is
         // harmless on its own, and the commit transaction stays short.
-        let mut event_type_ids = Vec::with_capacity(batch.changes.len());
+        let mut aggregate_type_ids = Vec::with_capacity(batch.changes.len());
         for change in &batch.changes {
-            let aggregate_type = self.type_id(&mut conn, true, change.aggregate_type).await?;
-            let mut ids = Vec::with_capacity(change.events.len());
-            for event in &change.events {
-                ids.push(self.type_id(&mut conn, false, event.name).await?);
-            }
-            event_type_ids.push((aggregate_type, ids));
+            aggregate_type_ids.push(self.type_id(&mut conn, true, change.aggregate_type).await?);
+        }
+        let events = batch.events_in_order();
+        let mut event_type_ids = Vec::with_capacity(events.len());
+        for (_, event) in &events {
+            event_type_ids.push(self.type_id(&mut conn, false, event.name).await?);
         }
 
         let mut tx = conn
@@ -388,25 +388,14 @@ impl SqliteBackend {
             .await
             .map_err(backend_error)?;
         let recorded_at = to_micros(batch.recorded_at);
-        for (change, (type_id, _)) in batch.changes.iter().zip(&event_type_ids) {
-            self.claim(&mut tx, change, *type_id).await?;
+        for (change, type_id) in batch.changes.iter().zip(aggregate_type_ids) {
+            self.claim(&mut tx, change, type_id).await?;
         }
-        // All events of the batch, in multi-row INSERTs.
-        let rows: Vec<(&Change, &crate::store::StagedEvent, i64)> = batch
-            .changes
-            .iter()
-            .zip(&event_type_ids)
-            .flat_map(|(change, (_, ids))| {
-                change
-                    .events
-                    .iter()
-                    .zip(ids)
-                    .map(move |(event, id)| (change, event, *id))
-            })
-            .collect();
+        // All events of the batch, in apply order, in multi-row INSERTs.
+        let rows: Vec<_> = events.iter().zip(event_type_ids).collect();
         for chunk in rows.chunks(EVENT_CHUNK) {
             let mut query = sqlx::query(self.insert_events_sql(chunk.len()));
-            for (change, event, event_type_id) in chunk {
+            for ((change, event), event_type_id) in chunk {
                 query = query
                     .bind(change.id.as_uuid().as_bytes().as_slice())
                     .bind(to_i64(event.version, "version")?)
