@@ -34,35 +34,58 @@ struct Moved {
     memo: String,
 }
 
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
-#[aggregate(name = "bench.ledger", events(Moved))]
-struct Ledger {
+/// The state both ledgers fold their events into.
+#[derive(Serialize, Deserialize, Default, Debug, PartialEq)]
+struct Totals {
     balance: i64,
     moves: u64,
     last_memo: String,
 }
 
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
-#[aggregate(name = "bench.snapped_ledger", events(Moved), snapshot_every = 100)]
-struct SnappedLedger {
-    balance: i64,
-    moves: u64,
-    last_memo: String,
-}
-
-impl Apply<Moved> for Ledger {
-    fn apply(&mut self, e: &Moved) {
+impl Totals {
+    fn fold(&mut self, e: &Moved) {
         self.balance += e.amount;
         self.moves += 1;
         self.last_memo.clone_from(&e.memo);
     }
 }
 
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+#[aggregate(name = "bench.ledger", events(Moved))]
+struct Ledger(Totals);
+
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+#[aggregate(name = "bench.snapped_ledger", events(Moved), snapshot_every = 100)]
+struct SnappedLedger(Totals);
+
+impl Apply<Moved> for Ledger {
+    fn apply(&mut self, e: &Moved) {
+        self.0.fold(e)
+    }
+}
+
 impl Apply<Moved> for SnappedLedger {
     fn apply(&mut self, e: &Moved) {
-        self.balance += e.amount;
-        self.moves += 1;
-        self.last_memo.clone_from(&e.memo);
+        self.0.fold(e)
+    }
+}
+
+/// Both ledgers, for the generic load workload.
+trait LedgerAggregate:
+    Aggregate + annals::Handles<Moved> + Apply<Moved> + serde::de::DeserializeOwned
+{
+    fn totals(&self) -> &Totals;
+}
+
+impl LedgerAggregate for Ledger {
+    fn totals(&self) -> &Totals {
+        &self.0
+    }
+}
+
+impl LedgerAggregate for SnappedLedger {
+    fn totals(&self) -> &Totals {
+        &self.0
     }
 }
 
@@ -191,9 +214,9 @@ impl Raw {
         if let Some(every) = snapshot_every {
             let at = events.len() / every * every;
             if at > 0 {
-                let mut state = SnappedLedger::default();
+                let mut state = Totals::default();
                 for e in &events[..at] {
-                    state.apply(e);
+                    state.fold(e);
                 }
                 sqlx::query("INSERT OR REPLACE INTO raw_snapshots (aggregate_id, snapshot_version, version, payload, recorded_at) VALUES (?1, 1, ?2, ?3, ?4)")
                     .bind(id.as_bytes().as_slice())
@@ -257,6 +280,50 @@ impl Raw {
         }
         (state, version)
     }
+}
+
+/// Writes one aggregate of `events` events on both sides, checks that both rebuild the same
+/// state, then times `loads` loads of it per round on each side.
+async fn compare_loads<L: LedgerAggregate>(
+    raw: &Raw,
+    store: &Store,
+    events: usize,
+    loads: usize,
+    rounds: usize,
+) -> (Duration, Duration) {
+    let snapshots = L::SNAPSHOT_EVERY.map(|n| n as usize);
+    let type_id = if snapshots.is_some() {
+        raw.snapped_type
+    } else {
+        raw.ledger_type
+    };
+    let all: Vec<Moved> = (0..events).map(moved).collect();
+    let raw_id = raw.create(type_id, &all, snapshots).await;
+    let annals_id = annals_create::<L>(store, &all).await;
+    let (state, version) = raw.load::<L>(raw_id, snapshots.is_some()).await;
+    let loaded = store.begin_read_only().load::<L>(annals_id).await.unwrap();
+    assert_eq!(loaded.totals(), state.totals());
+    assert_eq!((loaded.version(), version), (events as u64, events as i64));
+    compare(
+        rounds,
+        |_| {
+            timed(async {
+                for _ in 0..loads {
+                    std::hint::black_box(raw.load::<L>(raw_id, snapshots.is_some()).await);
+                }
+            })
+        },
+        |_| {
+            timed(async {
+                for _ in 0..loads {
+                    std::hint::black_box(
+                        store.begin_read_only().load::<L>(annals_id).await.unwrap(),
+                    );
+                }
+            })
+        },
+    )
+    .await
 }
 
 async fn annals_create<A: Aggregate + annals::Handles<Moved> + Apply<Moved>>(
@@ -349,92 +416,24 @@ async fn main() {
     });
 
     // W4: loading a 10,000-event aggregate.
-    let big: Vec<Moved> = (0..size(10_000, 300)).map(moved).collect();
-    let raw_id = raw.create(raw.ledger_type, &big, None).await;
-    let annals_id = annals_create::<Ledger>(&store, &big).await;
-    let (state, _) = raw.load::<Ledger>(raw_id, false).await;
-    let loaded = store
-        .begin_read_only()
-        .load::<Ledger>(annals_id)
-        .await
-        .unwrap();
-    assert_eq!(
-        (loaded.balance, loaded.moves, loaded.version()),
-        (state.balance, state.moves, big.len() as u64)
-    );
-    let loads = size(20, 2);
-    let (r, a) = compare(
-        rounds,
-        |_| {
-            timed(async {
-                for _ in 0..loads {
-                    let (s, _) = raw.load::<Ledger>(raw_id, false).await;
-                    std::hint::black_box(s);
-                }
-            })
-        },
-        |_| {
-            timed(async {
-                for _ in 0..loads {
-                    let s = store
-                        .begin_read_only()
-                        .load::<Ledger>(annals_id)
-                        .await
-                        .unwrap();
-                    std::hint::black_box(s);
-                }
-            })
-        },
-    )
-    .await;
+    let events = size(10_000, 300);
+    let (r, a) = compare_loads::<Ledger>(&raw, &store, events, size(20, 2), rounds).await;
     rows.push(Row {
         name: "W4",
-        what: format!("load a {}-event aggregate", big.len()),
-        measure: Measure::Throughput { ops: loads },
+        what: format!("load a {events}-event aggregate"),
+        measure: Measure::Throughput { ops: size(20, 2) },
         raw: r,
         annals: a,
         goal: ">= 0.9x",
     });
 
     // W5: the same with a snapshot every 100 events; 50 events after the newest snapshot.
-    let big: Vec<Moved> = (0..size(10_050, 350)).map(moved).collect();
-    let raw_id = raw.create(raw.snapped_type, &big, Some(100)).await;
-    let annals_id = annals_create::<SnappedLedger>(&store, &big).await;
-    let (state, _) = raw.load::<SnappedLedger>(raw_id, true).await;
-    let loaded = store
-        .begin_read_only()
-        .load::<SnappedLedger>(annals_id)
-        .await
-        .unwrap();
-    assert_eq!((loaded.balance, loaded.moves), (state.balance, state.moves));
+    let events = size(10_050, 350);
     let loads = size(500, 5);
-    let (r, a) = compare(
-        rounds,
-        |_| {
-            timed(async {
-                for _ in 0..loads {
-                    let (s, _) = raw.load::<SnappedLedger>(raw_id, true).await;
-                    std::hint::black_box(s);
-                }
-            })
-        },
-        |_| {
-            timed(async {
-                for _ in 0..loads {
-                    let s = store
-                        .begin_read_only()
-                        .load::<SnappedLedger>(annals_id)
-                        .await
-                        .unwrap();
-                    std::hint::black_box(s);
-                }
-            })
-        },
-    )
-    .await;
+    let (r, a) = compare_loads::<SnappedLedger>(&raw, &store, events, loads, rounds).await;
     rows.push(Row {
         name: "W5",
-        what: format!("load {} events, snapshot every 100", big.len()),
+        what: format!("load {events} events, snapshot every 100"),
         measure: Measure::Time,
         raw: r / loads as u32,
         annals: a / loads as u32,

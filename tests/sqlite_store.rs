@@ -27,53 +27,9 @@ async fn raw(path: &Path) -> SqliteConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_8_tasks_200_increments() {
-    const TASKS: u64 = 8;
-    const INCREMENTS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&url(&dir.path().join("c.db"))).await.unwrap();
-    let id = store
-        .transact(async |ctx| {
-            let mut c = ctx.create::<Counter>()?;
-            ctx.apply(&mut c, CounterEvent::Reset(0))?;
-            Ok::<_, Error>(c.id())
-        })
-        .await
-        .unwrap();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                for _ in 0..INCREMENTS {
-                    store
-                        .transact_with_retry(Retry::attempts(10_000), async move |ctx| {
-                            let mut c = ctx.load::<Counter>(id).await?;
-                            ctx.apply(&mut c, CounterEvent::Incremented)?;
-                            Ok::<_, Error>(())
-                        })
-                        .await?;
-                }
-                Ok::<_, Error>(())
-            })
-        })
-        .collect();
-    for task in tasks {
-        tokio::time::timeout(Duration::from_secs(600), task)
-            .await
-            .expect("finished in time")
-            .expect("no panic")
-            .expect("no error reached the caller");
-    }
-    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
-    assert_eq!(counter.value, TASKS * INCREMENTS);
-    assert_eq!(counter.version(), TASKS * INCREMENTS + 1);
-    let versions: Vec<u64> = store
-        .history(id)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.version)
-        .collect();
-    assert_eq!(versions, (1..=TASKS * INCREMENTS + 1).collect::<Vec<_>>());
+    conformance::contended_increments(&store, 8, 200).await;
 }
 
 /// A pseudo-random delay, different each round, without a random-number crate.

@@ -8,7 +8,7 @@ use syn::spanned::Spanned;
 use syn::{DeriveInput, Path};
 
 use crate::internals::ast::Container;
-use crate::internals::attr::AggregateAttrs;
+use crate::internals::attr::{AggregateAttrs, runtime_path};
 use crate::internals::check;
 use crate::internals::ctxt::Ctxt;
 
@@ -35,13 +35,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             Vec::new()
         }
     };
-    let krate = attrs.krate.as_ref().map_or_else(
-        || quote!(::annals),
-        |k| {
-            let path = &k.value;
-            quote!(#path)
-        },
-    );
+    let krate = runtime_path(attrs.krate.as_ref());
     let private = quote!(#krate::__private);
     let name = attrs
         .name
@@ -70,12 +64,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         .collect();
 
     if !cx.is_ok() {
-        let errors = cx.into_compile_errors();
-        if !input.generics.params.is_empty() {
-            return errors;
-        }
-        return quote! {
-            #errors
+        return cx.into_errors_with_fallback(&input.generics, quote! {
             const _: () = {
                 #[automatically_derived]
                 impl #krate::Aggregate for #ident {
@@ -94,7 +83,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 }
                 #(#handles)*
             };
-        };
+        });
     }
 
     // The `Apply` call is spanned at the type in the user's list: a missing impl is reported

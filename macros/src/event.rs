@@ -5,7 +5,7 @@ use quote::{quote, quote_spanned};
 use syn::DeriveInput;
 
 use crate::internals::ast::{Container, Shape};
-use crate::internals::attr::{EventAttrs, VariantAttrs};
+use crate::internals::attr::{EventAttrs, VariantAttrs, runtime_path};
 use crate::internals::check;
 use crate::internals::ctxt::Ctxt;
 
@@ -50,23 +50,12 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     };
     check::unique_names(&mut cx, variants.iter().map(|(_, n, s)| (n.as_str(), *s)));
 
-    let krate = attrs.krate.as_ref().map_or_else(
-        || quote!(::annals),
-        |k| {
-            let path = &k.value;
-            quote!(#path)
-        },
-    );
+    let krate = runtime_path(attrs.krate.as_ref());
     let private = quote!(#krate::__private);
     let version = attrs.version.as_ref().map_or(1, |v| v.value);
 
     if !cx.is_ok() {
-        let errors = cx.into_compile_errors();
-        if !input.generics.params.is_empty() {
-            return errors;
-        }
-        return quote! {
-            #errors
+        return cx.into_errors_with_fallback(&input.generics, quote! {
             const _: () = {
                 #[automatically_derived]
                 impl #krate::Event for #ident {
@@ -81,7 +70,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     }
                 }
             };
-        };
+        });
     }
 
     let (names, name_body, decode_body) = match &cont.data {

@@ -15,6 +15,17 @@ pub struct Spanned<T> {
     pub span: Span,
 }
 
+/// The path generated code names the runtime by: `crate = "..."`, or `::annals`.
+pub fn runtime_path(krate: Option<&Spanned<Path>>) -> proc_macro2::TokenStream {
+    match krate {
+        Some(k) => {
+            let path = &k.value;
+            quote::quote!(#path)
+        }
+        None => quote::quote!(::annals),
+    }
+}
+
 /// `#[event(...)]` on an event type.
 #[derive(Default)]
 pub struct EventAttrs {

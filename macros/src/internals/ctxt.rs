@@ -29,6 +29,21 @@ impl Ctxt {
         self.errors.is_empty()
     }
 
+    /// The errors, followed by `fallback` (a minimal impl that spares the user follow-on
+    /// errors) unless the type is generic, where no such impl can be written.
+    pub fn into_errors_with_fallback(
+        self,
+        generics: &syn::Generics,
+        fallback: TokenStream,
+    ) -> TokenStream {
+        let errors = self.into_compile_errors();
+        if generics.params.is_empty() {
+            quote::quote!(#errors #fallback)
+        } else {
+            errors
+        }
+    }
+
     /// Every error as `compile_error!` invocations.
     pub fn into_compile_errors(self) -> TokenStream {
         self.errors

@@ -11,7 +11,7 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
-    AggregateRow, Backend, BoxFuture, CommitBatch, LoadRequest, LoadedStream, Locate, StoreOptions,
+    AggregateRow, Backend, BoxFuture, CommitSignal, CommitBatch, LoadRequest, LoadedStream, Locate, StoreOptions,
     StoredSnapshot, StreamEvent,
 };
 
@@ -43,14 +43,14 @@ struct State {
 
 pub(crate) struct MemoryBackend {
     state: Mutex<State>,
-    committed: tokio::sync::Notify,
+    committed: CommitSignal,
 }
 
 impl MemoryBackend {
     pub(crate) fn new(_options: &StoreOptions) -> Self {
         MemoryBackend {
             state: Mutex::new(State::default()),
-            committed: tokio::sync::Notify::new(),
+            committed: CommitSignal::default(),
         }
     }
 
@@ -253,7 +253,7 @@ impl Backend for MemoryBackend {
             state.check(batch)?;
             state.apply(batch);
             drop(state);
-            self.committed.notify_waiters();
+            self.committed.notify();
             Ok(())
         })
     }
@@ -289,9 +289,7 @@ impl Backend for MemoryBackend {
     }
 
     fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let _ = tokio::time::timeout(max_wait, self.committed.notified()).await;
-        })
+        Box::pin(self.committed.wait(max_wait))
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -23,6 +23,22 @@ pub use options::{StoreOptions, Synchronous};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql::{Dialect, Migration, migrations};
 
+/// Wakes the waiters of [`Store::wait_for_events`] in this process when a commit lands.
+#[derive(Debug, Default)]
+pub(crate) struct CommitSignal(tokio::sync::Notify);
+
+impl CommitSignal {
+    /// Wakes every current waiter.
+    pub fn notify(&self) {
+        self.0.notify_waiters();
+    }
+
+    /// Waits for the next commit, or `max_wait` at the most.
+    pub async fn wait(&self, max_wait: Duration) {
+        let _ = tokio::time::timeout(max_wait, self.0.notified()).await;
+    }
+}
+
 /// A boxed future, as the backend trait returns them.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

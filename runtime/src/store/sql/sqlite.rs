@@ -24,7 +24,7 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
-    AggregateRow, Backend, BoxFuture, Change, CommitBatch, LoadRequest, LoadedStream, Locate,
+    AggregateRow, Backend, BoxFuture, CommitSignal, Change, CommitBatch, LoadRequest, LoadedStream, Locate,
     StoreOptions, StoredSnapshot, StreamEvent, Synchronous, from_micros, to_i64, to_micros, to_u64,
 };
 
@@ -118,7 +118,7 @@ pub(crate) struct SqliteBackend {
     options: StoreOptions,
     types: RwLock<TypeCache>,
     insert_events: Mutex<HashMap<usize, SqlStr>>,
-    committed: tokio::sync::Notify,
+    committed: CommitSignal,
 }
 
 impl SqliteBackend {
@@ -167,7 +167,7 @@ impl SqliteBackend {
             options: options.clone(),
             types: RwLock::new(TypeCache::default()),
             insert_events: Mutex::new(HashMap::new()),
-            committed: tokio::sync::Notify::new(),
+            committed: CommitSignal::default(),
         })
     }
 
@@ -422,7 +422,7 @@ impl SqliteBackend {
             }
         }
         tx.commit().await.map_err(backend_error)?;
-        self.committed.notify_waiters();
+        self.committed.notify();
         Ok(())
     }
 
@@ -683,9 +683,7 @@ impl Backend for SqliteBackend {
     }
 
     fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let _ = tokio::time::timeout(max_wait, self.committed.notified()).await;
-        })
+        Box::pin(self.committed.wait(max_wait))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
