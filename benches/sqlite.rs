@@ -16,92 +16,17 @@
 mod harness;
 
 use std::str::FromStr;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use annals::prelude::*;
 use annals::{Dialect, migrations};
 use harness::{Measure, Row, compare, size, timed};
-use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Connection, Row as _};
 
-#[derive(Event, Serialize, Deserialize, Debug, Clone)]
-#[event(name = "bench.moved")]
-struct Moved {
-    amount: i64,
-    memo: String,
-}
-
-/// The state both ledgers fold their events into.
-#[derive(Serialize, Deserialize, Default, Debug, PartialEq)]
-struct Totals {
-    balance: i64,
-    moves: u64,
-    last_memo: String,
-}
-
-impl Totals {
-    fn fold(&mut self, e: &Moved) {
-        self.balance += e.amount;
-        self.moves += 1;
-        self.last_memo.clone_from(&e.memo);
-    }
-}
-
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
-#[aggregate(name = "bench.ledger", events(Moved))]
-struct Ledger(Totals);
-
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
-#[aggregate(name = "bench.snapped_ledger", events(Moved), snapshot_every = 100)]
-struct SnappedLedger(Totals);
-
-impl Apply<Moved> for Ledger {
-    fn apply(&mut self, e: &Moved) {
-        self.0.fold(e)
-    }
-}
-
-impl Apply<Moved> for SnappedLedger {
-    fn apply(&mut self, e: &Moved) {
-        self.0.fold(e)
-    }
-}
-
-/// Both ledgers, for the generic load workload.
-trait LedgerAggregate:
-    Aggregate + annals::Handles<Moved> + Apply<Moved> + serde::de::DeserializeOwned
-{
-    fn totals(&self) -> &Totals;
-}
-
-impl LedgerAggregate for Ledger {
-    fn totals(&self) -> &Totals {
-        &self.0
-    }
-}
-
-impl LedgerAggregate for SnappedLedger {
-    fn totals(&self) -> &Totals {
-        &self.0
-    }
-}
-
-fn moved(i: usize) -> Moved {
-    Moved {
-        amount: i as i64 % 97 - 40,
-        memo: format!("payment reference {i:08}"),
-    }
-}
-
-fn micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
+use harness::ledger::*;
 
 /// The hand-written side: the annals schema under the prefix `raw_`, its own file.
 struct Raw {

@@ -65,9 +65,14 @@ pub use event::{Event, FeedCursor, RecordedEvent};
 pub use metadata::Metadata;
 pub use registry::{Registry, registry};
 pub use retry::Retry;
-pub use store::{Store, StoreOptions, Synchronous};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::{Dialect, Migration, migrations};
+
+/// The sqlx this annals is built with, for code that shares a connection or a transaction with
+/// the store (see `Context::commit_in`) without pinning a second copy of it.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
+pub use store::{Store, StoreOptions, Synchronous};
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {

@@ -11,8 +11,8 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
-    AggregateRow, Backend, BoxFuture, CommitSignal, CommitBatch, LoadRequest, LoadedStream, Locate, StoreOptions,
-    StoredSnapshot, StreamEvent,
+    AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
+    StoreOptions, StoredSnapshot, StreamEvent,
 };
 
 struct StoredEvent {

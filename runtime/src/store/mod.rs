@@ -25,8 +25,10 @@ pub use sql::{Dialect, Migration, migrations};
 
 /// Wakes the waiters of [`Store::wait_for_events`] in this process when a commit lands.
 #[derive(Debug, Default)]
+#[cfg_attr(not(any(feature = "memory", feature = "sqlite")), allow(dead_code))]
 pub(crate) struct CommitSignal(tokio::sync::Notify);
 
+#[cfg_attr(not(any(feature = "memory", feature = "sqlite")), allow(dead_code))]
 impl CommitSignal {
     /// Wakes every current waiter.
     pub fn notify(&self) {
@@ -349,6 +351,11 @@ impl Store {
     /// Up to `limit` events of the global feed after `after`, each once, in commit order. Pass
     /// [`FeedCursor::START`] to read from the beginning, then the `cursor` of the last event
     /// read.
+    ///
+    /// On PostgreSQL the feed never runs ahead of a transaction that is still open, so that an
+    /// event committed late is never skipped: while some writing transaction of the database
+    /// stays open, events committed after it began are held back, and a read that finds only
+    /// such events waits up to a second for them before it returns a shorter page.
     pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<Vec<RecordedEvent>> {
         self.inner.backend.read_feed(after, limit).await
     }
@@ -386,7 +393,9 @@ async fn open_backend(url: &str, options: &StoreOptions) -> Result<Box<dyn Backe
         #[cfg(feature = "memory")]
         "memory" if url == "memory:" => Ok(Box::new(memory::MemoryBackend::new(options))),
         #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Box::new(sql::sqlite::SqliteBackend::open(url, options).await?)),
+        "sqlite" => Ok(Box::new(
+            sql::sqlite::SqliteBackend::open(url, options).await?,
+        )),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Box::new(
             sql::postgres::PostgresBackend::open(url, options).await?,

@@ -82,6 +82,39 @@ pub(crate) fn latest_version(dialect: Dialect) -> i64 {
     sources.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
+/// The migrations to apply to a store whose schema is at version `current` (`location` names
+/// its tables in messages): none when it is current, the newer ones when `options.migrate` is
+/// on. A schema newer than this library, or an outdated one with migrations off, is refused
+/// before anything is written.
+pub(crate) fn plan_migrations(
+    dialect: Dialect,
+    current: i64,
+    options: &StoreOptions,
+    location: &str,
+) -> Result<Vec<Migration>> {
+    let latest = latest_version(dialect);
+    if current > latest {
+        return Err(Error::SchemaTooNew {
+            found: current,
+            supported: latest,
+        });
+    }
+    if current == latest {
+        return Ok(Vec::new());
+    }
+    if !options.migrate {
+        return Err(Error::Config(format!(
+            "the store's schema ({location}) is at version {current}, this annals needs \
+             {latest}, and migrations at open are off: apply \
+             annals::migrations(Dialect::{dialect:?}, &options)"
+        )));
+    }
+    Ok(migrations(dialect, options)?
+        .into_iter()
+        .filter(|m| m.version > current)
+        .collect())
+}
+
 /// Fills `{prefix}` and `{schema}` into SQL text. Both are validated identifiers
 /// ([`StoreOptions::validate`]); values are always bound as parameters, never rendered.
 pub(crate) fn render(sql: &str, prefix: &str, schema: &str) -> String {

@@ -17,15 +17,16 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr, SqlitePool};
 
-use super::{Dialect, backend_error, latest_version, migrations, render};
+use super::{Dialect, backend_error, plan_migrations, render};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
-    AggregateRow, Backend, BoxFuture, CommitSignal, Change, CommitBatch, LoadRequest, LoadedStream, Locate,
-    StoreOptions, StoredSnapshot, StreamEvent, Synchronous, from_micros, to_i64, to_micros, to_u64,
+    AggregateRow, Backend, BoxFuture, Change, CommitBatch, CommitSignal, LoadRequest, LoadedStream,
+    Locate, StoreOptions, StoredSnapshot, StreamEvent, Synchronous, from_micros, to_i64, to_micros,
+    to_u64,
 };
 
 /// Rows per multi-row event INSERT: 9 bound values each, far under SQLite's limit of 32,766
@@ -195,21 +196,9 @@ impl SqliteBackend {
         } else {
             0
         };
-        let latest = latest_version(Dialect::Sqlite);
-        if current > latest {
-            return Err(Error::SchemaTooNew {
-                found: current,
-                supported: latest,
-            });
-        }
-        if current == latest {
+        let pending = plan_migrations(Dialect::Sqlite, current, &self.options, &table)?;
+        if pending.is_empty() {
             return Ok(());
-        }
-        if !self.options.migrate {
-            return Err(Error::Config(format!(
-                "the store's schema is at version {current}, this annals needs {latest}, and \
-                 migrations at open are off: apply annals::migrations(Dialect::Sqlite, &options)"
-            )));
         }
         let create = AssertSqlSafe(format!(
             "CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
@@ -222,10 +211,7 @@ impl SqliteBackend {
             "INSERT INTO {table} (version, name, applied_at) VALUES (?1, ?2, ?3)"
         ))
         .into_sql_str();
-        for migration in migrations(Dialect::Sqlite, &self.options)? {
-            if migration.version <= current {
-                continue;
-            }
+        for migration in pending {
             sqlx::raw_sql(AssertSqlSafe(migration.sql))
                 .execute(&mut *tx)
                 .await

@@ -1,0 +1,306 @@
+//! The PostgreSQL global feed under late commits, rollbacks and concurrent writers: every
+//! committed event once, each aggregate's events in version order, nothing skipped.
+//!
+//! Apart from the conformance suite: these tests hold transactions open, which holds back the
+//! feed of every other test running on the same server at that moment.
+
+#![cfg(feature = "postgres")]
+
+#[allow(dead_code)]
+#[path = "conformance/domain.rs"]
+mod domain;
+#[path = "support/postgres.rs"]
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use annals::Error;
+use annals::prelude::*;
+use domain::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn open_account(store: &Store, key: &str) -> AggregateId {
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.create_with_key::<Account>(key).await?;
+            ctx.apply(
+                &mut a,
+                Opened {
+                    owner: key.to_owned(),
+                },
+            )?;
+            Ok::<_, Error>(a.id())
+        })
+        .await
+        .expect("open account")
+}
+
+async fn deposit(store: &Store, id: AggregateId, amount: i64) -> uuid::Uuid {
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount })
+        })
+        .await
+        .expect("deposit")
+}
+
+/// Reads the feed after `cursor` until it is empty, in pages of `page`.
+async fn read_all(store: &Store, mut cursor: FeedCursor, page: usize) -> Vec<RecordedEvent> {
+    let mut read = Vec::new();
+    loop {
+        let events = store.read_feed(cursor, page).await.expect("read feed");
+        let Some(last) = events.last() else {
+            return read;
+        };
+        cursor = last.cursor;
+        read.extend(events);
+    }
+}
+
+/// Reads on from `cursor` until `count` events came, failing instead of hanging.
+async fn read_count(store: &Store, cursor: FeedCursor, count: usize) -> Vec<RecordedEvent> {
+    let work = async {
+        let mut read: Vec<RecordedEvent> = Vec::new();
+        let mut cursor = cursor;
+        while read.len() < count {
+            let events = store.read_feed(cursor, 100).await.expect("read feed");
+            match events.last() {
+                Some(last) => cursor = last.cursor,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            read.extend(events);
+        }
+        read
+    };
+    tokio::time::timeout(LIMIT, work)
+        .await
+        .expect("the feed delivered the events in time")
+}
+
+fn ids(events: &[RecordedEvent]) -> Vec<uuid::Uuid> {
+    events.iter().map(|e| e.event_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_commit_is_not_skipped() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let y = open_account(&store, "y").await;
+    let start = read_count(&store, FeedCursor::START, 2).await;
+    let cursor = start.last().unwrap().cursor;
+
+    // A: a context committed inside a transaction that stays open.
+    let mut tx_a = raw.begin().await.unwrap();
+    let mut ctx = store.begin();
+    let mut account = ctx.load::<Account>(x).await.unwrap();
+    let a_event = ctx.apply(&mut account, Deposited { amount: 1 }).unwrap();
+    ctx.commit_in(&mut tx_a).await.unwrap();
+
+    // B commits while A is open: it is committed and visible, with a higher position...
+    let b_event = deposit(&store, y, 2).await;
+    let history = store.history(y).await.unwrap();
+    assert_eq!(history.last().map(|e| e.event_id), Some(b_event));
+    // ...but a feed reader does not move past A.
+    for _ in 0..3 {
+        assert!(
+            store.read_feed(cursor, 10).await.unwrap().is_empty(),
+            "the feed must not pass a transaction that is still open"
+        );
+    }
+
+    tx_a.commit().await.unwrap();
+    let read = read_count(&store, cursor, 2).await;
+    assert_eq!(ids(&read), [a_event, b_event], "A then B, each once");
+    assert!(
+        read[0].position() < read[1].position(),
+        "A's event has the lower position: a reader of `position > last` would have skipped it"
+    );
+    assert!(read[0].cursor < read[1].cursor);
+    assert!(read_all(&store, read[1].cursor, 10).await.is_empty());
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_transactions_leave_no_stall() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let y = open_account(&store, "y").await;
+    let cursor = read_count(&store, FeedCursor::START, 2)
+        .await
+        .last()
+        .unwrap()
+        .cursor;
+
+    let mut tx_a = raw.begin().await.unwrap();
+    let mut ctx = store.begin();
+    let mut account = ctx.load::<Account>(x).await.unwrap();
+    ctx.apply(&mut account, Deposited { amount: 1 }).unwrap();
+    let mut fresh = ctx.create_with_key::<Account>("z").await.unwrap();
+    ctx.apply(&mut fresh, Opened { owner: "z".into() }).unwrap();
+    ctx.commit_in(&mut tx_a).await.unwrap();
+    let b_event = deposit(&store, y, 2).await;
+    tx_a.rollback().await.unwrap();
+
+    // Failed commits of other kinds end their transactions too.
+    let mut stale = store.begin();
+    let mut old = stale.load::<Account>(y).await.unwrap();
+    stale.apply(&mut old, Deposited { amount: 3 }).unwrap();
+    let c_event = deposit(&store, y, 4).await;
+    assert!(matches!(stale.commit().await, Err(Error::Conflict { .. })));
+    let mut ctx = store.begin();
+    let mut clash = ctx.load_or_create_by_key::<Account>("k").await.unwrap();
+    ctx.apply(&mut clash, Opened { owner: "k1".into() })
+        .unwrap();
+    let k_event = open_account(&store, "k").await;
+    assert!(matches!(ctx.commit().await, Err(Error::KeyTaken { .. })));
+
+    let read = read_count(&store, cursor, 3).await;
+    let k_first = store.history(k_event).await.unwrap()[0].event_id;
+    assert_eq!(ids(&read), [b_event, c_event, k_first]);
+    assert!(read_all(&store, read[2].cursor, 10).await.is_empty());
+    assert!(
+        store
+            .begin_read_only()
+            .find_by_key::<Account>("z")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.history(x).await.unwrap().len(), 1);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_keep_each_aggregate_in_order() {
+    const WRITERS: usize = 8;
+    const AGGREGATES: usize = 4;
+    const COMMITS: usize = 5_000;
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let store = schema.open_with(schema.options().pool_size(10)).await;
+    let mut counters = Vec::new();
+    for _ in 0..AGGREGATES {
+        counters.push(
+            store
+                .transact(async |ctx| {
+                    let mut c = ctx.create::<Counter>()?;
+                    ctx.apply(&mut c, CounterEvent::Reset(0))?;
+                    Ok::<_, Error>(c.id())
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let total = AGGREGATES + COMMITS;
+
+    // A reader pages through the feed while the writers run.
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move { read_count(&store, FeedCursor::START, total).await })
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            let counters = counters.clone();
+            tokio::spawn(async move {
+                for i in (w..COMMITS).step_by(WRITERS) {
+                    let id = counters[i % AGGREGATES];
+                    store
+                        .transact_with_retry(Retry::attempts(10_000), async move |ctx| {
+                            let mut c = ctx.load::<Counter>(id).await?;
+                            ctx.apply(&mut c, CounterEvent::Incremented)?;
+                            Ok::<_, Error>(())
+                        })
+                        .await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for writer in writers {
+        tokio::time::timeout(Duration::from_secs(600), writer)
+            .await
+            .expect("writer finished in time")
+            .expect("writer did not panic")
+            .expect("no error reached the writer");
+    }
+    let concurrent = tokio::time::timeout(LIMIT, reader)
+        .await
+        .expect("reader finished in time")
+        .expect("reader did not panic");
+    let after = read_count(&store, FeedCursor::START, total).await;
+
+    for read in [&concurrent, &after] {
+        assert_eq!(read.len(), total);
+        let mut seen = HashSet::new();
+        assert!(
+            read.iter().all(|e| seen.insert(e.event_id)),
+            "each event once"
+        );
+        let mut last: HashMap<AggregateId, u64> = HashMap::new();
+        for e in read.iter() {
+            let prev = last.insert(e.aggregate_id, e.version).unwrap_or(0);
+            assert_eq!(
+                e.version,
+                prev + 1,
+                "each aggregate's events in version order"
+            );
+        }
+        assert!(read.windows(2).all(|w| w[0].cursor < w[1].cursor));
+        let versions: u64 = last.values().sum();
+        assert_eq!(versions, total as u64);
+    }
+    assert_eq!(
+        ids(&concurrent),
+        ids(&after),
+        "the reader saw the final order"
+    );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_transaction_older_than_its_load_keeps_version_order() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let cursor = read_count(&store, FeedCursor::START, 1)
+        .await
+        .last()
+        .unwrap()
+        .cursor;
+
+    // The caller's transaction writes first: its transaction id is the older one...
+    let mut tx = raw.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {}.audit (note text)",
+        schema.name
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    // ...then another commit extends X, and only then does the caller's context load X.
+    let other = deposit(&store, x, 1).await;
+    let mut ctx = store.begin();
+    let mut account = ctx.load::<Account>(x).await.unwrap();
+    assert_eq!(account.version(), 2);
+    let mine = ctx.apply(&mut account, Deposited { amount: 2 }).unwrap();
+    ctx.commit_in(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let read = read_count(&store, cursor, 2).await;
+    assert_eq!(ids(&read), [other, mine], "X's events in version order");
+    assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), [2, 3]);
+    store.close().await;
+}

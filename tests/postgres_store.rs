@@ -1,0 +1,761 @@
+//! PostgreSQL-only behaviour: commits inside the caller's transaction, contention, a connection
+//! lost mid-commit, wake-ups across store instances, migrations and configuration.
+
+#![cfg(feature = "postgres")]
+
+#[allow(dead_code)]
+#[path = "conformance/domain.rs"]
+mod domain;
+#[path = "support/postgres.rs"]
+mod support;
+
+use std::time::Duration;
+
+use annals::prelude::*;
+use annals::{Dialect, Error};
+use domain::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn orders_table(schema: &support::Schema, raw: &sqlx::PgPool) -> String {
+    let table = format!("{}.orders", schema.name);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (number text PRIMARY KEY, total bigint NOT NULL)"
+    )))
+    .execute(raw)
+    .await
+    .unwrap();
+    table
+}
+
+async fn place_order(store: &Store, raw: &sqlx::PgPool, table: &str, commit: bool) -> AggregateId {
+    let mut tx = raw.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {table} (number, total) VALUES ($1, $2)"
+    )))
+    .bind("INV-7")
+    .bind(120_i64)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let mut ctx = store.begin();
+    let mut account = ctx.create_with_key::<Account>("alice").await.unwrap();
+    ctx.apply(
+        &mut account,
+        Opened {
+            owner: "Alice".into(),
+        },
+    )
+    .unwrap();
+    ctx.apply(&mut account, Deposited { amount: 120 }).unwrap();
+    ctx.commit_in(&mut tx).await.unwrap();
+    if commit {
+        tx.commit().await.unwrap();
+    } else {
+        tx.rollback().await.unwrap();
+    }
+    account.id()
+}
+
+async fn order_count(raw: &sqlx::PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(raw)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_in_user_transaction_rolled_back_writes_nothing() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let table = orders_table(&schema, &raw).await;
+    let id = place_order(&store, &raw, &table, false).await;
+
+    assert_eq!(order_count(&raw, &table).await, 0);
+    let mut ctx = store.begin_read_only();
+    assert!(ctx.find_by_key::<Account>("alice").await.unwrap().is_none());
+    assert!(matches!(
+        ctx.load::<Account>(id).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(store.history(id).await.unwrap().is_empty());
+    assert!(
+        store
+            .read_feed(FeedCursor::START, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The key is free again.
+    let again = place_order(&store, &raw, &table, true).await;
+    assert_ne!(again, id);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_in_user_transaction_committed_writes_both() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let table = orders_table(&schema, &raw).await;
+    let id = place_order(&store, &raw, &table, true).await;
+
+    assert_eq!(order_count(&raw, &table).await, 1);
+    let account = store
+        .begin_read_only()
+        .load_by_key::<Account>("alice")
+        .await
+        .unwrap();
+    assert_eq!(
+        (account.id(), account.balance, account.version()),
+        (id, 120, 2)
+    );
+    let history = store.history(id).await.unwrap();
+    assert_eq!(
+        history.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+
+    // A conflict inside the user's transaction is typed; the transaction is rolled back.
+    let mut tx = raw.begin().await.unwrap();
+    let mut stale = store.begin();
+    let mut old = stale.load::<Account>(id).await.unwrap();
+    stale.apply(&mut old, Deposited { amount: 1 }).unwrap();
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Withdrawn { amount: 20 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    match stale.commit_in(&mut tx).await {
+        Err(Error::Conflict {
+            aggregate,
+            expected,
+            actual,
+            ..
+        }) => {
+            assert_eq!((aggregate, expected, actual), (id, 2, 3));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    tx.rollback().await.unwrap();
+    let account = store.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!((account.balance, account.version()), (100, 3));
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_in_needs_a_postgres_store() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let memory = Store::open("memory:").await.unwrap();
+    let mut ctx = memory.begin();
+    let mut a = ctx.create::<Account>().unwrap();
+    ctx.apply(&mut a, Opened { owner: "m".into() }).unwrap();
+    let mut conn = raw.acquire().await.unwrap();
+    assert!(matches!(
+        ctx.commit_in(&mut conn).await,
+        Err(Error::Config(_))
+    ));
+}
+
+/// Counts a lost key race as a conflict too, so the retry helper re-runs a creation that lost.
+#[derive(Debug)]
+struct Retried(Error);
+
+impl From<Error> for Retried {
+    fn from(e: Error) -> Self {
+        Retried(e)
+    }
+}
+
+impl IsConflict for Retried {
+    fn is_conflict(&self) -> bool {
+        matches!(self.0, Error::Conflict { .. } | Error::KeyTaken { .. })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contention_on_one_aggregate_counts_to_1600() {
+    const TASKS: u64 = 8;
+    const INCREMENTS: u64 = 200;
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let store = schema.open_with(schema.options().pool_size(8)).await;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..INCREMENTS {
+                    store
+                        .transact_with_retry(Retry::attempts(10_000), async |ctx| {
+                            let mut c = ctx.load_or_create_by_key::<Counter>("hot").await?;
+                            ctx.apply(&mut c, CounterEvent::Incremented)?;
+                            Ok::<_, Retried>(())
+                        })
+                        .await?;
+                }
+                Ok::<_, Retried>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .expect("task finished in time")
+            .expect("task did not panic")
+            .expect("no error reached the caller");
+    }
+    let counter = store
+        .begin_read_only()
+        .load_by_key::<Counter>("hot")
+        .await
+        .unwrap();
+    assert_eq!((counter.value, counter.version()), (1600, 1600));
+    let versions: Vec<u64> = store
+        .history(counter.id())
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(versions, (1..=1600).collect::<Vec<u64>>(), "no gap");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_lost_mid_commit_leaves_nothing() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let id = store
+        .transact(async |ctx| {
+            let mut a = ctx.create_with_key::<Account>("alice").await?;
+            ctx.apply(
+                &mut a,
+                Opened {
+                    owner: "Alice".into(),
+                },
+            )?;
+            ctx.apply(&mut a, Deposited { amount: 10 })?;
+            Ok::<_, Error>(a.id())
+        })
+        .await
+        .unwrap();
+
+    // Hold the aggregate's row, so the commit waits on it.
+    let mut holder = raw.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE id = $1 FOR UPDATE",
+        schema.table("aggregates")
+    )))
+    .bind(*id.as_uuid())
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+
+    let commit = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .transact(async |ctx| {
+                    let mut a = ctx.load::<Account>(id).await?;
+                    ctx.apply(&mut a, Deposited { amount: 5 })?;
+                    Ok::<_, Error>(())
+                })
+                .await
+        })
+    };
+    let blocked = async {
+        loop {
+            let pids: Vec<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            )
+            .bind(holder_pid)
+            .fetch_all(&raw)
+            .await
+            .unwrap();
+            if let Some(pid) = pids.first() {
+                return *pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let pid = tokio::time::timeout(LIMIT, blocked)
+        .await
+        .expect("the commit waits on the row lock");
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert!(terminated);
+
+    let outcome = tokio::time::timeout(LIMIT, commit)
+        .await
+        .expect("the commit returned")
+        .expect("no panic");
+    assert!(matches!(outcome, Err(Error::Backend(_))), "got {outcome:?}");
+    holder.rollback().await.unwrap();
+
+    let history = store.history(id).await.unwrap();
+    assert_eq!(history.len(), 2, "nothing of the lost commit is stored");
+    let account = store.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!((account.balance, account.version()), (10, 2));
+    // The pool replaced the lost connection.
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount: 5 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.history(id).await.unwrap().len(), 3);
+    store.close().await;
+}
+
+/// The cursor after the first `count` events of the feed. Other tests on the server may hold
+/// transactions open, which holds back the feed for a while: wait for them.
+async fn feed_cursor_after(store: &Store, count: usize) -> FeedCursor {
+    let work = async {
+        loop {
+            let page = store.read_feed(FeedCursor::START, count).await.unwrap();
+            if page.len() == count {
+                return page.last().unwrap().cursor;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(LIMIT, work)
+        .await
+        .expect("the feed delivered the events in time")
+}
+
+/// Opens `waiting` with a poll interval far longer than the test may take, so only a
+/// notification can wake it in time.
+async fn woken_by_other_instance(kill_listener: bool) {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let waiting = schema
+        .open_with(schema.options().poll_interval(Duration::from_secs(60)))
+        .await;
+    let other = schema.open().await;
+    let id = store_account(&other).await;
+    let cursor = feed_cursor_after(&waiting, 1).await;
+    assert!(
+        !waiting
+            .wait_for_events(cursor, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+
+    if kill_listener {
+        // The listening connection dies; the store reconnects and wakes its waiters then.
+        let raw = schema.raw_pool().await;
+        let listen = format!("LISTEN \"{}.annals_events\"", schema.name);
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = $1",
+        )
+        .bind(&listen)
+        .fetch_all(&raw)
+        .await
+        .unwrap();
+        assert_eq!(killed, [true]);
+    }
+
+    let waiter = {
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            waiting
+                .wait_for_events(cursor, Duration::from_secs(50))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount: 1 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    // 30 s is well before the 60 s poll: only a wake-up ends the wait in time.
+    let woken = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("woken before the poll interval")
+        .expect("no panic")
+        .unwrap();
+    assert!(woken);
+    waiting.close().await;
+    other.close().await;
+}
+
+async fn store_account(store: &Store) -> AggregateId {
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.create::<Account>()?;
+            ctx.apply(&mut a, Opened { owner: "w".into() })?;
+            Ok::<_, Error>(a.id())
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_is_woken_by_a_commit_of_another_instance() {
+    woken_by_other_instance(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_is_woken_after_the_listener_reconnects() {
+    woken_by_other_instance(true).await;
+}
+
+async fn migration_rows(raw: &sqlx::PgPool, schema: &support::Schema) -> Vec<i64> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {} ORDER BY version",
+        schema.table("schema_migrations")
+    )))
+    .fetch_all(raw)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_starting_at_once_migrate_once() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let url = schema.url.clone();
+            let options = schema.options().pool_size(2);
+            tokio::spawn(async move { Store::open_with(&url, options).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for open in opens {
+        stores.push(
+            tokio::time::timeout(LIMIT, open)
+                .await
+                .expect("opened in time")
+                .expect("no panic")
+                .expect("every instance opens"),
+        );
+    }
+    let raw = schema.raw_pool().await;
+    assert_eq!(migration_rows(&raw, &schema).await, [1]);
+    let types: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        schema.table("event_types")
+    )))
+    .fetch_one(&raw)
+    .await
+    .unwrap();
+    assert_eq!(types as usize, stores[0].registry().events().len());
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_is_refused_untouched() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    store_account(&store).await;
+    store.close().await;
+    let raw = schema.raw_pool().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {} (version, name) VALUES (99, 'from the future')",
+        schema.table("schema_migrations")
+    )))
+    .execute(&raw)
+    .await
+    .unwrap();
+    for migrate in [true, false] {
+        let result = Store::open_with(&schema.url, schema.options().migrate(migrate)).await;
+        match result {
+            Err(Error::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (99, 1));
+            }
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+    }
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 99]);
+    let events: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        schema.table("events")
+    )))
+    .fetch_one(&raw)
+    .await
+    .unwrap();
+    assert_eq!(events, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let options = schema.options().migrate(false);
+    match Store::open_with(&schema.url, options.clone()).await {
+        Err(Error::Config(message)) => {
+            assert!(
+                message.contains("annals::migrations(Dialect::Postgres"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let raw = schema.raw_pool().await;
+    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace($1) IS NOT NULL")
+        .bind(&schema.name)
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert!(!exists, "nothing was created");
+
+    for migration in annals::migrations(Dialect::Postgres, &options).unwrap() {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(migration.sql))
+            .execute(&raw)
+            .await
+            .unwrap();
+    }
+    let store = Store::open_with(&schema.url, options).await.unwrap();
+    store_account(&store).await;
+    assert_eq!(migration_rows(&raw, &schema).await, [1]);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_over_63_bytes_are_refused() {
+    let Some(url) = support::database_url() else {
+        return;
+    };
+    let schema = support::Schema::short(&url);
+    // 41 bytes: the longest prefix; every table and index name still fits.
+    let prefix = "p".repeat(41);
+    let store = Store::open_with(&schema.url, schema.options().table_prefix(prefix.clone()))
+        .await
+        .unwrap();
+    store_account(&store).await;
+    store.close().await;
+    let raw = schema.raw_pool().await;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 ORDER BY relname",
+    )
+    .bind(&schema.name)
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert!(
+        names.contains(&format!("{prefix}schema_migrations_pk")),
+        "{names:?}"
+    );
+    assert!(names.iter().all(|n| n.starts_with(&prefix)), "{names:?}");
+
+    // With a long schema the notification channel would pass 63 bytes.
+    let long_schema = format!("{}_{}", schema.name, "s".repeat(40 - schema.name.len()));
+    let options = StoreOptions::new()
+        .schema(long_schema.clone())
+        .table_prefix(prefix)
+        .pool_size(1);
+    match Store::open_with(&schema.url, options).await {
+        Err(Error::Config(message)) => assert!(message.contains("63"), "{message}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace($1) IS NOT NULL")
+        .bind(&long_schema)
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert!(!exists);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_written_by_another_process_are_read() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let id = store_account(&store).await;
+    // Another program registers an event type this one does not know, and writes one.
+    let raw = schema.raw_pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "WITH t AS (INSERT INTO {types} (name) VALUES ('account.audited') RETURNING id), \
+              a AS (UPDATE {aggregates} SET version = 2 WHERE id = '{id}' RETURNING id) \
+         INSERT INTO {events} (aggregate_id, sequence, event_type_id, schema_version, payload, \
+                               recorded_at, event_id) \
+         SELECT a.id, 2, t.id, 1, '{{}}'::bytea, now(), '{event}' FROM t, a",
+        types = schema.table("event_types"),
+        aggregates = schema.table("aggregates"),
+        events = schema.table("events"),
+        event = uuid::Uuid::now_v7(),
+    )))
+    .execute(&raw)
+    .await
+    .unwrap();
+    let history = store.history(id).await.unwrap();
+    let names: Vec<&str> = history.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(names, ["account.opened", "account.audited"]);
+    // Loading it as an Account names the event it cannot apply.
+    match store.begin_read_only().load::<Account>(id).await {
+        Err(Error::UnknownEventType {
+            event_type,
+            position,
+            ..
+        }) => {
+            assert_eq!(
+                (event_type.as_str(), position),
+                ("account.audited", history[1].position())
+            );
+        }
+        other => panic!("expected UnknownEventType, got {other:?}"),
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_aggregate_conflict_writes_nothing() {
+    let Some((store, _schema)) = support::open_fresh().await else {
+        return;
+    };
+    let (x, y) = (store_account(&store).await, store_account(&store).await);
+    let mut stale = store.begin();
+    let mut sx = stale.load::<Account>(x).await.unwrap();
+    let mut sy = stale.load::<Account>(y).await.unwrap();
+    stale.apply(&mut sx, Deposited { amount: 1 }).unwrap();
+    stale.apply(&mut sy, Deposited { amount: 1 }).unwrap();
+    let mut fresh = stale.create::<Account>().unwrap();
+    stale
+        .apply(
+            &mut fresh,
+            Opened {
+                owner: "new".into(),
+            },
+        )
+        .unwrap();
+    // Only Y moves meanwhile.
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(y).await?;
+            ctx.apply(&mut a, Deposited { amount: 5 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    match stale.commit().await {
+        Err(Error::Conflict {
+            aggregate,
+            expected,
+            actual,
+            ..
+        }) => {
+            assert_eq!((aggregate, expected, actual), (y, 1, 2));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let mut ctx = store.begin_read_only();
+    assert_eq!(
+        ctx.load::<Account>(x).await.unwrap().version(),
+        1,
+        "X untouched"
+    );
+    assert_eq!(ctx.load::<Account>(y).await.unwrap().version(), 2);
+    assert!(matches!(
+        ctx.load::<Account>(fresh.id()).await,
+        Err(Error::NotFound { .. })
+    ));
+    let stored = store.history(x).await.unwrap().len() + store.history(y).await.unwrap().len();
+    assert_eq!(stored, 3);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transfers_in_opposite_orders_do_not_deadlock() {
+    const TASKS: usize = 4;
+    const TRANSFERS: usize = 50;
+    let Some((store, _schema)) = support::open_fresh().await else {
+        return;
+    };
+    let (x, y) = (store_account(&store).await, store_account(&store).await);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..TRANSFERS {
+                    // Half the tasks load and stage X first, the others Y first.
+                    let (from, to) = if (t + i) % 2 == 0 { (x, y) } else { (y, x) };
+                    store
+                        .transact_with_retry(Retry::attempts(10_000), async move |ctx| {
+                            let mut a = ctx.load::<Account>(from).await?;
+                            let mut b = ctx.load::<Account>(to).await?;
+                            ctx.apply(&mut a, Withdrawn { amount: 1 })?;
+                            ctx.apply(&mut b, Deposited { amount: 1 })?;
+                            Ok::<_, Error>(())
+                        })
+                        .await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(300), task)
+            .await
+            .expect("finished in time")
+            .expect("no panic")
+            .expect("no error reached the caller");
+    }
+    let mut ctx = store.begin_read_only();
+    let (a, b) = (
+        ctx.load::<Account>(x).await.unwrap(),
+        ctx.load::<Account>(y).await.unwrap(),
+    );
+    assert_eq!(a.balance + b.balance, 0);
+    assert_eq!(
+        a.version() + b.version(),
+        2 + 2 * (TASKS * TRANSFERS) as u64
+    );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_of_other_prefixes_create_one_schema_at_once() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let opens: Vec<_> = (0..4)
+        .map(|i| {
+            let url = schema.url.clone();
+            let options = schema.options().pool_size(2).table_prefix(format!("p{i}_"));
+            tokio::spawn(async move { Store::open_with(&url, options).await })
+        })
+        .collect();
+    for open in opens {
+        let store = tokio::time::timeout(LIMIT, open)
+            .await
+            .expect("opened in time")
+            .expect("no panic")
+            .expect("every store opens");
+        store_account(&store).await;
+        store.close().await;
+    }
+}
