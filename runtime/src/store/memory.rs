@@ -288,8 +288,12 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(self.committed.wait(max_wait))
+    fn changes(&self) -> u64 {
+        self.committed.count()
+    }
+
+    fn wait_for_change(&self, since: u64, max_wait: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(self.committed.wait(since, max_wait))
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

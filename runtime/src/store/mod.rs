@@ -23,21 +23,36 @@ pub use options::{StoreOptions, Synchronous};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql::{Dialect, Migration, migrations};
 
-/// Wakes the waiters of [`Store::wait_for_events`] in this process when a commit lands.
+/// Wakes the waiters of [`Store::wait_for_events`] in this process when a commit lands. It
+/// counts the wake-ups, so a waiter that read the feed before a commit and registers after it
+/// returns at once instead of sleeping through the commit.
 #[derive(Debug, Default)]
-#[cfg_attr(not(any(feature = "memory", feature = "sqlite")), allow(dead_code))]
-pub(crate) struct CommitSignal(tokio::sync::Notify);
+pub(crate) struct CommitSignal {
+    notify: tokio::sync::Notify,
+    count: std::sync::atomic::AtomicU64,
+}
 
-#[cfg_attr(not(any(feature = "memory", feature = "sqlite")), allow(dead_code))]
 impl CommitSignal {
     /// Wakes every current waiter.
     pub fn notify(&self) {
-        self.0.notify_waiters();
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_waiters();
     }
 
-    /// Waits for the next commit, or `max_wait` at the most.
-    pub async fn wait(&self, max_wait: Duration) {
-        let _ = tokio::time::timeout(max_wait, self.0.notified()).await;
+    /// How many wake-ups there have been.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits for a wake-up after the `since`-th, or `max_wait` at the most.
+    pub async fn wait(&self, since: u64, max_wait: Duration) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.count() != since {
+            return;
+        }
+        let _ = tokio::time::timeout(max_wait, notified).await;
     }
 }
 
@@ -196,9 +211,14 @@ pub(crate) trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
 
-    /// Resolves when a commit may have added events to the feed, or after `max_wait` at the
-    /// latest. Spurious wake-ups are allowed: callers read the feed to know.
-    fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()>;
+    /// A counter of the commits this backend has heard of; read it before reading the feed and
+    /// pass it to [`wait_for_change`](Backend::wait_for_change).
+    fn changes(&self) -> u64;
+
+    /// Resolves when a commit may have added events to the feed since the counter was `since`
+    /// (at once if it already has), or after `max_wait` at the latest. Spurious wake-ups are
+    /// allowed: callers read the feed to know.
+    fn wait_for_change(&self, since: u64, max_wait: Duration) -> BoxFuture<'_, ()>;
 
     /// Releases connections.
     fn close(&self) -> BoxFuture<'_, ()>;
@@ -369,6 +389,7 @@ impl Store {
     pub async fn wait_for_events(&self, after: FeedCursor, timeout: Duration) -> Result<bool> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            let since = self.inner.backend.changes();
             if !self.read_feed(after, 1).await?.is_empty() {
                 return Ok(true);
             }
@@ -377,7 +398,7 @@ impl Store {
                 return Ok(false);
             }
             let wait = (deadline - now).min(self.inner.options.poll_interval);
-            self.inner.backend.wait_for_change(wait).await;
+            self.inner.backend.wait_for_change(since, wait).await;
         }
     }
 
@@ -437,4 +458,24 @@ pub(crate) fn from_micros(micros: i64) -> SystemTime {
         SystemTime::UNIX_EPOCH.checked_sub(magnitude)
     };
     t.unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_before_the_wait_is_not_missed() {
+        let signal = CommitSignal::default();
+        let since = signal.count();
+        // The commit lands after the waiter read the feed, before it waits.
+        signal.notify();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(60),
+            signal.wait(since, Duration::from_secs(3600)),
+        )
+        .await;
+        assert!(waited.is_ok(), "the wait returned at once");
+        assert_eq!(signal.count(), since + 1);
+    }
 }

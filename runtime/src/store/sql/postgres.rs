@@ -36,8 +36,8 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
-    AggregateRow, Backend, BoxFuture, CommitBatch, LoadRequest, LoadedStream, Locate, StoreOptions,
-    StoredSnapshot, StreamEvent, from_micros, to_i64, to_micros, to_u64,
+    AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
+    StoreOptions, StoredSnapshot, StreamEvent, from_micros, to_i64, to_micros, to_u64,
 };
 
 /// PostgreSQL cuts identifiers at 63 bytes (NAMEDATALEN - 1), and so channel names.
@@ -535,7 +535,7 @@ impl TypeCache {
 struct Wake {
     /// Fired on every notification, after each (re)connection of the listener, and after every
     /// commit made through this store.
-    changed: tokio::sync::Notify,
+    changed: CommitSignal,
     /// Asks the notifier task for a `NOTIFY`; a permit left while one is on its way makes one
     /// more, so every commit is followed by a notification.
     commits: tokio::sync::Notify,
@@ -891,7 +891,7 @@ impl PostgresBackend {
         match q.execute(executor).await {
             Ok(done) if done.rows_affected() == event_count => {
                 if !in_caller_tx {
-                    self.wake.changed.notify_waiters();
+                    self.wake.changed.notify();
                     self.wake.commits.notify_one();
                 }
                 Ok(())
@@ -1275,11 +1275,11 @@ async fn listen(pool: PgPool, channel: String, wake: Arc<Wake>) {
         match subscribe(&pool, &channel).await {
             Ok(mut listener) => {
                 tracing::debug!(%channel, "listening for commits");
-                wake.changed.notify_waiters();
+                wake.changed.notify();
                 backoff = Duration::from_millis(100);
                 loop {
                     match listener.try_recv().await {
-                        Ok(Some(_)) => wake.changed.notify_waiters(),
+                        Ok(Some(_)) => wake.changed.notify(),
                         Ok(None) => {
                             tracing::warn!(%channel, "lost the LISTEN connection; polling until it is back");
                             break;
@@ -1496,16 +1496,15 @@ impl Backend for PostgresBackend {
         })
     }
 
-    fn wait_for_change(&self, max_wait: Duration) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let notified = self.wake.changed.notified();
-            tokio::pin!(notified);
-            // Registered before the listener may start, so its first wake-up (sent once it
-            // listens) reaches this waiter, which then re-reads the feed.
-            notified.as_mut().enable();
-            self.start_listener();
-            let _ = tokio::time::timeout(max_wait, notified).await;
-        })
+    fn changes(&self) -> u64 {
+        // The first waiter starts the listener; its first wake-up (sent once it listens)
+        // moves the counter past what that waiter read.
+        self.start_listener();
+        self.wake.changed.count()
+    }
+
+    fn wait_for_change(&self, since: u64, max_wait: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(self.wake.changed.wait(since, max_wait))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
