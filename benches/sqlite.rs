@@ -277,7 +277,7 @@ async fn main() {
     .await
     .unwrap();
     let raw = Raw::open(&dir.path().join("raw.db")).await;
-    let rounds = size(5, 1);
+    let rounds = size(9, 1);
     let mut rows = Vec::new();
 
     // W1: sequential one-event commits.
@@ -342,11 +342,12 @@ async fn main() {
 
     // W4: loading a 10,000-event aggregate.
     let events = size(10_000, 300);
-    let (r, a) = compare_loads::<Ledger>(&raw, &store, events, size(20, 2), rounds).await;
+    let loads = size(30, 2);
+    let (r, a) = compare_loads::<Ledger>(&raw, &store, events, loads, rounds).await;
     rows.push(Row {
         name: "W4",
         what: format!("load a {events}-event aggregate"),
-        measure: Measure::Throughput { ops: size(20, 2) },
+        measure: Measure::Throughput { ops: loads },
         raw: r,
         annals: a,
         goal: ">= 0.9x",
@@ -354,7 +355,7 @@ async fn main() {
 
     // W5: the same with a snapshot every 100 events; 50 events after the newest snapshot.
     let events = size(10_050, 350);
-    let loads = size(500, 5);
+    let loads = size(2000, 5);
     let (r, a) = compare_loads::<SnappedLedger>(&raw, &store, events, loads, rounds).await;
     rows.push(Row {
         name: "W5",

@@ -2,7 +2,7 @@
 //! all-or-nothing commits and typed conflicts, kept in one process.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use crate::aggregate::AggregateId;
@@ -19,7 +19,7 @@ struct StoredEvent {
     aggregate_id: AggregateId,
     aggregate_type: String,
     version: u64,
-    name: String,
+    name: Arc<str>,
     schema_version: u32,
     payload: Vec<u8>,
     metadata: Option<Vec<u8>>,
@@ -90,7 +90,7 @@ impl State {
             aggregate_id: e.aggregate_id,
             aggregate_type: e.aggregate_type.clone(),
             version: e.version,
-            event_type: e.name.clone(),
+            event_type: e.name.to_string(),
             schema_version: e.schema_version,
             payload: e.payload.clone(),
             event_id: e.event_id,
@@ -178,7 +178,7 @@ impl State {
                 aggregate_id: change.id,
                 aggregate_type: change.aggregate_type.to_owned(),
                 version: event.version,
-                name: event.name.to_owned(),
+                name: Arc::from(event.name),
                 schema_version: event.schema_version,
                 payload: event.payload.clone(),
                 metadata: event.metadata.clone(),

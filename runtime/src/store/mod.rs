@@ -100,7 +100,8 @@ pub(crate) struct StoredSnapshot {
 pub(crate) struct StreamEvent {
     pub version: u64,
     pub position: u64,
-    pub name: String,
+    /// Shared with the backend's type cache: no allocation per event.
+    pub name: Arc<str>,
     pub schema_version: u32,
     pub payload: Vec<u8>,
 }

@@ -498,7 +498,7 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
 #[derive(Debug, Default)]
 struct TypeMap {
     by_name: HashMap<String, i32>,
-    by_id: HashMap<i32, String>,
+    by_id: HashMap<i32, Arc<str>>,
 }
 
 /// The cached contents of the two type tables. Readers take a snapshot (`Arc`) and use it
@@ -709,7 +709,7 @@ impl PostgresBackend {
         let mut map = TypeMap::default();
         for (id, name) in rows {
             map.by_name.insert(name.clone(), id);
-            map.by_id.insert(id, name);
+            map.by_id.insert(id, Arc::from(name));
         }
         self.types.set(kind, map);
         Ok(self.types.get(kind))
@@ -759,7 +759,7 @@ impl PostgresBackend {
         let version: i64 = get(row, base + 3)?;
         Ok(AggregateRow {
             id: id.into(),
-            aggregate_type: type_name(types, Kind::Aggregate, type_id)?,
+            aggregate_type: type_name(types, Kind::Aggregate, type_id)?.to_string(),
             key,
             version: to_u64(version, "aggregate version")?,
         })
@@ -775,11 +775,11 @@ impl PostgresBackend {
             let (record, aggregate_type, event_type) = record(row)?;
             let mut record = record;
             match aggregate_types.by_id.get(&aggregate_type) {
-                Some(name) => record.aggregate_type.clone_from(name),
+                Some(name) => record.aggregate_type = name.to_string(),
                 None => missing.push((index, Kind::Aggregate, aggregate_type)),
             }
             match event_types.by_id.get(&event_type) {
-                Some(name) => record.event_type.clone_from(name),
+                Some(name) => record.event_type = name.to_string(),
                 None => missing.push((index, Kind::Event, event_type)),
             }
             records.push(record);
@@ -790,8 +790,8 @@ impl PostgresBackend {
             let name = type_name(&map, kind, id)?;
             if let Some(record) = records.get_mut(index) {
                 match kind {
-                    Kind::Aggregate => record.aggregate_type = name,
-                    Kind::Event => record.event_type = name,
+                    Kind::Aggregate => record.aggregate_type = name.to_string(),
+                    Kind::Event => record.event_type = name.to_string(),
                 }
             }
         }
@@ -1166,7 +1166,7 @@ impl PostgresBackend {
                 Some(name) => name.clone(),
                 None => {
                     missing.push((events.len(), type_id));
-                    String::new()
+                    Arc::from("")
                 }
             };
             events.push(StreamEvent {
@@ -1209,7 +1209,7 @@ impl PostgresBackend {
         let id: uuid::Uuid = get(header, 6)?;
         let row = AggregateRow {
             id: id.into(),
-            aggregate_type: type_name(&aggregate_types, Kind::Aggregate, type_id)?,
+            aggregate_type: type_name(&aggregate_types, Kind::Aggregate, type_id)?.to_string(),
             key: get(header, 5)?,
             version: to_u64(get(header, 1)?, "aggregate version")?,
         };
@@ -1379,7 +1379,7 @@ fn to_i32(value: u32, what: &str) -> Result<i32> {
     i32::try_from(value).map_err(|_| Error::Config(format!("{what} {value} is out of range")))
 }
 
-fn type_name(map: &TypeMap, kind: Kind, id: i32) -> Result<String> {
+fn type_name(map: &TypeMap, kind: Kind, id: i32) -> Result<Arc<str>> {
     map.by_id.get(&id).cloned().ok_or_else(|| {
         let table = match kind {
             Kind::Aggregate => "aggregate",

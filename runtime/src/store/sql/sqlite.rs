@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -106,9 +106,9 @@ impl Statements {
 #[derive(Default)]
 struct TypeCache {
     aggregate_ids: HashMap<String, i64>,
-    aggregate_names: HashMap<i64, String>,
+    aggregate_names: HashMap<i64, Arc<str>>,
     event_ids: HashMap<String, i64>,
-    event_names: HashMap<i64, String>,
+    event_names: HashMap<i64, Arc<str>>,
 }
 
 pub(crate) struct SqliteBackend {
@@ -264,12 +264,12 @@ impl SqliteBackend {
             .map_err(backend_error)?;
         let mut types = self.types.write().unwrap_or_else(|e| e.into_inner());
         for (id, name) in aggregates {
-            types.aggregate_ids.insert(name.clone(), id);
-            types.aggregate_names.insert(id, name);
+            types.aggregate_names.insert(id, Arc::from(name.as_str()));
+            types.aggregate_ids.insert(name, id);
         }
         for (id, name) in events {
-            types.event_ids.insert(name.clone(), id);
-            types.event_names.insert(id, name);
+            types.event_names.insert(id, Arc::from(name.as_str()));
+            types.event_ids.insert(name, id);
         }
         Ok(())
     }
@@ -312,7 +312,7 @@ impl SqliteBackend {
 
     /// The name of a type id; re-reads the type tables once for an id written by another
     /// process.
-    async fn type_name(&self, aggregate: bool, id: i64) -> Result<String> {
+    async fn type_name(&self, aggregate: bool, id: i64) -> Result<Arc<str>> {
         let lookup = |t: &TypeCache| {
             if aggregate {
                 t.aggregate_names.get(&id).cloned()
@@ -545,12 +545,22 @@ impl SqliteBackend {
             .await
             .map_err(backend_error)?;
         let mut events = Vec::with_capacity(rows.len());
+        // Runs of one event type are common: look a name up once per run.
+        let mut last: Option<(i64, Arc<str>)> = None;
         for r in rows {
             let type_id: i64 = get(&r, 2)?;
+            let name = match &last {
+                Some((id, name)) if *id == type_id => name.clone(),
+                _ => {
+                    let name = self.type_name(false, type_id).await?;
+                    last = Some((type_id, name.clone()));
+                    name
+                }
+            };
             events.push(StreamEvent {
                 version: to_u64(get(&r, 0)?, "sequence")?,
                 position: to_u64(get(&r, 1)?, "position")?,
-                name: self.type_name(false, type_id).await?,
+                name,
                 schema_version: schema_version(get(&r, 3)?)?,
                 payload: get(&r, 4)?,
             });
@@ -565,7 +575,7 @@ impl SqliteBackend {
     async fn aggregate_row(&self, row: &SqliteRow) -> Result<AggregateRow> {
         Ok(AggregateRow {
             id: aggregate_id(&get::<Vec<u8>>(row, 0)?)?,
-            aggregate_type: self.type_name(true, get(row, 1)?).await?,
+            aggregate_type: self.type_name(true, get(row, 1)?).await?.to_string(),
             key: get(row, 2)?,
             version: to_u64(get(row, 3)?, "version")?,
         })
@@ -579,9 +589,9 @@ impl SqliteBackend {
             out.push(RecordedEvent {
                 cursor: FeedCursor { tx: 0, position },
                 aggregate_id: aggregate_id(&get::<Vec<u8>>(&r, 1)?)?,
-                aggregate_type: self.type_name(true, get(&r, 2)?).await?,
+                aggregate_type: self.type_name(true, get(&r, 2)?).await?.to_string(),
                 version: to_u64(get(&r, 3)?, "sequence")?,
-                event_type: self.type_name(false, get(&r, 4)?).await?,
+                event_type: self.type_name(false, get(&r, 4)?).await?.to_string(),
                 schema_version: schema_version(get(&r, 5)?)?,
                 payload: get(&r, 6)?,
                 metadata: Metadata::decode(metadata.as_deref())
