@@ -6,9 +6,7 @@
 
 #![cfg(feature = "postgres")]
 
-#[allow(dead_code)]
-#[path = "conformance/domain.rs"]
-mod domain;
+mod conformance;
 #[path = "support/postgres.rs"]
 mod support;
 
@@ -17,24 +15,13 @@ use std::time::Duration;
 
 use annals::Error;
 use annals::prelude::*;
-use domain::*;
+use conformance::domain::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// An account opened for an owner of its key's name, with no deposit.
 async fn open_account(store: &Store, key: &str) -> AggregateId {
-    store
-        .transact(async |ctx| {
-            let mut a = ctx.create_with_key::<Account>(key).await?;
-            ctx.apply(
-                &mut a,
-                Opened {
-                    owner: key.to_owned(),
-                },
-            )?;
-            Ok::<_, Error>(a.id())
-        })
-        .await
-        .expect("open account")
+    conformance::open_account(store, key, key, 0).await
 }
 
 async fn deposit(store: &Store, id: AggregateId, amount: i64) -> uuid::Uuid {

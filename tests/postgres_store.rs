@@ -3,9 +3,7 @@
 
 #![cfg(feature = "postgres")]
 
-#[allow(dead_code)]
-#[path = "conformance/domain.rs"]
-mod domain;
+mod conformance;
 #[path = "support/postgres.rs"]
 mod support;
 
@@ -13,7 +11,7 @@ use std::time::Duration;
 
 use annals::prelude::*;
 use annals::{Dialect, Error};
-use domain::*;
+use conformance::domain::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -220,14 +218,11 @@ async fn contention_on_one_aggregate_counts_to_1600() {
         .await
         .unwrap();
     assert_eq!((counter.value, counter.version()), (1600, 1600));
-    let versions: Vec<u64> = store
-        .history(counter.id())
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.version)
-        .collect();
-    assert_eq!(versions, (1..=1600).collect::<Vec<u64>>(), "no gap");
+    assert_eq!(
+        conformance::versions(&store, counter.id()).await,
+        (1..=1600).collect::<Vec<u64>>(),
+        "no gap"
+    );
     store.close().await;
 }
 

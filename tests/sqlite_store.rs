@@ -99,14 +99,10 @@ async fn acknowledged_commits_survive_sigkill() {
                 counter.version()
             );
             assert_eq!(counter.value, counter.version());
-            let versions: Vec<u64> = store
-                .history(counter.id())
-                .await
-                .unwrap()
-                .iter()
-                .map(|e| e.version)
-                .collect();
-            assert_eq!(versions, (1..=counter.version()).collect::<Vec<_>>());
+            assert_eq!(
+                conformance::versions(&store, counter.id()).await,
+                (1..=counter.version()).collect::<Vec<_>>()
+            );
             acknowledged = counter.version();
         }
         store.close().await;

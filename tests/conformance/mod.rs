@@ -81,7 +81,8 @@ impl<G> OpenedStore for Option<(Store, G)> {
     }
 }
 
-async fn open_account(store: &Store, key: &str, owner: &str, deposit: i64) -> AggregateId {
+/// Opens the account `key` for `owner`, with one deposit when `deposit` is positive.
+pub async fn open_account(store: &Store, key: &str, owner: &str, deposit: i64) -> AggregateId {
     store
         .transact(async |ctx| {
             let mut account = ctx.create_with_key::<Account>(key).await?;
@@ -737,15 +738,19 @@ pub async fn contended_increments(store: &Store, tasks: u64, increments: u64) {
     }
     let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
     assert_eq!(counter.value, tasks * increments);
-    let versions: Vec<u64> = store
+    let expected: Vec<u64> = (1..=tasks * increments + 1).collect();
+    assert_eq!(versions(store, id).await, expected, "versions with no gap");
+}
+
+/// The versions in an aggregate's history, oldest first.
+pub async fn versions(store: &Store, id: AggregateId) -> Vec<u64> {
+    store
         .history(id)
         .await
         .unwrap()
         .iter()
         .map(|e| e.version)
-        .collect();
-    let expected: Vec<u64> = (1..=tasks * increments + 1).collect();
-    assert_eq!(versions, expected, "versions with no gap");
+        .collect()
 }
 
 /// Commits a deposit of 100 to `id` from another context.
