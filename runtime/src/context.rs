@@ -21,10 +21,24 @@ struct Tracked {
     aggregate_type: &'static str,
     key: Option<String>,
     is_new: bool,
+    /// How a new aggregate was created, which decides what a clash at commit means.
+    origin: Origin,
     /// The committed version the context started from.
     base: u64,
     events: Vec<StagedEvent>,
     snapshot: Option<StagedSnapshot>,
+}
+
+/// How the context came to track an aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Loaded from the store, or created with a fresh id (and maybe a key).
+    Plain,
+    /// Created by [`Context::load_or_create_by_key`]: a key clash at commit means another context
+    /// created it first, which a retry resolves by loading it.
+    LoadOrCreate,
+    /// Created by [`Context::create_with_id`]: an id clash at commit means the id is taken.
+    ChosenId,
 }
 
 impl Tracked {
@@ -101,7 +115,58 @@ impl Context {
     /// context commits an event for it.
     pub fn create<A: Aggregate>(&mut self) -> Result<Root<A>> {
         self.writable()?;
-        Ok(self.track_new::<A>(None))
+        Ok(self.track_new::<A>(AggregateId::new(), None, Origin::Plain))
+    }
+
+    /// A new aggregate under an id the caller chose (an id from another system, say), with no
+    /// natural key. It exists in the store once this context commits an event for it.
+    ///
+    /// Fails with [`Error::IdTaken`] when an aggregate (of any type) already has this id, in
+    /// the store or in this context; a concurrent context that commits the same id first makes
+    /// this context's commit fail with `IdTaken` too, writing nothing.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Event, Serialize, Deserialize)]
+    /// # #[event(name = "doc.with_id.imported")]
+    /// # struct Imported;
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.with_id.order", events(Imported))]
+    /// # struct Order;
+    /// # impl Apply<Imported> for Order { fn apply(&mut self, _: &Imported) {} }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// let store = Store::open("memory:").await?;
+    /// let id = AggregateId::from(uuid::Uuid::now_v7()); // from another system
+    /// let mut ctx = store.begin();
+    /// let mut order = ctx.create_with_id::<Order>(id).await?;
+    /// ctx.apply(&mut order, Imported)?;
+    /// ctx.commit().await?;
+    ///
+    /// let again = store.begin().create_with_id::<Order>(id).await;
+    /// assert!(matches!(again, Err(annals::Error::IdTaken { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_with_id<A: Aggregate>(&mut self, id: AggregateId) -> Result<Root<A>> {
+        self.writable()?;
+        let found = match self.by_id.get(&id).and_then(|&i| self.tracked.get(i)) {
+            Some(t) => Some(t.aggregate_type.to_owned()),
+            None => self
+                .store
+                .inner
+                .backend
+                .locate(Locate::Id(id))
+                .await?
+                .map(|row| row.aggregate_type),
+        };
+        if let Some(found) = found {
+            return Err(Error::IdTaken {
+                aggregate: id,
+                found_type: found,
+            });
+        }
+        Ok(self.track_new::<A>(id, None, Origin::ChosenId))
     }
 
     /// A new aggregate with the natural key `key`, unique among aggregates of type `A`.
@@ -129,7 +194,7 @@ impl Context {
                 key: key.to_owned(),
             });
         }
-        Ok(self.track_new::<A>(Some(key.to_owned())))
+        Ok(self.track_new::<A>(AggregateId::new(), Some(key.to_owned()), Origin::Plain))
     }
 
     /// Loads the aggregate `id`: the newest snapshot of the current shape, if any, then the
@@ -179,14 +244,22 @@ impl Context {
     }
 
     /// Loads the aggregate of type `A` with the natural key `key`, or creates it when there is
-    /// none (see [`create_with_key`](Context::create_with_key) for what happens when two
-    /// contexts create one key at once).
+    /// none.
+    ///
+    /// When another context creates the same key between this load and this context's commit,
+    /// the commit fails with [`Error::Conflict`] (not [`Error::KeyTaken`]), writing nothing: a
+    /// retry ([`Store::transact_with_retry`]) then loads the aggregate the other context
+    /// created. So many tasks signing up one key at once all succeed through the retry helper.
     pub async fn load_or_create_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
         match self.find_by_key::<A>(key).await? {
             Some(root) => Ok(root),
             None => {
                 self.writable()?;
-                Ok(self.track_new::<A>(Some(key.to_owned())))
+                Ok(self.track_new::<A>(
+                    AggregateId::new(),
+                    Some(key.to_owned()),
+                    Origin::LoadOrCreate,
+                ))
             }
         }
     }
@@ -271,6 +344,7 @@ impl Context {
     /// first; nothing of this context is written then. A context with nothing staged (and every
     /// read-only context) commits without touching the store.
     pub async fn commit(self) -> Result<()> {
+        let clashes = self.clash_rules();
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
@@ -279,7 +353,31 @@ impl Context {
             aggregates = batch.changes.len(),
             events = batch.event_count(),
         );
-        store.inner.backend.commit(&batch).instrument(span).await
+        match store.inner.backend.commit(&batch).instrument(span).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(clashes.classify(&store, e).await),
+        }
+    }
+
+    /// What a key or id clash at commit means for the aggregates this context created.
+    pub(crate) fn clash_rules(&self) -> ClashRules {
+        let pick = |origin| {
+            self.tracked
+                .iter()
+                .filter(|t| t.is_new && t.origin == origin && !t.events.is_empty())
+                .map(|t| (t.id, t.aggregate_type, t.key.clone()))
+                .collect::<Vec<_>>()
+        };
+        let chosen_ids = self
+            .tracked
+            .iter()
+            .filter(|t| t.is_new && t.origin == Origin::ChosenId && !t.events.is_empty())
+            .map(|t| (t.id, t.events.first().map(|e| e.event_id)))
+            .collect();
+        ClashRules {
+            load_or_create: pick(Origin::LoadOrCreate),
+            chosen_ids,
+        }
     }
 
     /// The store and what to write, or `None` when nothing is staged.
@@ -316,8 +414,12 @@ impl Context {
         }
     }
 
-    fn track_new<A: Aggregate>(&mut self, key: Option<String>) -> Root<A> {
-        let id = AggregateId::new();
+    fn track_new<A: Aggregate>(
+        &mut self,
+        id: AggregateId,
+        key: Option<String>,
+        origin: Origin,
+    ) -> Root<A> {
         let index = self.tracked.len();
         if let Some(key) = &key {
             self.by_key.insert((A::NAME, key.clone()), index);
@@ -328,6 +430,7 @@ impl Context {
             aggregate_type: A::NAME,
             key: key.clone(),
             is_new: true,
+            origin,
             base: 0,
             events: Vec::new(),
             snapshot: None,
@@ -351,6 +454,7 @@ impl Context {
             aggregate_type: A::NAME,
             key: root.key.clone(),
             is_new: false,
+            origin: Origin::Plain,
             base: root.version,
             events: Vec::new(),
             snapshot: None,
@@ -459,6 +563,80 @@ impl Context {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// The aggregates of a commit whose clashes the context reports in its own terms, whatever the
+/// backend said: the same outcome on every store.
+#[derive(Debug, Default)]
+pub(crate) struct ClashRules {
+    /// Created by `load_or_create_by_key`: a key clash is a retryable conflict.
+    load_or_create: Vec<(AggregateId, &'static str, Option<String>)>,
+    /// Created by `create_with_id`, with the id of their first staged event: an id clash is
+    /// `IdTaken`.
+    chosen_ids: Vec<(AggregateId, Option<uuid::Uuid>)>,
+}
+
+impl ClashRules {
+    /// Turns a commit error into the one the context documents.
+    pub(crate) async fn classify(&self, store: &Store, error: Error) -> Error {
+        match error {
+            Error::KeyTaken {
+                aggregate_type,
+                key,
+            } => {
+                let ours = self.load_or_create.iter().find(|(_, t, k)| {
+                    *t == aggregate_type.as_str() && k.as_deref() == Some(key.as_str())
+                });
+                let Some((id, _, _)) = ours else {
+                    return Error::KeyTaken {
+                        aggregate_type,
+                        key,
+                    };
+                };
+                // The version the winner committed, for the message; a failed read is no reason
+                // to hide the conflict.
+                let locate = Locate::Key {
+                    aggregate_type: &aggregate_type,
+                    key: &key,
+                };
+                let actual = match store.inner.backend.locate(locate).await {
+                    Ok(Some(row)) => row.version,
+                    _ => 0,
+                };
+                Error::Conflict {
+                    aggregate_type,
+                    aggregate: *id,
+                    expected: 0,
+                    actual,
+                }
+            }
+            other => self.chosen_id_taken(store).await.unwrap_or(other),
+        }
+    }
+
+    /// After a failed commit: `IdTaken` when an id chosen with `create_with_id` is held in the
+    /// store by an aggregate this commit did not write. Backends report such a clash in
+    /// different ways (a conflict, a unique violation), so the context asks the store.
+    async fn chosen_id_taken(&self, store: &Store) -> Option<Error> {
+        for (id, first_event) in &self.chosen_ids {
+            let Ok(Some(row)) = store.inner.backend.locate(Locate::Id(*id)).await else {
+                continue;
+            };
+            // A commit reported as failed may still have landed (a connection lost after the
+            // database committed): then the aggregate is this context's own.
+            let ours = match store.inner.backend.read_stream(*id, 0).await {
+                Ok(events) => events.first().map(|e| e.event_id) == *first_event,
+                Err(_) => false,
+            };
+            if !ours {
+                return Some(Error::IdTaken {
+                    aggregate: *id,
+                    found_type: row.aggregate_type,
+                });
+            }
+        }
+        None
     }
 }
 

@@ -48,6 +48,16 @@ pub enum Error {
         key: String,
     },
 
+    /// An aggregate with this id already exists (given to `Context::create_with_id`); nothing
+    /// of the context was written.
+    #[error("aggregate id {aggregate} is already taken by a {found_type}")]
+    IdTaken {
+        /// The id.
+        aggregate: AggregateId,
+        /// The registered name of the aggregate type that holds it.
+        found_type: String,
+    },
+
     /// A natural key is empty, longer than 1,024 bytes, or contains a NUL character.
     #[error("invalid natural key {key:?}: {reason}")]
     InvalidKey {

@@ -56,6 +56,7 @@ mod metadata;
 pub mod registry;
 mod retry;
 mod store;
+mod transact;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 pub use annals_macros::{Aggregate, Event};

@@ -5,6 +5,7 @@
 
 pub mod domain;
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,8 @@ macro_rules! conformance_suite {
             conflict_between_tasks,
             natural_key_unique_under_concurrency,
             key_taken_in_same_context,
+            load_or_create_race_resolves_through_retry,
+            create_with_id_refuses_a_taken_id,
             load_twice_in_one_context,
             not_found_and_wrong_type,
             read_only_context,
@@ -41,6 +44,7 @@ macro_rules! conformance_suite {
             snapshot_version_mismatch_rebuilds,
             retry_helper_counts_to_400,
             retry_reruns_on_conflict_only,
+            helpers_with_borrowed_arguments_run_in_spawned_tasks,
             feed_each_event_once_in_commit_order,
             payload_too_large_is_refused,
             odd_payloads_round_trip,
@@ -446,7 +450,7 @@ pub async fn natural_key_unique_under_concurrency(store: &Store) {
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 let mut ctx = store.begin();
-                let mut a = ctx.load_or_create_by_key::<Account>("shared").await?;
+                let mut a = ctx.create_with_key::<Account>("shared").await?;
                 ctx.apply(
                     &mut a,
                     Opened {
@@ -495,6 +499,159 @@ pub async fn key_taken_in_same_context(store: &Store) {
     ));
     // A key is per aggregate type: a counter may use it.
     ctx.create_with_key::<Counter>("alice").await.unwrap();
+}
+
+/// 16 tasks sign up one key at once through `load_or_create_by_key` and the retry helper: a
+/// key clash at commit is a conflict there, so every task ends up succeeding, the losers on the
+/// aggregate the winner created.
+pub async fn load_or_create_race_resolves_through_retry(store: &Store) {
+    const TASKS: usize = 16;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                store
+                    .transact_with_retry(Retry::attempts(100), async |ctx| {
+                        let mut a = ctx.load_or_create_by_key::<Account>("signup").await?;
+                        if a.version() == 0 {
+                            ctx.apply(
+                                &mut a,
+                                Opened {
+                                    owner: format!("owner {i}"),
+                                },
+                            )?;
+                        }
+                        ctx.apply(&mut a, Deposited { amount: 1 })?;
+                        // Only the first attempts meet: every task creates the key.
+                        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            barrier.wait().await;
+                        }
+                        Ok::<_, Error>(a.id())
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(120), task).await {
+            Ok(Ok(Ok(id))) => {
+                ids.insert(id);
+            }
+            other => panic!("every signup succeeds through the retry, got {other:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one aggregate for the key");
+    assert_eq!(
+        balance(store, "signup").await,
+        (TASKS as i64, TASKS as u64 + 1)
+    );
+
+    // Without the retry helper, the loser of such a race sees a conflict, not `KeyTaken`.
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a = first
+        .load_or_create_by_key::<Account>("late")
+        .await
+        .unwrap();
+    let mut b = second
+        .load_or_create_by_key::<Account>("late")
+        .await
+        .unwrap();
+    first.apply(&mut a, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut b, Deposited { amount: 2 }).unwrap();
+    first.commit().await.unwrap();
+    match second.commit().await {
+        Err(Error::Conflict {
+            aggregate_type,
+            aggregate,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(aggregate_type, "account");
+            assert_eq!(aggregate, b.id());
+            assert_eq!((expected, actual), (0, 1));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // `create_with_key` keeps `KeyTaken` for the same race.
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a = first.create_with_key::<Account>("later").await.unwrap();
+    let mut b = second.create_with_key::<Account>("later").await.unwrap();
+    first.apply(&mut a, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut b, Deposited { amount: 2 }).unwrap();
+    first.commit().await.unwrap();
+    assert!(matches!(
+        second.commit().await,
+        Err(Error::KeyTaken { key, .. }) if key == "later"
+    ));
+}
+
+pub async fn create_with_id_refuses_a_taken_id(store: &Store) {
+    let chosen = AggregateId::from(uuid::Uuid::now_v7());
+    let mut ctx = store.begin();
+    let mut account = ctx.create_with_id::<Account>(chosen).await.unwrap();
+    assert_eq!((account.id(), account.version()), (chosen, 0));
+    ctx.apply(
+        &mut account,
+        Opened {
+            owner: "Imported".into(),
+        },
+    )
+    .unwrap();
+    // Taken in this context already.
+    assert!(matches!(
+        ctx.create_with_id::<Counter>(chosen).await,
+        Err(Error::IdTaken { aggregate, found_type }) if aggregate == chosen && found_type == "account"
+    ));
+    ctx.commit().await.unwrap();
+    let loaded = store
+        .begin_read_only()
+        .load::<Account>(chosen)
+        .await
+        .unwrap();
+    assert_eq!((loaded.owner.as_str(), loaded.version()), ("Imported", 1));
+
+    // Taken in the store, by another type too.
+    match store.begin().create_with_id::<Counter>(chosen).await {
+        Err(Error::IdTaken {
+            aggregate,
+            found_type,
+        }) => assert_eq!((aggregate, found_type.as_str()), (chosen, "account")),
+        other => panic!("expected IdTaken, got {other:?}"),
+    }
+    assert!(matches!(
+        store
+            .begin_read_only()
+            .create_with_id::<Account>(AggregateId::new())
+            .await,
+        Err(Error::ReadOnly)
+    ));
+
+    // Two contexts choose one id: the second commit is refused with `IdTaken`, writing nothing.
+    let contested = AggregateId::from(uuid::Uuid::now_v7());
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a = first.create_with_id::<Account>(contested).await.unwrap();
+    let mut b = second.create_with_id::<Counter>(contested).await.unwrap();
+    let mut other = second.create::<Account>().unwrap();
+    first.apply(&mut a, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut b, CounterEvent::Incremented).unwrap();
+    second.apply(&mut other, Deposited { amount: 1 }).unwrap();
+    first.commit().await.unwrap();
+    match second.commit().await {
+        Err(Error::IdTaken {
+            aggregate,
+            found_type,
+        }) => assert_eq!((aggregate, found_type.as_str()), (contested, "account")),
+        other => panic!("expected IdTaken, got {other:?}"),
+    }
+    assert_eq!(versions(store, contested).await, [1]);
+    assert!(store.history(other.id()).await.unwrap().is_empty());
 }
 
 pub async fn load_twice_in_one_context(store: &Store) {
@@ -767,10 +924,10 @@ async fn overtake(store: &Store, id: AggregateId) -> Result<(), Error> {
 pub async fn retry_reruns_on_conflict_only(store: &Store) {
     let id = open_account(store, "alice", "Alice", 0).await;
     // Each attempt is overtaken by another commit between its load and its commit.
-    let mut attempts = 0;
+    let attempts = Cell::new(0);
     let result = store
         .transact_with_retry(Retry::attempts(3), async |ctx| {
-            attempts += 1;
+            attempts.set(attempts.get() + 1);
             let mut a = ctx.load::<Account>(id).await?;
             ctx.apply(&mut a, Deposited { amount: 1 })?;
             overtake(store, id).await?;
@@ -779,40 +936,114 @@ pub async fn retry_reruns_on_conflict_only(store: &Store) {
         .await;
     assert!(matches!(result, Err(Error::Conflict { .. })));
     assert_eq!(
-        attempts, 3,
+        attempts.get(),
+        3,
         "three attempts, then the conflict reaches the caller"
     );
     assert_eq!(balance(store, "alice").await, (300, 4));
 
     // Overtaken once, then it commits.
-    let mut attempts = 0;
+    let attempts = Cell::new(0);
     store
         .transact_with_retry(Retry::attempts(3), async |ctx| {
-            attempts += 1;
+            attempts.set(attempts.get() + 1);
             let mut a = ctx.load::<Account>(id).await?;
             ctx.apply(&mut a, Deposited { amount: 1 })?;
-            if attempts == 1 {
+            if attempts.get() == 1 {
                 overtake(store, id).await?;
             }
             Ok::<_, Error>(())
         })
         .await
         .unwrap();
-    assert_eq!(attempts, 2);
+    assert_eq!(attempts.get(), 2);
     assert_eq!(balance(store, "alice").await, (401, 6));
 
     // A domain error is not retried.
-    let mut attempts = 0;
+    let attempts = Cell::new(0);
     let result = store
         .transact_with_retry(Retry::attempts(5), async |ctx| {
-            attempts += 1;
+            attempts.set(attempts.get() + 1);
             let a = ctx.load::<Account>(id).await?;
             a.withdraw(10_000)?;
             Ok::<_, BankError>(())
         })
         .await;
     assert!(matches!(result, Err(BankError::Overdrawn { .. })));
-    assert_eq!(attempts, 1);
+    assert_eq!(attempts.get(), 1);
+}
+
+/// Moves `amount` between two accounts: the helper a web handler calls, with borrowed arguments
+/// that the retried closure captures by reference.
+pub async fn transfer(store: &Store, from: &str, to: &str, amount: i64) -> Result<(), BankError> {
+    store
+        .transact_with_retry(Retry::attempts(1_000), async |ctx| {
+            let mut from = ctx.load_by_key::<Account>(from).await?;
+            let mut to = ctx.load_by_key::<Account>(to).await?;
+            let withdrawn = from.withdraw(amount)?;
+            ctx.apply(&mut from, withdrawn)?;
+            ctx.apply(&mut to, Deposited { amount })?;
+            Ok(())
+        })
+        .await
+}
+
+/// Opens the account `key` with a deposit, through `transact` with a borrowed key.
+async fn open_with_deposit(store: &Store, key: &str, amount: i64) -> Result<(), BankError> {
+    store
+        .transact(async move |ctx| {
+            let mut account = ctx.create_with_key::<Account>(key).await?;
+            ctx.apply(
+                &mut account,
+                Opened {
+                    owner: key.to_owned(),
+                },
+            )?;
+            ctx.apply(&mut account, Deposited { amount })?;
+            Ok(())
+        })
+        .await
+}
+
+pub async fn helpers_with_borrowed_arguments_run_in_spawned_tasks(store: &Store) {
+    const TASKS: usize = 16;
+    let keys = ["a", "b", "c", "d"];
+    for key in keys {
+        open_account(store, key, key, 1_000).await;
+    }
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = store.clone();
+            let from = keys[i % keys.len()].to_owned();
+            let to = keys[(i + 1) % keys.len()].to_owned();
+            // `tokio::spawn` needs the helpers' futures to be `Send`.
+            let own = format!("own {i}");
+            tokio::spawn(async move {
+                transfer(&store, &from, &to, 7).await?;
+                open_with_deposit(&store, &own, 1).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("task finished in time")
+            .expect("task did not panic")
+            .expect("transfer and deposit succeeded");
+    }
+    let mut total = 0;
+    let mut events = 0;
+    for key in keys {
+        let (balance, version) = balance(store, key).await;
+        total += balance;
+        events += version;
+    }
+    assert_eq!(total, 4 * 1_000, "transfers move money, they make none");
+    // 2 events per opened account, 2 per transfer.
+    assert_eq!(events, 4 * 2 + TASKS as u64 * 2);
+    for i in 0..TASKS {
+        assert_eq!(balance(store, &format!("own {i}")).await, (1, 2));
+    }
 }
 
 pub async fn feed_each_event_once_in_commit_order(store: &Store) {

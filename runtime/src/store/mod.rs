@@ -8,10 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::aggregate::AggregateId;
 use crate::context::Context;
-use crate::error::{Error, IsConflict, Result};
+use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::registry::{Registry, registry};
-use crate::retry::Retry;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -306,62 +305,6 @@ impl Store {
     /// A new read-only context: it loads aggregates and refuses to stage events.
     pub fn begin_read_only(&self) -> Context {
         Context::new(self.clone(), true)
-    }
-
-    /// Runs `work` in a new context and commits what it staged when it returns `Ok`; on `Err`,
-    /// nothing is written and the error comes back unchanged.
-    ///
-    /// The error type is the caller's own; store errors convert into it through `From`.
-    // Not an `async fn`: the returned future owns a clone of the store instead of borrowing
-    // `self`, which keeps it `Send` where the closure's future is (a borrowed `&Store` held
-    // across the closure's await defeats the compiler's `Send` proof).
-    pub fn transact<T, E, F>(
-        &self,
-        work: F,
-    ) -> impl Future<Output = std::result::Result<T, E>> + use<T, E, F>
-    where
-        F: AsyncFnOnce(&mut Context) -> std::result::Result<T, E>,
-        E: From<Error>,
-    {
-        let mut ctx = self.begin();
-        async move {
-            let out = work(&mut ctx).await?;
-            ctx.commit().await?;
-            Ok(out)
-        }
-    }
-
-    /// Like [`transact`](Store::transact), but re-runs the whole of `work` in a fresh context
-    /// when it or its commit fails with a concurrency conflict, as `retry` allows. Any other
-    /// error, or a conflict on the last attempt, comes back to the caller.
-    pub fn transact_with_retry<T, E, F>(
-        &self,
-        retry: Retry,
-        mut work: F,
-    ) -> impl Future<Output = std::result::Result<T, E>> + use<T, E, F>
-    where
-        F: AsyncFnMut(&mut Context) -> std::result::Result<T, E>,
-        E: From<Error> + IsConflict,
-    {
-        let store = self.clone();
-        async move {
-            let mut attempt = 1;
-            loop {
-                let mut ctx = store.begin();
-                let result = match work(&mut ctx).await {
-                    Ok(out) => ctx.commit().await.map(|()| out).map_err(E::from),
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Err(e) if e.is_conflict() && attempt < retry.max_attempts => {
-                        tracing::debug!(attempt, "conflict, retrying");
-                        tokio::time::sleep(retry.delay(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => return other,
-                }
-            }
-        }
     }
 
     /// Every event of one aggregate, oldest first.
