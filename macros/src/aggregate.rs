@@ -71,14 +71,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     const NAME: &'static str = #name;
                     const SNAPSHOT_EVERY: ::core::option::Option<u64> = ::core::option::Option::None;
                     const SNAPSHOT_VERSION: u32 = 1;
-                    fn apply_stored(&mut self, stored: &#private::StoredPayload<'_>) -> #private::Result<()> {
-                        ::core::result::Result::Err(stored.unknown(#name))
+                    fn apply_stored(&mut self, __stored: &#private::StoredPayload<'_>) -> #private::Result<()> {
+                        ::core::result::Result::Err(__stored.unknown(#name))
                     }
                     fn encode_snapshot(&self) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
                         ::core::option::Option::None
                     }
-                    fn decode_snapshot(_: &[u8], version: u64) -> #private::Result<Self> {
-                        #private::no_snapshots(#name, version)
+                    fn decode_snapshot(_: &[u8], __version: u64) -> #private::Result<Self> {
+                        #private::no_snapshots(#name, __version)
                     }
                 }
                 #(#handles)*
@@ -90,11 +90,11 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     // there, once.
     let dispatch = events.iter().map(|path| {
         let apply = quote_spanned! {path.span()=>
-            <Self as #krate::Apply<#path>>::apply(self, &event);
+            <Self as #krate::Apply<#path>>::apply(self, &__event);
         };
         quote! {
-            if <#path as #krate::Event>::NAMES.iter().any(|n| *n == stored.name) {
-                let event = stored.decode::<#path>()?;
+            if <#path as #krate::Event>::NAMES.iter().any(|__n| *__n == __stored.name) {
+                let __event = __stored.decode::<#path>()?;
                 #apply
                 return ::core::result::Result::Ok(());
             }
@@ -109,14 +109,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     ::core::option::Option::Some(#private::encode_snapshot(self, #name))
                 },
                 quote_spanned! {ident.span()=>
-                    #private::decode_snapshot::<Self>(payload, version, #name, #snapshot_version)
+                    #private::decode_snapshot::<Self>(__payload, __version, #name, #snapshot_version)
                 },
             )
         }
         None => (
             quote!(::core::option::Option::None),
             quote!(::core::option::Option::None),
-            quote!(#private::no_snapshots(#name, version)),
+            quote!(#private::no_snapshots(#name, __version)),
         ),
     };
     let listed = events.iter().map(|path| {
@@ -138,10 +138,10 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
 
                 fn apply_stored(
                     &mut self,
-                    stored: &#private::StoredPayload<'_>,
+                    __stored: &#private::StoredPayload<'_>,
                 ) -> #private::Result<()> {
                     #(#dispatch)*
-                    ::core::result::Result::Err(stored.unknown(#name))
+                    ::core::result::Result::Err(__stored.unknown(#name))
                 }
 
                 fn encode_snapshot(
@@ -151,7 +151,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 }
 
                 #[allow(unused_variables)]
-                fn decode_snapshot(payload: &[u8], version: u64) -> #private::Result<Self> {
+                fn decode_snapshot(__payload: &[u8], __version: u64) -> #private::Result<Self> {
                     #decode_snapshot
                 }
             }

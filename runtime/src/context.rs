@@ -266,8 +266,17 @@ impl Context {
 
     /// Applies `event` to `root` now and stages it for commit. Returns the event's id.
     ///
-    /// If the aggregate's snapshot policy fires at the new version, a snapshot is staged too.
-    /// Nothing is staged, and the root is unchanged, when this fails.
+    /// What is applied is the event as it will be read back: `event` is encoded, the encoding
+    /// decoded again, and the decoded value applied, so the state in memory is the state a load
+    /// rebuilds. An event whose encoding does not decode ([`Error::RoundTrip`]), or is too large
+    /// ([`Error::PayloadTooLarge`]), is refused: nothing is staged and the root is unchanged.
+    ///
+    /// If the aggregate's snapshot policy fires at the new version, a snapshot is staged too. A
+    /// state that cannot be encoded as a snapshot fails with [`Error::Encode`] (`what:
+    /// "snapshot"`), staging nothing; the event has then been applied to the root's state, so
+    /// the root is left ahead of the context and refused with [`Error::StaleRoot`] from then
+    /// on: load the aggregate again. (A snapshot over the size limit is skipped, with a
+    /// warning: snapshots only speed up loading.)
     pub fn apply<A, E>(&mut self, root: &mut Root<A>, event: E) -> Result<uuid::Uuid>
     where
         A: Handles<E> + crate::Apply<E>,
@@ -315,10 +324,16 @@ impl Context {
         };
         check_size("metadata", name, metadata.as_ref().map_or(0, Vec::len), max)?;
 
+        // Apply what a load will read back, not the value in hand: the two differ when the
+        // encoding loses something, and a load must rebuild the state seen here.
+        let event = E::decode(name, E::VERSION, &payload).map_err(|source| Error::RoundTrip {
+            type_name: name.to_owned(),
+            source,
+        })?;
         <A as crate::Apply<E>>::apply(&mut root.state, &event);
         root.version += 1;
         let event_id = uuid::Uuid::now_v7();
-        let snapshot = snapshot_due::<A>(root, max);
+        let snapshot = snapshot_due::<A>(root, max)?;
         self.applied += 1;
         if let Some(tracked) = self.tracked.get_mut(index) {
             tracked.events.push(StagedEvent {
@@ -681,32 +696,33 @@ fn rebuild<A: Aggregate>(stream: &LoadedStream) -> Result<Root<A>> {
 }
 
 /// The snapshot to stage after `root` reached its current version, if the policy fires. A
-/// snapshot that cannot be encoded or is too large is skipped: snapshots only speed up loading.
-fn snapshot_due<A: Aggregate>(root: &Root<A>, max: usize) -> Option<StagedSnapshot> {
-    let every = A::SNAPSHOT_EVERY?;
+/// state that does not encode is an error; a snapshot over the size limit is skipped, since
+/// snapshots only speed up loading.
+fn snapshot_due<A: Aggregate>(root: &Root<A>, max: usize) -> Result<Option<StagedSnapshot>> {
+    let Some(every) = A::SNAPSHOT_EVERY else {
+        return Ok(None);
+    };
     if every == 0 || !root.version.is_multiple_of(every) {
-        return None;
+        return Ok(None);
     }
-    match root.state.encode_snapshot()? {
-        Ok(payload) if payload.len() <= max => Some(StagedSnapshot {
-            version: root.version,
-            snapshot_version: A::SNAPSHOT_VERSION,
-            payload,
-        }),
-        Ok(payload) => {
-            tracing::warn!(
-                aggregate = %root.id,
-                size = payload.len(),
-                max,
-                "snapshot over the payload limit; not staged"
-            );
-            None
-        }
-        Err(error) => {
-            tracing::warn!(aggregate = %root.id, %error, "snapshot does not encode; not staged");
-            None
-        }
+    let Some(encoded) = root.state.encode_snapshot() else {
+        return Ok(None);
+    };
+    let payload = encoded?;
+    if payload.len() > max {
+        tracing::warn!(
+            aggregate = %root.id,
+            size = payload.len(),
+            max,
+            "snapshot over the payload limit; not staged"
+        );
+        return Ok(None);
     }
+    Ok(Some(StagedSnapshot {
+        version: root.version,
+        snapshot_version: A::SNAPSHOT_VERSION,
+        payload,
+    }))
 }
 
 /// Natural keys are non-empty text of at most 1,024 bytes without NUL, on every store.

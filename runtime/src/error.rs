@@ -122,6 +122,19 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// An event's encoding does not decode back into the event (a float NaN encoded as `null`,
+    /// a `skip_serializing` field without a default, an untagged enum or a custom serde impl that
+    /// reads something else than it writes): stored, it would make its aggregate unloadable.
+    /// Nothing was staged.
+    #[error("event {type_name:?} does not decode from its own encoding: {source}")]
+    RoundTrip {
+        /// The event's registered name.
+        type_name: String,
+        /// What the decoder said.
+        #[source]
+        source: BoxError,
+    },
+
     /// An encoded payload is larger than the store accepts; nothing was staged.
     #[error("{what} {type_name:?} is {size} bytes, over the limit of {max} bytes")]
     PayloadTooLarge {

@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 mod aggregate;
+mod codec;
 mod context;
 mod error;
 mod event;
@@ -92,24 +93,11 @@ pub mod __private {
     pub use core::any::type_name;
     pub use inventory;
 
-    /// Encodes an event payload.
-    pub fn encode_json<T: serde::Serialize + ?Sized>(
-        value: &T,
-    ) -> core::result::Result<Vec<u8>, BoxError> {
-        serde_json::to_vec(value).map_err(Into::into)
-    }
+    pub use crate::codec::{decode_enum, decode_json, encode_enum, encode_json, variant_mismatch};
 
-    /// Decodes an event payload.
-    pub fn decode_json<T: serde::de::DeserializeOwned>(
-        payload: &[u8],
-    ) -> core::result::Result<T, BoxError> {
-        serde_json::from_slice(payload).map_err(Into::into)
-    }
-
-    /// The error for an enum payload that decodes to another variant than the stored name.
-    pub fn variant_mismatch(stored: &str, decoded: &str) -> BoxError {
-        format!("the payload holds variant {decoded:?}, but the event is stored as {stored:?}")
-            .into()
+    /// The error for a name that no variant of an event enum is registered under.
+    pub fn unknown_variant(name: &str, rust_type: &str) -> BoxError {
+        format!("no variant of `{rust_type}` is registered as {name:?}").into()
     }
 
     /// Encodes an aggregate's state as a snapshot.

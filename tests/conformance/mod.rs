@@ -48,6 +48,9 @@ macro_rules! conformance_suite {
             feed_each_event_once_in_commit_order,
             payload_too_large_is_refused,
             odd_payloads_round_trip,
+            apply_applies_what_reads_back,
+            snapshot_that_does_not_encode_is_an_error,
+            enum_events_store_the_variant_content,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {
@@ -1161,4 +1164,102 @@ pub async fn odd_payloads_round_trip(store: &Store) {
             Err(Error::InvalidKey { .. })
         ));
     }
+}
+
+pub async fn apply_applies_what_reads_back(store: &Store) {
+    let mut ctx = store.begin();
+    let mut rating = ctx.create::<Rating>().unwrap();
+    ctx.apply(&mut rating, Rated { rate: 4.5 }).unwrap();
+    // NaN encodes as `null`, which does not decode into an f64: refused, nothing staged.
+    match ctx.apply(&mut rating, Rated { rate: f64::NAN }) {
+        Err(Error::RoundTrip { type_name, .. }) => assert_eq!(type_name, "rating.rated"),
+        other => panic!("expected RoundTrip, got {other:?}"),
+    }
+    match ctx.apply(&mut rating, Hidden { secret: "s".into() }) {
+        Err(Error::RoundTrip { type_name, .. }) => assert_eq!(type_name, "rating.hidden"),
+        other => panic!("expected RoundTrip, got {other:?}"),
+    }
+    assert_eq!((rating.version(), ctx.staged_events()), (1, 1));
+    assert_eq!(rating.rates, [4.5]);
+    // A field skipped when serializing reads back as its default: that is what is applied.
+    ctx.apply(
+        &mut rating,
+        Noted {
+            text: "kept".into(),
+            draft: "lost".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(rating.notes, [("kept".to_owned(), String::new())]);
+    let id = rating.id();
+    let in_memory = rating.into_state();
+    ctx.commit().await.unwrap();
+    let loaded = store.begin_read_only().load::<Rating>(id).await.unwrap();
+    assert_eq!(loaded.version(), 2);
+    assert_eq!(
+        *loaded.state(),
+        in_memory,
+        "a load rebuilds the state apply made"
+    );
+}
+
+pub async fn snapshot_that_does_not_encode_is_an_error(store: &Store) {
+    let mut ctx = store.begin();
+    let mut grid = ctx.create::<Grid>().unwrap();
+    ctx.apply(&mut grid, Marked { x: 1, y: 2 }).unwrap();
+    // The second event fires the snapshot policy; a map with tuple keys is no JSON object.
+    match ctx.apply(&mut grid, Marked { x: 3, y: 4 }) {
+        Err(Error::Encode {
+            what, type_name, ..
+        }) => assert_eq!((what, type_name.as_str()), ("snapshot", "grid")),
+        other => panic!("expected a snapshot Encode error, got {other:?}"),
+    }
+    assert_eq!(ctx.staged_events(), 1, "the event was not staged");
+    // The root holds the refused event, so it may not stage more.
+    assert!(matches!(
+        ctx.apply(&mut grid, Marked { x: 5, y: 6 }),
+        Err(Error::StaleRoot { .. })
+    ));
+    // Loaded again in the context, it is back at what was staged.
+    let mut again = ctx.load::<Grid>(grid.id()).await.unwrap();
+    assert_eq!((again.version(), again.cells.len()), (1, 1));
+    assert!(matches!(
+        ctx.apply(&mut again, Marked { x: 7, y: 8 }),
+        Err(Error::Encode {
+            what: "snapshot",
+            ..
+        })
+    ));
+    let id = grid.id();
+    ctx.commit().await.unwrap();
+    assert_eq!(versions(store, id).await, [1]);
+}
+
+pub async fn enum_events_store_the_variant_content(store: &Store) {
+    let id = store
+        .transact(async |ctx| {
+            let mut c = ctx.create::<Counter>()?;
+            ctx.apply(&mut c, CounterEvent::Added { by: 10 })?;
+            ctx.apply(&mut c, CounterEvent::Reset(3))?;
+            ctx.apply(&mut c, CounterEvent::Incremented)?;
+            Ok::<_, Error>(c.id())
+        })
+        .await
+        .unwrap();
+    let history = store.history(id).await.unwrap();
+    let stored: Vec<(&str, serde_json::Value)> = history
+        .iter()
+        .map(|e| (e.event_type.as_str(), e.payload_json().unwrap()))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            ("counter.added", serde_json::json!({ "by": 10 })),
+            ("Reset", serde_json::json!(3)),
+            ("counter.incremented", serde_json::Value::Null),
+        ],
+        "only the variant's content is stored; the name says which variant"
+    );
+    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
+    assert_eq!((counter.value, counter.version()), (4, 3));
 }
