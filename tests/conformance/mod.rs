@@ -51,6 +51,7 @@ macro_rules! conformance_suite {
             apply_applies_what_reads_back,
             snapshot_that_does_not_encode_is_an_error,
             enum_events_store_the_variant_content,
+            wait_for_events_takes_any_timeout,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {
@@ -1262,4 +1263,44 @@ pub async fn enum_events_store_the_variant_content(store: &Store) {
     );
     let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
     assert_eq!((counter.value, counter.version()), (4, 3));
+}
+
+pub async fn wait_for_events_takes_any_timeout(store: &Store) {
+    // Nothing yet: a zero timeout answers at once.
+    assert!(
+        !store
+            .wait_for_events(FeedCursor::START, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    // A waiter without a limit (a timeout that is no point in time) wakes on the next commit.
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .wait_for_events(FeedCursor::START, Duration::MAX)
+                .await
+        })
+    };
+    open_account(store, "alice", "Alice", 0).await;
+    let woke = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .expect("the waiter woke in time")
+        .expect("the waiter did not panic")
+        .unwrap();
+    assert!(woke);
+    assert!(
+        store
+            .wait_for_events(FeedCursor::START, Duration::MAX)
+            .await
+            .unwrap()
+    );
+    let last = store.read_feed(FeedCursor::START, 10).await.unwrap();
+    let cursor = last.last().unwrap().cursor;
+    assert!(
+        !store
+            .wait_for_events(cursor, Duration::from_millis(1))
+            .await
+            .unwrap()
+    );
 }

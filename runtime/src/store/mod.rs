@@ -316,6 +316,23 @@ impl Store {
     /// [`FeedCursor::START`] to read from the beginning, then the `cursor` of the last event
     /// read.
     ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # async fn demo(store: &Store) -> Result<(), annals::Error> {
+    /// let mut cursor = FeedCursor::START;
+    /// loop {
+    ///     let page = store.read_feed(cursor, 500).await?;
+    ///     let Some(last) = page.last() else { break };
+    ///     cursor = last.cursor;
+    ///     for event in &page {
+    ///         // Decode by type: `event.decode::<MyEvent>()?` is `None` for other types.
+    ///         println!("{} {}", event.position(), event.event_type);
+    ///     }
+    /// }
+    /// // Keep `cursor` (it is `Serialize`) to read on from there later.
+    /// # Ok(()) }
+    /// ```
+    ///
     /// On PostgreSQL the feed never runs ahead of a transaction that is still open, so that an
     /// event committed late is never skipped: while some writing transaction of the database
     /// stays open, events committed after it began are held back, and a read that finds only
@@ -330,18 +347,43 @@ impl Store {
     /// Commits made through this process wake waiters at once; on PostgreSQL, commits of other
     /// processes wake them through `LISTEN`/`NOTIFY`. Otherwise the feed is polled every
     /// [`StoreOptions::poll_interval`].
+    ///
+    /// A `timeout` too large to be a point in time (`Duration::MAX`) waits without a limit.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use annals::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// let store = Store::open("memory:").await?;
+    /// let mut cursor = FeedCursor::START;
+    /// // A reader that is caught up waits for the next commit, here for a tenth of a second.
+    /// if store.wait_for_events(cursor, Duration::from_millis(100)).await? {
+    ///     for event in store.read_feed(cursor, 100).await? {
+    ///         println!("{} v{} {}", event.aggregate_id, event.version, event.event_type);
+    ///         cursor = event.cursor;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn wait_for_events(&self, after: FeedCursor, timeout: Duration) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let poll = self.inner.options.poll_interval;
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         loop {
             let since = self.inner.backend.changes();
             if !self.read_feed(after, 1).await?.is_empty() {
                 return Ok(true);
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(false);
-            }
-            let wait = (deadline - now).min(self.inner.options.poll_interval);
+            let wait = match deadline {
+                Some(deadline) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Ok(false);
+                    }
+                    (deadline - now).min(poll)
+                }
+                None => poll,
+            };
             self.inner.backend.wait_for_change(since, wait).await;
         }
     }

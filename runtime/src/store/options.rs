@@ -125,6 +125,19 @@ impl StoreOptions {
         if self.pool_size == 0 {
             return Err(Error::Config("pool size must be at least 1".to_owned()));
         }
+        // SQLite takes its busy timeout in milliseconds as an i32.
+        if self.busy_timeout.as_millis() > i32::MAX as u128 {
+            return Err(Error::Config(format!(
+                "busy timeout {:?} is too long: at most {} ms (about 24 days)",
+                self.busy_timeout,
+                i32::MAX
+            )));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::Config(
+                "poll interval must be longer than zero".to_owned(),
+            ));
+        }
         if self.max_payload_bytes == 0 {
             return Err(Error::Config(
                 "max payload size must be at least 1 byte".to_owned(),
