@@ -56,9 +56,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         .iter()
         .filter(|path| seen.insert(path.to_token_stream().to_string()))
         .map(|path| {
+            let krate = respan(&krate, path.span());
             quote_spanned! {path.span()=>
                 #[automatically_derived]
-                impl #krate::Handles<#path> for #ident {}
+                impl #krate::Handles<#path> for #ident {
+                    fn handle(&mut self, __event: &#path) {
+                        <Self as #krate::Apply<#path>>::apply(self, __event)
+                    }
+                }
             }
         })
         .collect();
@@ -89,11 +94,12 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     // The `Apply` call is spanned at the type in the user's list: a missing impl is reported
     // there, once.
     let dispatch = events.iter().map(|path| {
+        let krate = respan(&krate, path.span());
         let apply = quote_spanned! {path.span()=>
             <Self as #krate::Apply<#path>>::apply(self, &__event);
         };
-        quote! {
-            if <#path as #krate::Event>::NAMES.iter().any(|__n| *__n == __stored.name) {
+        quote_spanned! {path.span()=>
+            if #private::lists(<#path as #krate::Event>::NAMES, __stored.name) {
                 let __event = __stored.decode::<#path>()?;
                 #apply
                 return ::core::result::Result::Ok(());
@@ -120,7 +126,8 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         ),
     };
     let listed = events.iter().map(|path| {
-        quote! {
+        let krate = respan(&krate, path.span());
+        quote_spanned! {path.span()=>
             #private::ListedEvent {
                 names: <#path as #krate::Event>::NAMES,
                 rust_type: #private::type_name::<#path>,
@@ -169,4 +176,24 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             }
         };
     }
+}
+
+/// `tokens` with every span set to `span`: the runtime path in code generated for one listed
+/// event, so that an error about that event points at the user's token, not at the derive.
+fn respan(tokens: &TokenStream, span: proc_macro2::Span) -> TokenStream {
+    tokens
+        .clone()
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(&group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }

@@ -128,7 +128,44 @@ pub trait Apply<E> {
     label = "`{E}` is not one of `{Self}`'s events",
     note = "add `{E}` to `#[aggregate(events(...))]` on `{Self}` and implement `Apply<{E}>`"
 )]
-pub trait Handles<E: Event>: Aggregate {}
+pub trait Handles<E: Event>: Aggregate {
+    /// Applies the event through the aggregate's [`Apply`] impl.
+    #[doc(hidden)]
+    fn handle(&mut self, event: &E);
+}
+
+/// An event no aggregate lists; it has no values. Its blanket `Handles` impl gives every
+/// aggregate at least two, so that rustc does not infer the event type of
+/// [`Context::apply`](crate::Context::apply) from an aggregate's only listed event (and report
+/// an unlisted one as "mismatched types") but reports it with the message of [`Handles`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum NoEvent {}
+
+#[diagnostic::do_not_recommend]
+impl Event for NoEvent {
+    const NAMES: &'static [&'static str] = &[];
+    const VERSION: u32 = 1;
+
+    fn name(&self) -> &'static str {
+        match *self {}
+    }
+
+    fn encode(&self) -> std::result::Result<Vec<u8>, crate::error::BoxError> {
+        match *self {}
+    }
+
+    fn decode(_: &str, _: u32, _: &[u8]) -> std::result::Result<Self, crate::error::BoxError> {
+        Err("no event decodes as NoEvent".into())
+    }
+}
+
+#[diagnostic::do_not_recommend]
+impl<A: Aggregate> Handles<NoEvent> for A {
+    fn handle(&mut self, event: &NoEvent) {
+        match *event {}
+    }
+}
 
 /// One aggregate loaded into (or created in) a context: its id, natural key, version and state.
 ///

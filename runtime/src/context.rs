@@ -279,7 +279,7 @@ impl Context {
     /// warning: snapshots only speed up loading.)
     pub fn apply<A, E>(&mut self, root: &mut Root<A>, event: E) -> Result<uuid::Uuid>
     where
-        A: Handles<E> + crate::Apply<E>,
+        A: Handles<E>,
         E: Event,
     {
         self.apply_with(root, event, Metadata::default())
@@ -293,7 +293,7 @@ impl Context {
         metadata: Metadata,
     ) -> Result<uuid::Uuid>
     where
-        A: Handles<E> + crate::Apply<E>,
+        A: Handles<E>,
         E: Event,
     {
         self.writable()?;
@@ -330,7 +330,7 @@ impl Context {
             type_name: name.to_owned(),
             source,
         })?;
-        <A as crate::Apply<E>>::apply(&mut root.state, &event);
+        root.state.handle(&event);
         root.version += 1;
         let event_id = uuid::Uuid::now_v7();
         let snapshot = snapshot_due::<A>(root, max)?;

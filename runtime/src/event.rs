@@ -31,6 +31,11 @@ use crate::metadata::Metadata;
 ///
 /// A struct is registered under one name (default: the type's name); an enum under one name per
 /// variant (default: the variant's name). The payload is the value's serde JSON form.
+#[diagnostic::on_unimplemented(
+    message = "derive `Event` on `{Self}`: it is used as an annals event but does not implement `annals::Event`",
+    label = "`{Self}` is not an event",
+    note = "add `#[derive(annals::Event, serde::Serialize, serde::Deserialize)]` to `{Self}`"
+)]
 pub trait Event: Send + Sync + Sized + 'static {
     /// Every name values of this type are stored under: one for a struct, one per variant for an
     /// enum.

@@ -95,6 +95,11 @@ pub mod __private {
 
     pub use crate::codec::{decode_enum, decode_json, encode_enum, encode_json, variant_mismatch};
 
+    /// True when `name` is one of `names`.
+    pub fn lists(names: &[&str], name: &str) -> bool {
+        names.contains(&name)
+    }
+
     /// The error for a name that no variant of an event enum is registered under.
     pub fn unknown_variant(name: &str, rust_type: &str) -> BoxError {
         format!("no variant of `{rust_type}` is registered as {name:?}").into()

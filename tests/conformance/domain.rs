@@ -174,7 +174,11 @@ impl Apply<Ticked> for MeterNextRelease {
     }
 }
 
-impl annals::Handles<Ticked> for MeterNextRelease {}
+impl annals::Handles<Ticked> for MeterNextRelease {
+    fn handle(&mut self, e: &Ticked) {
+        self.apply(e)
+    }
+}
 
 /// A payload with room for arbitrary bytes, for size limits and odd characters.
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
