@@ -6,4 +6,7 @@ mod conformance;
 #[path = "support/postgres.rs"]
 mod support;
 
-conformance_suite!(support::open_fresh());
+conformance_suite!(
+    attributes = [#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]],
+    support::open_fresh()
+);

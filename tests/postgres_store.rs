@@ -62,6 +62,7 @@ async fn order_count(raw: &sqlx::PgPool, table: &str) -> i64 {
         .unwrap()
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_user_transaction_rolled_back_writes_nothing() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -92,6 +93,7 @@ async fn commit_in_user_transaction_rolled_back_writes_nothing() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_user_transaction_committed_writes_both() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -147,6 +149,7 @@ async fn commit_in_user_transaction_committed_writes_both() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_needs_a_postgres_store() {
     let Some(schema) = support::fresh_schema() else {
@@ -180,6 +183,7 @@ impl IsConflict for Retried {
     }
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn contention_on_one_aggregate_counts_to_1600() {
     const TASKS: u64 = 8;
@@ -226,6 +230,7 @@ async fn contention_on_one_aggregate_counts_to_1600() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_lost_mid_commit_leaves_nothing() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -412,11 +417,13 @@ async fn store_account(store: &Store) -> AggregateId {
         .unwrap()
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiter_is_woken_by_a_commit_of_another_instance() {
     woken_by_other_instance(false).await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiter_is_woken_after_the_listener_reconnects() {
     woken_by_other_instance(true).await;
@@ -432,6 +439,7 @@ async fn migration_rows(raw: &sqlx::PgPool, schema: &support::Schema) -> Vec<i64
     .unwrap()
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_starting_at_once_migrate_once() {
     let Some(schema) = support::fresh_schema() else {
@@ -469,6 +477,7 @@ async fn instances_starting_at_once_migrate_once() {
     }
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_schema_is_refused_untouched() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -504,6 +513,7 @@ async fn newer_schema_is_refused_untouched() {
     assert_eq!(events, 1);
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
     let Some(schema) = support::fresh_schema() else {
@@ -539,6 +549,7 @@ async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identifiers_over_63_bytes_are_refused() {
     let Some(url) = support::database_url() else {
@@ -585,6 +596,7 @@ async fn identifiers_over_63_bytes_are_refused() {
     assert!(!exists);
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn types_written_by_another_process_are_read() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -627,6 +639,7 @@ async fn types_written_by_another_process_are_read() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_aggregate_conflict_writes_nothing() {
     let Some((store, _schema)) = support::open_fresh().await else {
@@ -683,6 +696,7 @@ async fn multi_aggregate_conflict_writes_nothing() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transfers_in_opposite_orders_do_not_deadlock() {
     const TASKS: usize = 4;
@@ -732,6 +746,7 @@ async fn transfers_in_opposite_orders_do_not_deadlock() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stores_of_other_prefixes_create_one_schema_at_once() {
     let Some(schema) = support::fresh_schema() else {

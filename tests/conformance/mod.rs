@@ -16,14 +16,15 @@ use tokio::sync::Barrier;
 
 use domain::*;
 
-/// Generates one `#[tokio::test]` per conformance case. `$open` is an async expression that
-/// yields `(Store, guard)`: a fresh, empty store for that test, and whatever must stay alive
-/// while it is used (a temp dir, a schema); or an `Option` of that, `None` skipping the test
-/// (a database server that is not configured).
+/// Generates one `#[tokio::test]` per conformance case, with the attributes given as
+/// `attributes = [...]` (`#[cfg_attr(..., ignore = "...")]` for a backend that may be absent). `$open` is an async
+/// expression that yields `(Store, guard)`: a fresh, empty store for that test, and whatever
+/// must stay alive while it is used (a temp dir, a schema); or an `Option` of that, `None`
+/// skipping the test (a database server that is not configured).
 #[macro_export]
 macro_rules! conformance_suite {
-    ($open:expr) => {
-        $crate::conformance_suite!(@cases $open;
+    (attributes = $attrs:tt, $open:expr) => {
+        $crate::conformance_suite!(@cases $attrs $open;
             round_trip,
             history_and_metadata,
             enum_events_round_trip,
@@ -54,18 +55,25 @@ macro_rules! conformance_suite {
             wait_for_events_takes_any_timeout,
         );
     };
-    (@cases $open:expr; $($case:ident),* $(,)?) => {
+    ($open:expr) => {
+        $crate::conformance_suite!(attributes = [], $open);
+    };
+    (@cases $attrs:tt $open:expr; $($case:ident),* $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let Some((store, _guard)) = $crate::conformance::OpenedStore::opened($open.await)
-                else {
-                    return;
-                };
-                $crate::conformance::$case(&store).await;
-                store.close().await;
-            }
+            $crate::conformance_suite!(@case $attrs $open; $case);
         )*
+    };
+    (@case [$(#[$attr:meta])*] $open:expr; $case:ident) => {
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let Some((store, _guard)) = $crate::conformance::OpenedStore::opened($open.await)
+            else {
+                return;
+            };
+            $crate::conformance::$case(&store).await;
+            store.close().await;
+        }
     };
 }
 
