@@ -7,12 +7,12 @@ use std::time::SystemTime;
 use tracing::Instrument;
 
 use crate::aggregate::{Aggregate, AggregateId, Handles, Root};
+use crate::clash::ClashRules;
 use crate::error::{Error, Result, Target};
 use crate::event::{Event, StoredPayload};
 use crate::metadata::Metadata;
-use crate::store::{
-    Change, CommitBatch, LoadRequest, LoadedStream, Locate, StagedEvent, StagedSnapshot, Store,
-};
+use crate::rebuild::{rebuild, snapshot_due};
+use crate::store::{Change, CommitBatch, LoadRequest, Locate, StagedEvent, StagedSnapshot, Store};
 
 /// What a context knows of one aggregate it loaded or created.
 #[derive(Debug)]
@@ -376,23 +376,25 @@ impl Context {
 
     /// What a key or id clash at commit means for the aggregates this context created.
     pub(crate) fn clash_rules(&self) -> ClashRules {
-        let pick = |origin| {
-            self.tracked
-                .iter()
-                .filter(|t| t.is_new && t.origin == origin && !t.events.is_empty())
-                .map(|t| (t.id, t.aggregate_type, t.key.clone()))
-                .collect::<Vec<_>>()
-        };
-        let chosen_ids = self
+        let mut rules = ClashRules::default();
+        for t in self
             .tracked
             .iter()
-            .filter(|t| t.is_new && t.origin == Origin::ChosenId && !t.events.is_empty())
-            .map(|t| (t.id, t.events.first().map(|e| e.event_id)))
-            .collect();
-        ClashRules {
-            load_or_create: pick(Origin::LoadOrCreate),
-            chosen_ids,
+            .filter(|t| t.is_new && !t.events.is_empty())
+        {
+            match t.origin {
+                Origin::LoadOrCreate => {
+                    if let Some(key) = &t.key {
+                        rules.load_or_create(t.id, t.aggregate_type, key);
+                    }
+                }
+                Origin::ChosenId => {
+                    rules.chosen_id(t.id, t.events.first().map(|e| e.event_id));
+                }
+                Origin::Plain => {}
+            }
         }
+        rules
     }
 
     /// The store and what to write, or `None` when nothing is staged.
@@ -579,150 +581,6 @@ impl Context {
         .instrument(span)
         .await
     }
-}
-
-/// The aggregates of a commit whose clashes the context reports in its own terms, whatever the
-/// backend said: the same outcome on every store.
-#[derive(Debug, Default)]
-pub(crate) struct ClashRules {
-    /// Created by `load_or_create_by_key`: a key clash is a retryable conflict.
-    load_or_create: Vec<(AggregateId, &'static str, Option<String>)>,
-    /// Created by `create_with_id`, with the id of their first staged event: an id clash is
-    /// `IdTaken`.
-    chosen_ids: Vec<(AggregateId, Option<uuid::Uuid>)>,
-}
-
-impl ClashRules {
-    /// Turns a commit error into the one the context documents.
-    pub(crate) async fn classify(&self, store: &Store, error: Error) -> Error {
-        match error {
-            Error::KeyTaken {
-                aggregate_type,
-                key,
-            } => {
-                let ours = self.load_or_create.iter().find(|(_, t, k)| {
-                    *t == aggregate_type.as_str() && k.as_deref() == Some(key.as_str())
-                });
-                let Some((id, _, _)) = ours else {
-                    return Error::KeyTaken {
-                        aggregate_type,
-                        key,
-                    };
-                };
-                // The version the winner committed, for the message; a failed read is no reason
-                // to hide the conflict.
-                let locate = Locate::Key {
-                    aggregate_type: &aggregate_type,
-                    key: &key,
-                };
-                let actual = match store.inner.backend.locate(locate).await {
-                    Ok(Some(row)) => row.version,
-                    _ => 0,
-                };
-                Error::Conflict {
-                    aggregate_type,
-                    aggregate: *id,
-                    expected: 0,
-                    actual,
-                }
-            }
-            other => self.chosen_id_taken(store).await.unwrap_or(other),
-        }
-    }
-
-    /// After a failed commit: `IdTaken` when an id chosen with `create_with_id` is held in the
-    /// store by an aggregate this commit did not write. Backends report such a clash in
-    /// different ways (a conflict, a unique violation), so the context asks the store.
-    async fn chosen_id_taken(&self, store: &Store) -> Option<Error> {
-        for (id, first_event) in &self.chosen_ids {
-            let Ok(Some(row)) = store.inner.backend.locate(Locate::Id(*id)).await else {
-                continue;
-            };
-            // A commit reported as failed may still have landed (a connection lost after the
-            // database committed): then the aggregate is this context's own.
-            let ours = match store.inner.backend.read_stream(*id, 0).await {
-                Ok(events) => events.first().map(|e| e.event_id) == *first_event,
-                Err(_) => false,
-            };
-            if !ours {
-                return Some(Error::IdTaken {
-                    aggregate: *id,
-                    found_type: row.aggregate_type,
-                });
-            }
-        }
-        None
-    }
-}
-
-/// Folds a loaded stream into a root, checking that versions follow each other with no gap.
-fn rebuild<A: Aggregate>(stream: &LoadedStream) -> Result<Root<A>> {
-    let row = &stream.row;
-    if row.aggregate_type != A::NAME {
-        return Err(Error::WrongAggregateType {
-            aggregate: row.id,
-            expected: A::NAME.to_owned(),
-            found: row.aggregate_type.clone(),
-        });
-    }
-    let (mut state, mut version) = match &stream.snapshot {
-        Some(snapshot) => (
-            A::decode_snapshot(&snapshot.payload, snapshot.version)?,
-            snapshot.version,
-        ),
-        None => (A::default(), 0),
-    };
-    for event in &stream.events {
-        if event.version != version + 1 {
-            return Err(Error::Corrupt(format!(
-                "aggregate {} jumps from version {version} to {} at position {}",
-                row.id, event.version, event.position
-            )));
-        }
-        state.apply_stored(&StoredPayload {
-            name: &event.name,
-            schema_version: event.schema_version,
-            payload: &event.payload,
-            position: event.position,
-        })?;
-        version = event.version;
-    }
-    Ok(Root {
-        id: row.id,
-        key: row.key.clone(),
-        version,
-        state,
-    })
-}
-
-/// The snapshot to stage after `root` reached its current version, if the policy fires. A
-/// state that does not encode is an error; a snapshot over the size limit is skipped, since
-/// snapshots only speed up loading.
-fn snapshot_due<A: Aggregate>(root: &Root<A>, max: usize) -> Result<Option<StagedSnapshot>> {
-    let Some(every) = A::SNAPSHOT_EVERY else {
-        return Ok(None);
-    };
-    if every == 0 || !root.version.is_multiple_of(every) {
-        return Ok(None);
-    }
-    let Some(encoded) = root.state.encode_snapshot() else {
-        return Ok(None);
-    };
-    let payload = encoded?;
-    if payload.len() > max {
-        tracing::warn!(
-            aggregate = %root.id,
-            size = payload.len(),
-            max,
-            "snapshot over the payload limit; not staged"
-        );
-        return Ok(None);
-    }
-    Ok(Some(StagedSnapshot {
-        version: root.version,
-        snapshot_version: A::SNAPSHOT_VERSION,
-        payload,
-    }))
 }
 
 /// Natural keys are non-empty text of at most 1,024 bytes without NUL, on every store.

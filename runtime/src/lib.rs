@@ -49,11 +49,13 @@
 #![warn(missing_docs)]
 
 mod aggregate;
+mod clash;
 mod codec;
 mod context;
 mod error;
 mod event;
 mod metadata;
+mod rebuild;
 pub mod registry;
 mod retry;
 mod store;
