@@ -65,7 +65,7 @@ impl std::str::FromStr for AggregateId {
     }
 }
 
-/// A state rebuilt from its events. Derive it with `#[derive(Aggregate)]`:
+/// A state rebuilt from its events. Derive it with `#[derive(Aggregate)]`, with `Default`:
 ///
 /// ```
 /// use annals::prelude::*;
@@ -85,6 +85,40 @@ impl std::str::FromStr for AggregateId {
 ///
 /// The derive generates the dispatch from a stored event to the matching [`Apply`] impl, the
 /// snapshot codec and the registration; implementing this trait by hand is not supported.
+///
+/// # Attribute keys (`#[aggregate(...)]`)
+///
+/// | key | value | default |
+/// | --- | --- | --- |
+/// | `events(A, B, ...)` | every event type the aggregate applies (required); each needs `impl Apply<E>` | — |
+/// | `name = "..."` | the registered name, stored with every aggregate: keep it when renaming the type | the type's name |
+/// | `snapshot_every = N` | stage a snapshot with every Nth event (the state must derive `Serialize` and `Deserialize`) | no snapshots |
+/// | `snapshot_version = N` | the shape of the snapshots; bump it when the state changes shape, and older snapshots are ignored (needs `snapshot_every`) | `1` |
+/// | `crate = "..."` | the path generated code names annals by, for a renamed dependency | `::annals` |
+///
+/// ```
+/// # use annals::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Event, Serialize, Deserialize)]
+/// # struct Shelved { sku: String }
+/// # #[derive(Event, Serialize, Deserialize)]
+/// # struct Sold { sku: String }
+/// #[derive(Aggregate, Serialize, Deserialize, Default)]
+/// #[aggregate(
+///     name = "shop.stock",
+///     events(Shelved, Sold),
+///     snapshot_every = 500,
+///     snapshot_version = 2,
+/// )]
+/// struct Stock { skus: Vec<String> }
+/// # impl Apply<Shelved> for Stock { fn apply(&mut self, e: &Shelved) { self.skus.push(e.sku.clone()) } }
+/// # impl Apply<Sold> for Stock { fn apply(&mut self, e: &Sold) { self.skus.retain(|s| *s != e.sku) } }
+/// # assert_eq!(<Stock as Aggregate>::SNAPSHOT_EVERY, Some(500));
+/// ```
+///
+/// A snapshot must encode as JSON: a state that does not (a map with non-string keys, say)
+/// makes [`Context::apply`](crate::Context::apply) fail with [`Error::Encode`](crate::Error::Encode)
+/// when the snapshot is due.
 pub trait Aggregate: Default + Send + Sync + Sized + 'static {
     /// The registered name, stored with every aggregate of this type.
     const NAME: &'static str;

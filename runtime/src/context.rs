@@ -198,7 +198,34 @@ impl Context {
     }
 
     /// Loads the aggregate `id`: the newest snapshot of the current shape, if any, then the
-    /// events after it.
+    /// events after it. [`Error::NotFound`] when there is none, [`Error::WrongAggregateType`]
+    /// when `id` is an aggregate of another type.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Event, Serialize, Deserialize)]
+    /// # #[event(name = "doc.load.opened")]
+    /// # struct Opened { owner: String }
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.load.account", events(Opened))]
+    /// # struct Account { owner: String }
+    /// # impl Apply<Opened> for Account {
+    /// #     fn apply(&mut self, e: &Opened) { self.owner = e.owner.clone() }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// # let store = Store::open("memory:").await?;
+    /// let mut ctx = store.begin();
+    /// let mut account = ctx.create::<Account>()?;
+    /// ctx.apply(&mut account, Opened { owner: "Ann".into() })?;
+    /// let id = account.id(); // keep it: it is how you find this aggregate again
+    /// ctx.commit().await?;
+    ///
+    /// let account = store.begin_read_only().load::<Account>(id).await?;
+    /// assert_eq!((account.owner.as_str(), account.version()), ("Ann", 1));
+    /// # Ok(()) }
+    /// ```
     pub async fn load<A: Aggregate>(&mut self, id: AggregateId) -> Result<Root<A>> {
         if let Some(&index) = self.by_id.get(&id) {
             return self.reload::<A>(index).await;
@@ -212,7 +239,39 @@ impl Context {
         }
     }
 
-    /// Loads the aggregate of type `A` with the natural key `key`.
+    /// Loads the aggregate of type `A` with the natural key `key`; [`Error::NotFound`] when
+    /// there is none.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Event, Serialize, Deserialize)]
+    /// # #[event(name = "doc.load_by_key.opened")]
+    /// # struct Opened { owner: String }
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.load_by_key.account", events(Opened))]
+    /// # struct Account { owner: String }
+    /// # impl Apply<Opened> for Account {
+    /// #     fn apply(&mut self, e: &Opened) { self.owner = e.owner.clone() }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// # let store = Store::open("memory:").await?;
+    /// store.transact(async |ctx| {
+    ///     let mut ann = ctx.create_with_key::<Account>("ann@example.com").await?;
+    ///     ctx.apply(&mut ann, Opened { owner: "Ann".into() })?;
+    ///     Ok::<_, annals::Error>(())
+    /// }).await?;
+    ///
+    /// let mut ctx = store.begin_read_only();
+    /// let ann = ctx.load_by_key::<Account>("ann@example.com").await?;
+    /// assert_eq!(ann.key(), Some("ann@example.com"));
+    /// assert!(matches!(
+    ///     ctx.load_by_key::<Account>("bob@example.com").await,
+    ///     Err(annals::Error::NotFound { .. })
+    /// ));
+    /// # Ok(()) }
+    /// ```
     pub async fn load_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
         match self.find_by_key::<A>(key).await? {
             Some(root) => Ok(root),
@@ -224,6 +283,26 @@ impl Context {
     }
 
     /// Loads the aggregate of type `A` with the natural key `key`, or `None` when there is none.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Event, Serialize, Deserialize)]
+    /// # #[event(name = "doc.find_by_key.opened")]
+    /// # struct Opened { owner: String }
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.find_by_key.account", events(Opened))]
+    /// # struct Account { owner: String }
+    /// # impl Apply<Opened> for Account {
+    /// #     fn apply(&mut self, e: &Opened) { self.owner = e.owner.clone() }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// # let store = Store::open("memory:").await?;
+    /// let mut ctx = store.begin_read_only();
+    /// assert!(ctx.find_by_key::<Account>("nobody").await?.is_none());
+    /// # Ok(()) }
+    /// ```
     pub async fn find_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Option<Root<A>>> {
         check_key(key)?;
         if let Some(&index) = self.by_key.get(&(A::NAME, key.to_owned())) {
@@ -250,6 +329,35 @@ impl Context {
     /// the commit fails with [`Error::Conflict`] (not [`Error::KeyTaken`]), writing nothing: a
     /// retry ([`Store::transact_with_retry`]) then loads the aggregate the other context
     /// created. So many tasks signing up one key at once all succeed through the retry helper.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Event, Serialize, Deserialize)]
+    /// # #[event(name = "doc.load_or_create.opened")]
+    /// # struct Opened { owner: String }
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.load_or_create.account", events(Opened))]
+    /// # struct Account { owner: String }
+    /// # impl Apply<Opened> for Account {
+    /// #     fn apply(&mut self, e: &Opened) { self.owner = e.owner.clone() }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// # let store = Store::open("memory:").await?;
+    /// for _ in 0..2 {
+    ///     store.transact_with_retry(Retry::default(), async |ctx| {
+    ///         let mut ann = ctx.load_or_create_by_key::<Account>("ann").await?;
+    ///         if ann.version() == 0 {
+    ///             ctx.apply(&mut ann, Opened { owner: "Ann".into() })?; // only the first time
+    ///         }
+    ///         Ok::<_, annals::Error>(())
+    ///     }).await?;
+    /// }
+    /// let ann = store.begin_read_only().load_by_key::<Account>("ann").await?;
+    /// assert_eq!(ann.version(), 1);
+    /// # Ok(()) }
+    /// ```
     pub async fn load_or_create_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
         match self.find_by_key::<A>(key).await? {
             Some(root) => Ok(root),

@@ -260,6 +260,17 @@ impl Error {
 /// Recognises a concurrency conflict inside an error type, so the retry helper can re-run work
 /// whose error type is the user's own.
 ///
+/// For [`Error`], exactly one variant counts: [`Error::Conflict`]. A commit reports it when an
+/// aggregate moved since this context loaded it, when another context created the natural key
+/// of an aggregate this one got from `load_or_create_by_key` (the retry then loads it), and
+/// when PostgreSQL aborts a commit with a serialization failure or a deadlock. Re-running the
+/// work reads fresh state, so it may succeed.
+///
+/// Not conflicts, because re-running the same work gives the same answer: `KeyTaken`
+/// (`create_with_key` on a taken key), `IdTaken`, `StaleRoot` (a bug in the work itself),
+/// `NotFound`, `RoundTrip`, `Encode`, `PayloadTooLarge`; nor `Backend`: a lost connection is
+/// not retried by the helper, retry it in your own code if that suits you.
+///
 /// Implement it for your error type by asking the `annals::Error` it wraps:
 ///
 /// ```

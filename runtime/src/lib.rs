@@ -12,10 +12,10 @@
 //! struct Deposited { amount: i64 }
 //!
 //! #[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
-//! #[aggregate(name = "account", events(Deposited))]
-//! struct Account { balance: i64 }
+//! #[aggregate(name = "wallet", events(Deposited))]
+//! struct Wallet { balance: i64 }
 //!
-//! impl Apply<Deposited> for Account {
+//! impl Apply<Deposited> for Wallet {
 //!     fn apply(&mut self, e: &Deposited) { self.balance += e.amount }
 //! }
 //!
@@ -23,12 +23,12 @@
 //! # async fn main() -> Result<(), annals::Error> {
 //! let store = Store::open("memory:").await?;
 //! store.transact(async |ctx| {
-//!     let mut alice = ctx.load_or_create_by_key::<Account>("alice").await?;
+//!     let mut alice = ctx.load_or_create_by_key::<Wallet>("alice").await?;
 //!     ctx.apply(&mut alice, Deposited { amount: 30 })?;
 //!     Ok::<_, annals::Error>(())
 //! }).await?;
 //!
-//! let alice = store.begin_read_only().load_by_key::<Account>("alice").await?;
+//! let alice = store.begin_read_only().load_by_key::<Wallet>("alice").await?;
 //! assert_eq!((alice.balance, alice.version()), (30, 1));
 //! # Ok(()) }
 //! ```
@@ -44,6 +44,21 @@
 //!
 //! `memory:` (feature `memory`) for tests; `sqlite://…` (feature `sqlite`, the default);
 //! `postgres://…` (feature `postgres`). See [`Store::open`].
+//!
+//! ## Tracing
+//!
+//! annals logs through [`tracing`](https://docs.rs/tracing); no `println!`. The spans, at
+//! `DEBUG` level:
+//!
+//! | span | when | fields |
+//! | --- | --- | --- |
+//! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot) |
+//! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, and `in_caller_tx = true` for `commit_in` |
+//!
+//! Events: `DEBUG` "conflict, retrying" with `attempt` from the retry helper; `WARN` when a stored
+//! snapshot does not decode (the load rebuilds from events) or a snapshot is over the size limit
+//! (not staged); `INFO` for each migration applied at open; on PostgreSQL, `WARN` when the
+//! `LISTEN` connection is lost (waiters poll until it is back).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -71,6 +86,11 @@ pub use registry::{Registry, registry};
 pub use retry::Retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::{Dialect, Migration, migrations};
+
+/// The README's code, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 /// The sqlx this annals is built with, for code that shares a connection or a transaction with
 /// the store (see `Context::commit_in`) without pinning a second copy of it.
