@@ -17,7 +17,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr, SqlitePool};
 
-use super::{Dialect, backend_error, plan_migrations, render};
+use super::backend_error;
+use super::migrate::{Dialect, plan_migrations, render};
+use super::records::{aggregate_id, uuid_from_bytes};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
@@ -200,26 +202,9 @@ impl SqliteBackend {
         if pending.is_empty() {
             return Ok(());
         }
-        let create = AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-        ));
-        sqlx::query(create)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend_error)?;
-        let record = AssertSqlSafe(format!(
-            "INSERT INTO {table} (version, name, applied_at) VALUES (?1, ?2, ?3)"
-        ))
-        .into_sql_str();
+        // Each migration records its own version.
         for migration in pending {
             sqlx::raw_sql(AssertSqlSafe(migration.sql))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend_error)?;
-            sqlx::query(record.clone())
-                .bind(migration.version)
-                .bind(migration.name)
-                .bind(to_micros(std::time::SystemTime::now()))
                 .execute(&mut *tx)
                 .await
                 .map_err(backend_error)?;
@@ -597,8 +582,10 @@ impl SqliteBackend {
                 metadata: Metadata::decode(metadata.as_deref())
                     .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?,
                 recorded_at: from_micros(get(&r, 8)?),
-                event_id: uuid::Uuid::from_slice(&get::<Vec<u8>>(&r, 9)?)
-                    .map_err(|e| Error::Corrupt(format!("event id at position {position}: {e}")))?,
+                event_id: uuid_from_bytes(
+                    &get::<Vec<u8>>(&r, 9)?,
+                    &format!("event id at position {position}"),
+                )?,
             });
         }
         Ok(out)
@@ -610,12 +597,6 @@ where
     T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
     row.try_get(index).map_err(backend_error)
-}
-
-fn aggregate_id(bytes: &[u8]) -> Result<AggregateId> {
-    uuid::Uuid::from_slice(bytes)
-        .map(AggregateId::from)
-        .map_err(|e| Error::Corrupt(format!("aggregate id: {e}")))
 }
 
 fn schema_version(value: i64) -> Result<u32> {

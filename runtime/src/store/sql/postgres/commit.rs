@@ -1,0 +1,332 @@
+//! Commits: the bind arrays of one commit statement, running it (on the pool in autocommit, or
+//! on a caller's connection inside its transaction), and turning a failure into the error a
+//! caller can act on (which aggregate conflicted, which key was taken).
+
+use std::collections::HashMap;
+
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnection, PgExecutor};
+
+use super::render::{Cas, Shape};
+use super::types::type_id_to_sql;
+use super::{PostgresBackend, query, to_i32};
+use crate::aggregate::AggregateId;
+use crate::error::{Error, Result};
+use crate::store::sql::backend_error;
+use crate::store::sql::types::{TypeKind, TypeMap};
+use crate::store::{CommitBatch, Locate, to_i64, to_micros};
+
+impl PostgresBackend {
+    /// Runs the commit statement of `batch` on `executor`: the pool (autocommit) or a caller's
+    /// connection inside its transaction.
+    pub(super) async fn run_commit<'e>(
+        &self,
+        executor: impl PgExecutor<'e>,
+        batch: &CommitBatch,
+        in_caller_tx: bool,
+    ) -> Result<()> {
+        let args = self.commit_args(batch).await?;
+        let shape = Shape {
+            cas: match args.cas_ids.len() {
+                0 => Cas::None,
+                1 => Cas::One,
+                _ => Cas::Many,
+            },
+            new: !args.new_ids.is_empty(),
+            snapshots: !args.snap_ids.is_empty(),
+            in_caller_tx,
+        };
+        let sql = self.sql.commit(shape)?;
+        let event_count = args.ev_ids.len() as u64;
+        let mut q = query(&sql);
+        match shape.cas {
+            Cas::None => {}
+            Cas::One => {
+                if let (Some(id), Some(expected), Some(new_version)) = (
+                    args.cas_ids.first(),
+                    args.cas_expected.first(),
+                    args.cas_new.first(),
+                ) {
+                    q = q.bind(*id).bind(*expected).bind(*new_version);
+                }
+            }
+            Cas::Many => {
+                q = q
+                    .bind(args.cas_ids)
+                    .bind(args.cas_expected)
+                    .bind(args.cas_new);
+            }
+        }
+        if shape.new {
+            q = q
+                .bind(args.new_ids)
+                .bind(args.new_types)
+                .bind(args.new_keys)
+                .bind(args.new_versions);
+        }
+        q = q
+            .bind(args.ev_aggregates)
+            .bind(args.ev_sequences)
+            .bind(args.ev_types)
+            .bind(args.ev_schema_versions)
+            .bind(args.ev_payloads)
+            .bind(args.ev_metadata)
+            .bind(args.ev_ids)
+            .bind(to_micros(batch.recorded_at));
+        if shape.snapshots {
+            q = q
+                .bind(args.snap_ids)
+                .bind(args.snap_shapes)
+                .bind(args.snap_versions)
+                .bind(args.snap_payloads);
+        }
+        match q.execute(executor).await {
+            Ok(done) if done.rows_affected() == event_count => {
+                if !in_caller_tx {
+                    self.wake.changed.notify();
+                    self.wake.commits.notify_one();
+                }
+                Ok(())
+            }
+            Ok(_) => Err(self.conflict(batch, None).await),
+            Err(e) => Err(self.commit_error(batch, e).await),
+        }
+    }
+
+    /// The bind arrays of a commit, with type names turned into ids.
+    async fn commit_args<'a>(&self, batch: &'a CommitBatch) -> Result<CommitArgs<'a>> {
+        let mut events_map = self.types.get(TypeKind::Event);
+        let mut aggregates_map = self.types.get(TypeKind::Aggregate);
+        // Types outside the registry (hand-written aggregates) are written on first use, in
+        // autocommit: a type name must outlive a caller's transaction that rolls back.
+        let new_aggregate_types: Vec<&str> = batch
+            .changes
+            .iter()
+            .filter(|c| c.is_new && aggregates_map.id(c.aggregate_type).is_none())
+            .map(|c| c.aggregate_type)
+            .collect();
+        let new_event_types: Vec<&str> = batch
+            .changes
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.name))
+            .filter(|name| events_map.id(name).is_none())
+            .collect();
+        if !new_aggregate_types.is_empty() || !new_event_types.is_empty() {
+            let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+            if !new_aggregate_types.is_empty() {
+                aggregates_map = self
+                    .ensure_types(&mut conn, TypeKind::Aggregate, &new_aggregate_types)
+                    .await?;
+            }
+            if !new_event_types.is_empty() {
+                events_map = self
+                    .ensure_types(&mut conn, TypeKind::Event, &new_event_types)
+                    .await?;
+            }
+        }
+        let lookup = |map: &TypeMap, name: &str| map.id_of(name).and_then(type_id_to_sql);
+        let count = batch.event_count();
+        let mut args = CommitArgs::with_capacity(count);
+        for change in &batch.changes {
+            let id = *change.id.as_uuid();
+            if change.is_new {
+                args.new_ids.push(id);
+                args.new_types
+                    .push(lookup(&aggregates_map, change.aggregate_type)?);
+                args.new_keys.push(change.key.as_deref());
+                args.new_versions
+                    .push(to_i64(change.new_version(), "aggregate version")?);
+            } else {
+                args.cas_ids.push(id);
+                args.cas_expected
+                    .push(to_i64(change.expected, "aggregate version")?);
+                args.cas_new
+                    .push(to_i64(change.new_version(), "aggregate version")?);
+            }
+            if let Some(snapshot) = &change.snapshot {
+                args.snap_ids.push(id);
+                args.snap_shapes
+                    .push(to_i32(snapshot.snapshot_version, "snapshot version")?);
+                args.snap_versions
+                    .push(to_i64(snapshot.version, "snapshot version")?);
+                args.snap_payloads.push(&snapshot.payload);
+            }
+        }
+        // In the order the context applied them, across aggregates: the order of the feed.
+        for (change, event) in batch.events_in_order() {
+            args.ev_aggregates.push(*change.id.as_uuid());
+            args.ev_sequences
+                .push(to_i64(event.version, "event version")?);
+            args.ev_types.push(lookup(&events_map, event.name)?);
+            args.ev_schema_versions
+                .push(to_i32(event.schema_version, "schema version")?);
+            args.ev_payloads.push(&event.payload);
+            args.ev_metadata.push(event.metadata.as_deref());
+            args.ev_ids.push(event.event_id);
+        }
+        Ok(args)
+    }
+
+    /// The conflict behind a failed version check: the first changed aggregate whose version is
+    /// not the one expected (`hint`: the aggregate the database named, if any).
+    async fn conflict(&self, batch: &CommitBatch, hint: Option<AggregateId>) -> Error {
+        let ids: Vec<uuid::Uuid> = batch.changes.iter().map(|c| *c.id.as_uuid()).collect();
+        let rows: Vec<(uuid::Uuid, i64)> =
+            match sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return backend_error(e),
+            };
+        let actual: HashMap<uuid::Uuid, i64> = rows.into_iter().collect();
+        let version_of = |id: &AggregateId| {
+            actual
+                .get(id.as_uuid())
+                .map_or(0, |v| u64::try_from(*v).unwrap_or(0))
+        };
+        let moved = batch.changes.iter().find(|c| {
+            hint.is_none_or(|h| h == c.id)
+                && (if c.is_new {
+                    actual.contains_key(c.id.as_uuid())
+                } else {
+                    version_of(&c.id) != c.expected
+                })
+        });
+        // A serialization failure or deadlock can be reported before the version moved; the
+        // first existing aggregate is then named, with the version as it stands.
+        let change = moved.or_else(|| batch.changes.iter().find(|c| !c.is_new));
+        match change {
+            Some(c) => {
+                tracing::debug!(aggregate = %c.id, expected = c.expected, "commit conflict");
+                Error::Conflict {
+                    aggregate_type: c.aggregate_type.to_owned(),
+                    aggregate: c.id,
+                    expected: c.expected,
+                    actual: version_of(&c.id),
+                }
+            }
+            None => Error::Corrupt("a commit conflicted, but no aggregate moved".to_owned()),
+        }
+    }
+
+    /// Maps a failed commit statement to the error a caller can act on.
+    async fn commit_error(&self, batch: &CommitBatch, e: sqlx::Error) -> Error {
+        let (code, constraint) = match e.as_database_error() {
+            Some(db) => (
+                db.code().map(|c| c.into_owned()),
+                db.constraint().map(str::to_owned),
+            ),
+            None => (None, None),
+        };
+        let prefix = &self.names.prefix;
+        match (code.as_deref(), constraint.as_deref()) {
+            (Some("23505"), Some(c)) if c == format!("{prefix}aggregates_key_uq") => {
+                self.key_taken(batch).await
+            }
+            (Some("23505"), Some(c)) if c == format!("{prefix}aggregates_pk") => {
+                let new = batch.changes.iter().find(|c| c.is_new).map(|c| c.id);
+                self.conflict(batch, new).await
+            }
+            (Some("23505"), Some(c)) if c == format!("{prefix}events_event_id_uq") => {
+                Error::Corrupt(format!("an event id of this commit is already stored: {e}"))
+            }
+            (Some("23505"), Some(c)) if c == format!("{prefix}events_stream_uq") => {
+                Error::Corrupt(format!(
+                    "an aggregate's row is behind its events (the version check passed, the \
+                     event sequence is taken): {e}"
+                ))
+            }
+            // Inside a caller's REPEATABLE READ or SERIALIZABLE transaction, an aggregate
+            // changed since its snapshot fails this way; re-running the work resolves both.
+            (Some("40001" | "40P01"), _) if batch.changes.iter().any(|c| !c.is_new) => {
+                self.conflict(batch, None).await
+            }
+            _ => backend_error(e),
+        }
+    }
+
+    /// The key error of a commit whose new aggregate's key was taken meanwhile.
+    async fn key_taken(&self, batch: &CommitBatch) -> Error {
+        let keyed: Vec<(&'static str, &str)> = batch
+            .changes
+            .iter()
+            .filter(|c| c.is_new)
+            .filter_map(|c| c.key.as_deref().map(|k| (c.aggregate_type, k)))
+            .collect();
+        let mut taken = keyed.first().copied();
+        if keyed.len() > 1 {
+            for &(aggregate_type, key) in &keyed {
+                let locate = Locate::Key {
+                    aggregate_type,
+                    key,
+                };
+                if let Ok(Some(_)) = self.locate_row(locate).await {
+                    taken = Some((aggregate_type, key));
+                    break;
+                }
+            }
+        }
+        match taken {
+            Some((aggregate_type, key)) => Error::KeyTaken {
+                aggregate_type: aggregate_type.to_owned(),
+                key: key.to_owned(),
+            },
+            None => Error::Corrupt("a key clash without a keyed aggregate".to_owned()),
+        }
+    }
+
+    /// caller commits.
+    pub(super) async fn commit_in(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+    ) -> Result<()> {
+        self.run_commit(&mut *conn, batch, true).await?;
+        sqlx::query("SELECT pg_notify($1::text, '')")
+            .bind(self.names.channel.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+}
+
+/// The bind arrays of one commit.
+#[derive(Default)]
+struct CommitArgs<'a> {
+    cas_ids: Vec<uuid::Uuid>,
+    cas_expected: Vec<i64>,
+    cas_new: Vec<i64>,
+    new_ids: Vec<uuid::Uuid>,
+    new_types: Vec<i32>,
+    new_keys: Vec<Option<&'a str>>,
+    new_versions: Vec<i64>,
+    ev_aggregates: Vec<uuid::Uuid>,
+    ev_sequences: Vec<i64>,
+    ev_types: Vec<i32>,
+    ev_schema_versions: Vec<i32>,
+    ev_payloads: Vec<&'a [u8]>,
+    ev_metadata: Vec<Option<&'a [u8]>>,
+    ev_ids: Vec<uuid::Uuid>,
+    snap_ids: Vec<uuid::Uuid>,
+    snap_shapes: Vec<i32>,
+    snap_versions: Vec<i64>,
+    snap_payloads: Vec<&'a [u8]>,
+}
+
+impl CommitArgs<'_> {
+    fn with_capacity(events: usize) -> Self {
+        CommitArgs {
+            ev_aggregates: Vec::with_capacity(events),
+            ev_sequences: Vec::with_capacity(events),
+            ev_types: Vec::with_capacity(events),
+            ev_schema_versions: Vec::with_capacity(events),
+            ev_payloads: Vec::with_capacity(events),
+            ev_metadata: Vec::with_capacity(events),
+            ev_ids: Vec::with_capacity(events),
+            ..CommitArgs::default()
+        }
+    }
+}
