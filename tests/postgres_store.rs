@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use annals::prelude::*;
-use annals::{Dialect, Error};
+use annals::{Dialect, Error, FeedCursor, StoreOptions, migrations};
 use conformance::domain::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -687,9 +687,15 @@ async fn multi_aggregate_conflict_writes_nothing() {
 async fn transfers_in_opposite_orders_do_not_deadlock() {
     const TASKS: usize = 4;
     const TRANSFERS: usize = 50;
-    let Some((store, _schema)) = support::open_fresh().await else {
+    let Some(url) = support::database_url() else {
         return;
     };
+    // A database of its own: its deadlock count is this test's alone. A deadlock would be
+    // retried as a conflict, so the count is what tells.
+    let database = support::Database::create(&url).await;
+    let store = Store::open_with(&database.url, StoreOptions::new().pool_size(4))
+        .await
+        .unwrap();
     let (x, y) = (store_account(&store).await, store_account(&store).await);
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
@@ -730,6 +736,67 @@ async fn transfers_in_opposite_orders_do_not_deadlock() {
         2 + 2 * (TASKS * TRANSFERS) as u64
     );
     store.close().await;
+    assert_eq!(database.deadlocks().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creating_keys_in_opposite_orders_does_not_deadlock() {
+    const ROUNDS: usize = 100;
+    const PAIRS: usize = 4;
+    let Some(url) = support::database_url() else {
+        return;
+    };
+    let database = support::Database::create(&url).await;
+    let store = Store::open_with(&database.url, StoreOptions::new().pool_size(8))
+        .await
+        .unwrap();
+    let create = |first: String, second: String| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .transact(async move |ctx| {
+                    let mut a = ctx.create_with_key::<Account>(&first).await?;
+                    let mut b = ctx.create_with_key::<Account>(&second).await?;
+                    ctx.apply(
+                        &mut a,
+                        Opened {
+                            owner: first.clone(),
+                        },
+                    )?;
+                    ctx.apply(
+                        &mut b,
+                        Opened {
+                            owner: second.clone(),
+                        },
+                    )?;
+                    Ok::<_, Error>(())
+                })
+                .await
+        })
+    };
+    for round in 0..ROUNDS {
+        // A few pairs at once, each pair racing for its two keys in opposite orders.
+        let pairs: Vec<_> = (0..PAIRS)
+            .map(|pair| {
+                let (x, y) = (format!("x-{round}-{pair}"), format!("y-{round}-{pair}"));
+                (create(x.clone(), y.clone()), create(y, x))
+            })
+            .collect();
+        for (one, other) in pairs {
+            let (one, other) = tokio::time::timeout(LIMIT, async { (one.await, other.await) })
+                .await
+                .expect("both finished in time");
+            // One creates both keys; the other finds them taken, at creation or at commit.
+            match (one.expect("no panic"), other.expect("no panic")) {
+                (Ok(()), Err(Error::KeyTaken { .. })) | (Err(Error::KeyTaken { .. }), Ok(())) => {}
+                other => {
+                    panic!("round {round}: expected one commit and one KeyTaken, got {other:?}")
+                }
+            }
+        }
+    }
+    store.close().await;
+    assert_eq!(database.deadlocks().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -752,5 +819,40 @@ async fn stores_of_other_prefixes_create_one_schema_at_once() {
             .expect("every store opens");
         store_account(&store).await;
         store.close().await;
+    }
+}
+
+#[tokio::test]
+async fn reserved_words_work_as_schema_names_and_pg_names_are_refused() {
+    let Some(url) = support::database_url() else {
+        return;
+    };
+    for name in ["user", "order"] {
+        let schema = support::Schema {
+            url: url.clone(),
+            name: name.to_owned(),
+        };
+        let store = schema.open().await;
+        let id = conformance::open_account(&store, &format!("acct-{name}"), "ann", 5).await;
+        assert_eq!(conformance::versions(&store, id).await, [1, 2]);
+        let feed = store.read_feed(FeedCursor::START, 10).await.unwrap();
+        assert!(
+            feed.iter().any(|e| e.aggregate_id == id),
+            "{name}: {feed:?}"
+        );
+        let sql = migrations(Dialect::Postgres, &schema.options()).unwrap();
+        assert!(sql[0].sql.contains(&format!("\"{name}\".annals_events")));
+        store.close().await;
+    }
+    // PostgreSQL reserves pg_ names for itself: refused before anything is sent.
+    let options = StoreOptions::new().schema("pg_x");
+    for refused in [
+        Store::open_with(&url, options.clone()).await.map(drop),
+        migrations(Dialect::Postgres, &options).map(drop),
+    ] {
+        match refused {
+            Err(Error::Config(message)) => assert!(message.contains("pg_"), "{message}"),
+            other => panic!("expected Config, got {other:?}"),
+        }
     }
 }

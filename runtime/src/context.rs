@@ -274,6 +274,7 @@ impl Context {
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = tracing::debug_span!(
             "annals.commit",
             aggregates = batch.changes.len(),
@@ -614,6 +615,7 @@ impl Context {
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = tracing::debug_span!(
             "annals.commit",
             aggregates = batch.changes.len(),

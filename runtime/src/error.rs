@@ -125,6 +125,23 @@ pub enum Error {
         max: usize,
     },
 
+    /// A commit is larger than the store accepts ([`StoreOptions::max_commit_bytes`], or
+    /// PostgreSQL's limit on one message); nothing was written. Split the work into several
+    /// contexts.
+    ///
+    /// [`StoreOptions::max_commit_bytes`]: crate::StoreOptions::max_commit_bytes
+    #[error(
+        "the commit is {size} bytes encoded, over the limit of {max} bytes: nothing was written; \
+         split it into smaller commits"
+    )]
+    CommitTooLarge {
+        /// The commit's encoded size (payloads, metadata, snapshots and keys; on PostgreSQL,
+        /// the whole message).
+        size: usize,
+        /// The limit it went over.
+        max: usize,
+    },
+
     /// Two Rust types were registered under one name.
     #[error("type name collision: {kind} name {name:?} is used by both `{first}` and `{second}`")]
     TypeNameCollision {

@@ -909,6 +909,61 @@ pub async fn payload_too_large_is_refused(store: &Store) {
     assert_eq!((blob.data.as_str(), blob.version()), ("small", 1));
 }
 
+/// Needs a store opened with a small [`StoreOptions::max_commit_bytes`] (under 64 KiB).
+pub async fn commit_too_large_is_refused(store: &Store) {
+    let max = store.options().max_commit_bytes;
+    assert!(
+        max < 64 << 10,
+        "open the store with a small max_commit_bytes"
+    );
+    let chunk = "x".repeat(max / 4);
+    let mut ctx = store.begin();
+    let mut blob = ctx.create::<Blob>().unwrap();
+    for _ in 0..5 {
+        ctx.apply(
+            &mut blob,
+            BlobWritten {
+                data: chunk.clone(),
+            },
+        )
+        .unwrap();
+    }
+    let id = blob.id();
+    match ctx.commit().await {
+        Err(Error::CommitTooLarge { size, max: limit }) => {
+            assert_eq!(limit, max);
+            assert!(size > max, "{size} > {max}");
+        }
+        other => panic!("expected CommitTooLarge, got {other:?}"),
+    }
+    assert!(matches!(
+        store.begin_read_only().load::<Blob>(id).await,
+        Err(Error::NotFound { .. })
+    ));
+    // Under the limit, the same store commits.
+    let id = store
+        .transact(async |ctx| {
+            let mut blob = ctx.create::<Blob>()?;
+            ctx.apply(
+                &mut blob,
+                BlobWritten {
+                    data: chunk.clone(),
+                },
+            )?;
+            ctx.apply(
+                &mut blob,
+                BlobWritten {
+                    data: chunk.clone(),
+                },
+            )?;
+            Ok::<_, Error>(blob.id())
+        })
+        .await
+        .unwrap();
+    let blob = store.begin_read_only().load::<Blob>(id).await.unwrap();
+    assert_eq!(blob.version(), 2);
+}
+
 pub async fn odd_payloads_round_trip(store: &Store) {
     let odd = "nul \u{0} escaped \\u0000 quote \" backslash \\ emoji 🦀 newline \n end".to_owned();
     let id = store

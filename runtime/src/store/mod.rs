@@ -180,6 +180,31 @@ impl CommitBatch {
         events.sort_by_key(|(_, e)| e.seq);
         events
     }
+    /// The bytes the commit carries: payloads, metadata, snapshots and keys.
+    pub fn encoded_size(&self) -> usize {
+        self.changes
+            .iter()
+            .map(|c| {
+                let events: usize = c
+                    .events
+                    .iter()
+                    .map(|e| e.payload.len() + e.metadata.as_ref().map_or(0, Vec::len))
+                    .sum();
+                events
+                    + c.snapshot.as_ref().map_or(0, |s| s.payload.len())
+                    + c.key.as_ref().map_or(0, String::len)
+            })
+            .fold(0, usize::saturating_add)
+    }
+
+    /// Refuses a batch over `max` bytes before anything is sent.
+    pub fn check_size(&self, max: usize) -> Result<()> {
+        let size = self.encoded_size();
+        if size > max {
+            return Err(Error::CommitTooLarge { size, max });
+        }
+        Ok(())
+    }
 }
 
 /// A storage engine. Implementations keep the invariants of the crate docs: `commit` writes a

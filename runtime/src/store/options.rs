@@ -31,6 +31,11 @@ pub struct StoreOptions {
     /// The largest encoded event, snapshot or metadata accepted; larger ones are refused with
     /// [`Error::PayloadTooLarge`] before anything is written. Default 16 MiB.
     pub max_payload_bytes: usize,
+    /// The largest commit accepted: the payloads, metadata, snapshots and keys of all its
+    /// events together. A larger one is refused with [`Error::CommitTooLarge`] before anything
+    /// is sent. Default 960 MiB, under PostgreSQL's limit of 1 GiB on one message (which the
+    /// PostgreSQL store also checks, counting its per-event overhead).
+    pub max_commit_bytes: usize,
     /// SQLite: durability of commits. Default [`Synchronous::Full`].
     pub synchronous: Synchronous,
     /// SQLite: how long a connection waits for a lock held by another process. Default 5 s.
@@ -39,6 +44,8 @@ pub struct StoreOptions {
     /// its one writer).
     pub pool_size: u32,
     /// PostgreSQL: the schema the tables live in (created when missing). Default `public`.
+    /// It must match `[a-z_][a-z0-9_]{0,40}` and not begin with `pg_`; it is always quoted, so
+    /// reserved words such as `user` or `order` work.
     pub schema: Option<String>,
     /// How often [`Store::wait_for_events`](crate::Store::wait_for_events) polls when no wake-up
     /// arrives. Default 500 ms.
@@ -53,6 +60,7 @@ impl Default for StoreOptions {
         StoreOptions {
             table_prefix: "annals_".to_owned(),
             max_payload_bytes: 16 << 20,
+            max_commit_bytes: 960 << 20,
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
             pool_size: 10,
@@ -78,6 +86,12 @@ impl StoreOptions {
     /// Sets the largest payload accepted.
     pub fn max_payload_bytes(mut self, max: usize) -> Self {
         self.max_payload_bytes = max;
+        self
+    }
+
+    /// Sets the largest commit accepted.
+    pub fn max_commit_bytes(mut self, max: usize) -> Self {
+        self.max_commit_bytes = max;
         self
     }
 
@@ -121,9 +135,20 @@ impl StoreOptions {
         check_identifier("table prefix", &self.table_prefix)?;
         if let Some(schema) = &self.schema {
             check_identifier("schema", schema)?;
+            if schema.starts_with("pg_") {
+                return Err(Error::Config(format!(
+                    "invalid schema {schema:?}: PostgreSQL reserves schema names that begin \
+                     with pg_"
+                )));
+            }
         }
         if self.pool_size == 0 {
             return Err(Error::Config("pool size must be at least 1".to_owned()));
+        }
+        if self.max_commit_bytes == 0 {
+            return Err(Error::Config(
+                "max commit size must be at least 1 byte".to_owned(),
+            ));
         }
         if self.max_payload_bytes == 0 {
             return Err(Error::Config(

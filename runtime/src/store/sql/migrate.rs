@@ -59,13 +59,14 @@ const POSTGRES_MIGRATIONS: &[MigrationSource] = &[MigrationSource {
 /// ```
 pub fn migrations(dialect: Dialect, options: &StoreOptions) -> Result<Vec<Migration>> {
     options.validate()?;
-    let schema = options.schema.as_deref().unwrap_or("public");
+    // Quoted: a valid identifier may still be a reserved word (`user`, `order`).
+    let schema = format!("\"{}\"", options.schema.as_deref().unwrap_or("public"));
     Ok(sources(dialect)
         .iter()
         .map(|m| Migration {
             version: m.version,
             name: m.name,
-            sql: render(m.sql, &options.table_prefix, schema),
+            sql: render(m.sql, &options.table_prefix, &schema),
         })
         .collect())
 }

@@ -14,7 +14,42 @@ use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::store::sql::backend_error;
 use crate::store::sql::types::{TypeKind, TypeMap};
-use crate::store::{CommitBatch, Locate, to_i64, to_micros};
+use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros};
+
+/// PostgreSQL refuses a protocol message of 1 GiB or more (`MaxAllocSize`); a commit is one
+/// message, with a margin left for the statement text and the message's own framing.
+const MAX_MESSAGE: usize = (1 << 30) - (1 << 16);
+
+/// The bytes the bind parameters of `batch` take in the message, counted as PostgreSQL's
+/// binary format lays them out: a length word per value, fixed-size ids and numbers, and the
+/// payloads, metadata, snapshots and keys themselves.
+fn message_size(batch: &CommitBatch) -> usize {
+    // Per event: aggregate id and event id (4 + 16 each), sequence (4 + 8), type and schema
+    // version (4 + 4 each), and the length words of payload and metadata.
+    const PER_EVENT: usize = 2 * 20 + 12 + 2 * 8 + 2 * 4;
+    // Per changed aggregate: id, type, key length word, versions; per snapshot: id, shape,
+    // version and the payload's length word.
+    const PER_CHANGE: usize = 20 + 8 + 4 + 2 * 12;
+    const PER_SNAPSHOT: usize = 20 + 8 + 12 + 4;
+    batch
+        .changes
+        .iter()
+        .map(|c| {
+            PER_CHANGE
+                + c.events.len() * PER_EVENT
+                + c.snapshot.as_ref().map_or(0, |_| PER_SNAPSHOT)
+        })
+        .fold(batch.encoded_size(), usize::saturating_add)
+}
+
+/// Refuses a batch whose message would pass `max` bytes, before anything is sent.
+fn check_message(batch: &CommitBatch, max: usize) -> Result<()> {
+    let size = message_size(batch);
+    if size > max {
+        return Err(Error::CommitTooLarge { size, max });
+    }
+    Ok(())
+}
 
 impl PostgresBackend {
     /// Runs the commit statement of `batch` on `executor`: the pool (autocommit) or a caller's
@@ -25,6 +60,7 @@ impl PostgresBackend {
         batch: &CommitBatch,
         in_caller_tx: bool,
     ) -> Result<()> {
+        check_message(batch, MAX_MESSAGE)?;
         let args = self.commit_args(batch).await?;
         let shape = Shape {
             cas: match args.cas_ids.len() {
@@ -127,16 +163,24 @@ impl PostgresBackend {
         let lookup = |map: &TypeMap, name: &str| map.id_of(name).and_then(type_id_to_sql);
         let count = batch.event_count();
         let mut args = CommitArgs::with_capacity(count);
+        // New aggregates are inserted in one canonical order (type, key, id): two commits that
+        // create the same keys then wait on the first key they share instead of each holding
+        // one key the other needs (a deadlock on the key index).
+        let mut new: Vec<(i32, &Change)> = Vec::new();
+        for change in batch.changes.iter().filter(|c| c.is_new) {
+            new.push((lookup(&aggregates_map, change.aggregate_type)?, change));
+        }
+        new.sort_by(|(ta, a), (tb, b)| (ta, &a.key, a.id).cmp(&(tb, &b.key, b.id)));
+        for (type_id, change) in new {
+            args.new_ids.push(*change.id.as_uuid());
+            args.new_types.push(type_id);
+            args.new_keys.push(change.key.as_deref());
+            args.new_versions
+                .push(to_i64(change.new_version(), "aggregate version")?);
+        }
         for change in &batch.changes {
             let id = *change.id.as_uuid();
-            if change.is_new {
-                args.new_ids.push(id);
-                args.new_types
-                    .push(lookup(&aggregates_map, change.aggregate_type)?);
-                args.new_keys.push(change.key.as_deref());
-                args.new_versions
-                    .push(to_i64(change.new_version(), "aggregate version")?);
-            } else {
+            if !change.is_new {
                 args.cas_ids.push(id);
                 args.cas_expected
                     .push(to_i64(change.expected, "aggregate version")?);
@@ -196,7 +240,9 @@ impl PostgresBackend {
         });
         // A serialization failure or deadlock can be reported before the version moved; the
         // first existing aggregate is then named, with the version as it stands.
-        let change = moved.or_else(|| batch.changes.iter().find(|c| !c.is_new));
+        let change = moved
+            .or_else(|| batch.changes.iter().find(|c| !c.is_new))
+            .or_else(|| batch.changes.first());
         match change {
             Some(c) => {
                 tracing::debug!(aggregate = %c.id, expected = c.expected, "commit conflict");
@@ -207,7 +253,7 @@ impl PostgresBackend {
                     actual: version_of(&c.id),
                 }
             }
-            None => Error::Corrupt("a commit conflicted, but no aggregate moved".to_owned()),
+            None => Error::Corrupt("a commit of no aggregate conflicted".to_owned()),
         }
     }
 
@@ -238,13 +284,40 @@ impl PostgresBackend {
                      event sequence is taken): {e}"
                 ))
             }
-            // Inside a caller's REPEATABLE READ or SERIALIZABLE transaction, an aggregate
-            // changed since its snapshot fails this way; re-running the work resolves both.
-            (Some("40001" | "40P01"), _) if batch.changes.iter().any(|c| !c.is_new) => {
+            // A serialization failure (an aggregate changed since a caller's REPEATABLE READ or
+            // SERIALIZABLE snapshot) or a deadlock: re-running the work resolves both, so both
+            // are the retryable conflict; a key another commit took meanwhile is named as such.
+            (Some("40001" | "40P01"), _) => {
+                if batch.changes.iter().all(|c| c.is_new)
+                    && let Some(taken) = self.taken_key(batch).await
+                {
+                    return taken;
+                }
                 self.conflict(batch, None).await
             }
             _ => backend_error(e),
         }
+    }
+
+    /// [`Error::KeyTaken`] for the first key of `batch`'s new aggregates that is committed
+    /// now, if any.
+    async fn taken_key(&self, batch: &CommitBatch) -> Option<Error> {
+        for change in batch.changes.iter().filter(|c| c.is_new) {
+            let Some(key) = change.key.as_deref() else {
+                continue;
+            };
+            let locate = Locate::Key {
+                aggregate_type: change.aggregate_type,
+                key,
+            };
+            if let Ok(Some(_)) = self.locate_row(locate).await {
+                return Some(Error::KeyTaken {
+                    aggregate_type: change.aggregate_type.to_owned(),
+                    key: key.to_owned(),
+                });
+            }
+        }
+        None
     }
 
     /// The key error of a commit whose new aggregate's key was taken meanwhile.
@@ -327,6 +400,52 @@ impl CommitArgs<'_> {
             ev_metadata: Vec::with_capacity(events),
             ev_ids: Vec::with_capacity(events),
             ..CommitArgs::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StagedEvent;
+
+    fn batch(events: usize, payload: usize) -> CommitBatch {
+        CommitBatch {
+            changes: vec![Change {
+                id: AggregateId::new(),
+                aggregate_type: "account",
+                key: Some("k".to_owned()),
+                is_new: true,
+                expected: 0,
+                events: (0..events)
+                    .map(|i| StagedEvent {
+                        seq: i as u64,
+                        version: i as u64 + 1,
+                        name: "deposited",
+                        schema_version: 1,
+                        payload: vec![b'x'; payload],
+                        metadata: None,
+                        event_id: uuid::Uuid::now_v7(),
+                    })
+                    .collect(),
+                snapshot: None,
+            }],
+            recorded_at: std::time::SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn many_small_events_count_their_overhead() {
+        // 1,000 events of 10 bytes: 10 kB of payload, but every event carries its ids,
+        // numbers and length words in the message too.
+        let many = batch(1_000, 10);
+        assert_eq!(many.encoded_size(), 10_001);
+        let size = message_size(&many);
+        assert!(size > 70_000, "{size}");
+        assert!(check_message(&many, size).is_ok());
+        match check_message(&many, size - 1) {
+            Err(Error::CommitTooLarge { size: s, max }) => assert_eq!((s, max), (size, size - 1)),
+            other => panic!("expected CommitTooLarge, got {other:?}"),
         }
     }
 }

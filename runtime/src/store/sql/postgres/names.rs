@@ -57,9 +57,10 @@ impl Names {
         })
     }
 
-    /// `{schema}.{prefix}{table}`.
+    /// `"{schema}".{prefix}{table}`: the schema is quoted, since a valid identifier may be a
+    /// reserved word; the prefixed table names never are.
     pub fn table(&self, table: &str) -> String {
-        format!("{}.{}{}", self.schema, self.prefix, table)
+        format!("\"{}\".{}{}", self.schema, self.prefix, table)
     }
 }
 

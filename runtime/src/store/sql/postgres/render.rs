@@ -418,9 +418,9 @@ mod tests {
     #[test]
     fn one_existing_aggregate_is_a_conditional_update_gating_the_insert() {
         let expected = "
-            WITH cas AS (UPDATE shop.es_aggregates SET version = $3::int8
+            WITH cas AS (UPDATE \"shop\".es_aggregates SET version = $3::int8
                          WHERE id = $1::uuid AND version = $2::int8 RETURNING id)
-            INSERT INTO shop.es_events (aggregate_id, sequence, event_type_id, schema_version,
+            INSERT INTO \"shop\".es_events (aggregate_id, sequence, event_type_id, schema_version,
                                         payload, metadata, recorded_at, event_id)
             SELECT e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
                    TIMESTAMPTZ 'epoch' + $11::int8 * INTERVAL '1 microsecond', e.event_id
@@ -436,11 +436,11 @@ mod tests {
     fn new_aggregates_only_need_no_version_check() {
         let expected = "
             WITH new_aggregates AS (
-                INSERT INTO shop.es_aggregates (id, type_id, natural_key, version)
+                INSERT INTO \"shop\".es_aggregates (id, type_id, natural_key, version)
                 SELECT n.id, n.type_id, n.natural_key, n.version
                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int8[])
                      AS n (id, type_id, natural_key, version))
-            INSERT INTO shop.es_events (aggregate_id, sequence, event_type_id, schema_version,
+            INSERT INTO \"shop\".es_events (aggregate_id, sequence, event_type_id, schema_version,
                                         payload, metadata, recorded_at, event_id)
             SELECT e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
                    TIMESTAMPTZ 'epoch' + $12::int8 * INTERVAL '1 microsecond', e.event_id
@@ -457,30 +457,30 @@ mod tests {
         let expected = "
             WITH c AS (SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[])
                        AS c (id, expected, new_version)),
-            locked AS (SELECT a.id, a.version FROM shop.es_aggregates a
+            locked AS (SELECT a.id, a.version FROM \"shop\".es_aggregates a
                        WHERE a.id = ANY($1::uuid[]) ORDER BY a.id FOR NO KEY UPDATE),
             ok AS (SELECT true AS ok FROM locked
                    JOIN c ON c.id = locked.id AND c.expected = locked.version
                    HAVING count(*) = (SELECT count(*) FROM c)),
-            cas AS (UPDATE shop.es_aggregates a SET version = c.new_version FROM c, ok
+            cas AS (UPDATE \"shop\".es_aggregates a SET version = c.new_version FROM c, ok
                     WHERE a.id = c.id),
             new_aggregates AS (
-                INSERT INTO shop.es_aggregates (id, type_id, natural_key, version)
+                INSERT INTO \"shop\".es_aggregates (id, type_id, natural_key, version)
                 SELECT n.id, n.type_id, n.natural_key, n.version
                 FROM UNNEST($4::uuid[], $5::int4[], $6::text[], $7::int8[])
                      AS n (id, type_id, natural_key, version), ok),
             snap AS (
-                INSERT INTO shop.es_snapshots
+                INSERT INTO \"shop\".es_snapshots
                     (aggregate_id, snapshot_version, version, payload, recorded_at)
                 SELECT s.aggregate_id, s.snapshot_version, s.version, s.payload,
                        TIMESTAMPTZ 'epoch' + $15::int8 * INTERVAL '1 microsecond'
                 FROM UNNEST($16::uuid[], $17::int4[], $18::int8[], $19::bytea[])
                      AS s (aggregate_id, snapshot_version, version, payload), ok
                 ON CONFLICT DO NOTHING),
-            floor AS (SELECT e.tx_id FROM shop.es_events e
+            floor AS (SELECT e.tx_id FROM \"shop\".es_events e
                       JOIN c ON e.aggregate_id = c.id AND e.sequence = c.expected
                       ORDER BY e.tx_id DESC LIMIT 1)
-            INSERT INTO shop.es_events (tx_id, aggregate_id, sequence, event_type_id,
+            INSERT INTO \"shop\".es_events (tx_id, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
             SELECT GREATEST(pg_current_xact_id(), (SELECT tx_id FROM floor)),
                    e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
@@ -515,22 +515,22 @@ mod tests {
         let by_id = "
             WITH a AS (SELECT id, type_id, natural_key, version,
                               LEAST(version, COALESCE($2::int8, version)) AS up_to
-                       FROM shop.es_aggregates WHERE id = $1::uuid)
+                       FROM \"shop\".es_aggregates WHERE id = $1::uuid)
             SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra,
                    NULL::bytea AS payload, a.natural_key, a.id
             FROM a
             UNION ALL
             (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
                     NULL, NULL
-             FROM shop.es_events e
+             FROM \"shop\".es_events e
              WHERE e.aggregate_id = $1::uuid AND e.sequence <= (SELECT up_to FROM a)
              ORDER BY e.sequence)";
         assert_eq!(load_sql(&names(), false, false), flat(by_id));
         let by_key_with_snapshot = "
             WITH a AS (SELECT id, type_id, natural_key, version,
                               LEAST(version, COALESCE($3::int8, version)) AS up_to
-                       FROM shop.es_aggregates WHERE type_id = $1::int4 AND natural_key = $2::text),
-            s AS (SELECT s.version, s.payload FROM shop.es_snapshots s
+                       FROM \"shop\".es_aggregates WHERE type_id = $1::int4 AND natural_key = $2::text),
+            s AS (SELECT s.version, s.payload FROM \"shop\".es_snapshots s
                   WHERE s.aggregate_id = (SELECT id FROM a) AND s.snapshot_version = $4::int4
                     AND s.version <= (SELECT up_to FROM a)
                   ORDER BY s.version DESC LIMIT 1)
@@ -540,7 +540,7 @@ mod tests {
             UNION ALL
             (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
                     NULL, NULL
-             FROM shop.es_events e
+             FROM \"shop\".es_events e
              WHERE e.aggregate_id = (SELECT id FROM a)
                AND e.sequence > COALESCE((SELECT version FROM s), 0)
                AND e.sequence <= (SELECT up_to FROM a)
