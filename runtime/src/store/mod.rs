@@ -10,6 +10,7 @@ use crate::aggregate::AggregateId;
 use crate::context::Context;
 use crate::error::{Error, IsConflict, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::registry::{Registry, registry};
 use crate::retry::Retry;
 
@@ -230,12 +231,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
         after_version: u64,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
 
-    /// Up to `limit` events of the global feed after `after`, in commit order.
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
+    /// Up to `limit` events of the global feed after `after`, in commit order, and who holds
+    /// back later events, if anyone does. Never waits for a hold-back to end.
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>>;
 
     /// A counter of the commits this backend has heard of; read it before reading the feed and
     /// pass it to [`wait_for_change`](Backend::wait_for_change).
@@ -396,13 +394,39 @@ impl Store {
 
     /// Up to `limit` events of the global feed after `after`, each once, in commit order. Pass
     /// [`FeedCursor::START`] to read from the beginning, then the `cursor` of the last event
-    /// read.
+    /// read. It never waits: a page shorter than `limit` means there is nothing more to read
+    /// now.
     ///
     /// On PostgreSQL the feed never runs ahead of a transaction that is still open, so that an
-    /// event committed late is never skipped: while some writing transaction of the database
-    /// stays open, events committed after it began are held back, and a read that finds only
-    /// such events waits up to a second for them before it returns a shorter page.
-    pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<Vec<RecordedEvent>> {
+    /// event committed late is never skipped: while a transaction that could write to the
+    /// store's database stays open, events committed after it began are held back, and the
+    /// page says so in [`FeedPage::held_back`], with that transaction's id and, where the
+    /// server shows them, its pid, database and age. Transactions of other databases of the
+    /// server do not hold the feed back; any transaction of the same database does, whatever
+    /// tables it writes. A hold-back longer than [`StoreOptions::hold_back_warning`] is logged
+    /// (`tracing`, at most once a minute). Set `idle_in_transaction_session_timeout` on the
+    /// server so a forgotten session cannot hold the feed back for long.
+    ///
+    /// ```
+    /// # async fn demo(store: annals::Store) -> Result<(), annals::Error> {
+    /// use annals::FeedCursor;
+    /// let mut cursor = FeedCursor::START;
+    /// loop {
+    ///     let page = store.read_feed(cursor, 100).await?;
+    ///     for event in &page {
+    ///         println!("{} {} v{}", event.event_type, event.aggregate_id, event.version);
+    ///     }
+    ///     cursor = page.cursor_or(cursor);
+    ///     if page.len() < 100 {
+    ///         if let Some(held) = &page.held_back {
+    ///             println!("not caught up: {held}");
+    ///         }
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {
         self.inner.backend.read_feed(after, limit).await
     }
 

@@ -50,6 +50,9 @@ pub struct StoreOptions {
     /// How often [`Store::wait_for_events`](crate::Store::wait_for_events) polls when no wake-up
     /// arrives. Default 500 ms.
     pub poll_interval: Duration,
+    /// PostgreSQL: a feed held back longer than this by one open transaction is logged as a
+    /// warning (at most once a minute). Default 30 s.
+    pub hold_back_warning: Duration,
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
@@ -66,6 +69,7 @@ impl Default for StoreOptions {
             pool_size: 10,
             schema: None,
             poll_interval: Duration::from_millis(500),
+            hold_back_warning: Duration::from_secs(30),
             migrate: true,
         }
     }
@@ -122,6 +126,12 @@ impl StoreOptions {
     /// Sets the fallback poll interval of [`Store::wait_for_events`](crate::Store::wait_for_events).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// Sets how long a hold-back of the feed lasts before it is logged.
+    pub fn hold_back_warning(mut self, after: Duration) -> Self {
+        self.hold_back_warning = after;
         self
     }
 

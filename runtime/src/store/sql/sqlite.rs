@@ -23,6 +23,7 @@ use super::records::{aggregate_id, uuid_from_bytes};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
@@ -642,11 +643,7 @@ impl Backend for SqliteBackend {
         })
     }
 
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         Box::pin(async move {
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = sqlx::query(self.sql.read_feed.clone())
@@ -655,7 +652,7 @@ impl Backend for SqliteBackend {
                 .fetch_all(&self.readers)
                 .await
                 .map_err(backend_error)?;
-            self.recorded(rows).await
+            Ok(FeedPage::new(self.recorded(rows).await?, None))
         })
     }
 

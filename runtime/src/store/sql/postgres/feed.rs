@@ -2,9 +2,9 @@
 //!
 //! The feed is ordered by `(tx_id, position)` and read only below the oldest transaction still
 //! running (`pg_snapshot_xmin`), so an event whose transaction commits late is never skipped.
-//! Events committed above that horizon are held back; the hold-back policy is here: a read that
-//! comes out short because of them waits a little (at most [`FEED_SETTLE`]) for the transaction
-//! holding them back to end.
+//! Events committed above that horizon are held back: a read never waits for them, it says who
+//! holds them back (see `render::feed_sql` for the horizon), and a hold-back that lasts is
+//! logged.
 
 use std::time::Duration;
 
@@ -14,14 +14,14 @@ use super::{PostgresBackend, get, query};
 use crate::aggregate::AggregateId;
 use crate::error::Result;
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::{FeedPage, HeldBack};
 use crate::store::sql::backend_error;
 use crate::store::sql::records::{RecordRow, records_need_refresh};
 use crate::store::sql::types::TypeKind;
 use crate::store::{to_i64, to_u64};
 
-/// How long a feed read waits, at most, for transactions still running below events that are
-/// already committed, before it returns a shorter page.
-const FEED_SETTLE: Duration = Duration::from_secs(1);
+/// The shortest time between two warnings of a long hold-back from one store.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl PostgresBackend {
     /// Every event of one aggregate after `after_version`, in version order.
@@ -40,45 +40,10 @@ impl PostgresBackend {
         self.records(&mut conn, &rows).await
     }
 
-    /// Up to `limit` events of the feed after `after`.
-    pub(super) async fn feed(&self, after: FeedCursor, limit: usize) -> Result<Vec<RecordedEvent>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
-        let deadline = tokio::time::Instant::now() + FEED_SETTLE;
-        let mut pause = Duration::from_millis(1);
-        // Committed events past a transaction that is still running are held back; when a
-        // page comes out short because of them, wait a little for that transaction to end
-        // (commits take milliseconds), so readers see their own and others' recent commits.
-        let mut target = None;
-        loop {
-            let (page, held) = self.feed_page(after, limit_sql).await?;
-            if page.len() >= limit {
-                return Ok(page);
-            }
-            // Wait for the events held back at the first look, not for later ones: under a
-            // stream of commits there is always a newer one.
-            let Some(wanted) = target.or(held) else {
-                return Ok(page);
-            };
-            let done = held.is_none() || page.last().is_some_and(|e| e.cursor >= wanted);
-            if done || tokio::time::Instant::now() >= deadline {
-                return Ok(page);
-            }
-            target = Some(wanted);
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    /// One page of the feed after `after`, and the newest event after it that is committed but
-    /// not readable yet (a transaction older than its own is still running).
-    async fn feed_page(
-        &self,
-        after: FeedCursor,
-        limit: i64,
-    ) -> Result<(Vec<RecordedEvent>, Option<FeedCursor>)> {
+    /// Up to `limit` events of the feed after `after`, and who holds back the events after
+    /// them, if anyone does. One statement; it never waits.
+    pub(super) async fn feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let mut rows = query(&self.sql.read_feed)
             .bind(to_i64(after.tx, "feed cursor transaction")?)
@@ -87,17 +52,50 @@ impl PostgresBackend {
             .fetch_all(&mut *conn)
             .await
             .map_err(backend_error)?;
-        let mut held = None;
+        let mut held_back = None;
         if let Some(last) = rows.last()
             && get::<Option<uuid::Uuid>>(last, 2)?.is_none()
         {
-            held = Some(FeedCursor {
-                tx: to_u64(get(last, 0)?, "transaction id")?,
-                position: to_u64(get(last, 1)?, "event position")?,
-            });
+            held_back = Some(held_back_from(last)?);
             rows.pop();
         }
-        Ok((self.records(&mut conn, &rows).await?, held))
+        let events = if limit == 0 {
+            Vec::new()
+        } else {
+            self.records(&mut conn, &rows).await?
+        };
+        if let Some(held) = &held_back {
+            self.warn_if_held_long(held);
+        }
+        Ok(FeedPage::new(events, held_back))
+    }
+
+    /// Logs a hold-back older than [`StoreOptions::hold_back_warning`], at most once a minute.
+    ///
+    /// [`StoreOptions::hold_back_warning`]: crate::StoreOptions::hold_back_warning
+    fn warn_if_held_long(&self, held: &HeldBack) {
+        let threshold = self.options.hold_back_warning;
+        if held.age.is_none_or(|age| age < threshold) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_hold_back_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        tracing::warn!(
+            xid = held.xid,
+            pid = held.pid,
+            database = held.database.as_deref(),
+            age_s = held.age.map(|a| a.as_secs()),
+            prepared = held.prepared,
+            "the feed is {held}: events committed after it began stay unread until it ends \
+             (idle_in_transaction_session_timeout ends forgotten sessions)"
+        );
     }
 
     /// Turns rows of [`RECORD_COLUMNS`](super::render::RECORD_COLUMNS) into records, re-reading
@@ -133,5 +131,22 @@ fn record_row(row: &PgRow) -> Result<RecordRow<'_>> {
         metadata: get(row, 8)?,
         recorded_at: get(row, 9)?,
         event_id: get(row, 10)?,
+    })
+}
+
+/// The hold-back row of the feed statement (see `render::feed_sql` for its columns).
+fn held_back_from(row: &PgRow) -> Result<HeldBack> {
+    let database: Option<Vec<u8>> = get(row, 7)?;
+    let age: Option<i64> = get(row, 9)?;
+    Ok(HeldBack {
+        xid: to_u64(get(row, 4)?, "transaction id")?,
+        pid: get(row, 3)?,
+        database: database.map(|d| String::from_utf8_lossy(&d).into_owned()),
+        age: age.map(|micros| Duration::from_micros(micros.unsigned_abs())),
+        prepared: get::<Option<i32>>(row, 5)? == Some(1),
+        newest_waiting: FeedCursor {
+            tx: to_u64(get(row, 0)?, "transaction id")?,
+            position: to_u64(get(row, 1)?, "event position")?,
+        },
     })
 }

@@ -38,6 +38,7 @@ use self::render::Statements;
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::registry::Registry;
 use crate::store::sql::backend_error;
 use crate::store::sql::types::TypeCache;
@@ -61,6 +62,8 @@ pub(crate) struct PostgresBackend {
     types: TypeCache,
     wake: Arc<Wake>,
     tasks: Mutex<Tasks>,
+    /// When a long hold-back of the feed was last logged.
+    last_hold_back_warning: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -125,6 +128,7 @@ impl PostgresBackend {
                 notifier: Some(notifier),
                 ..Tasks::default()
             }),
+            last_hold_back_warning: Mutex::new(None),
         })
     }
 }
@@ -169,11 +173,7 @@ impl Backend for PostgresBackend {
         Box::pin(self.stream_records(id, after_version))
     }
 
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         Box::pin(self.feed(after, limit))
     }
 

@@ -139,25 +139,7 @@ impl Statements {
                  WHERE e.aggregate_id = $1::uuid AND e.sequence > $2::int8 ORDER BY e.sequence"
             )
             .into(),
-            // Only below the oldest transaction still running: one that commits later may hold
-            // events that sort before the ones already visible. A last row (with no aggregate
-            // id) gives the newest event held back above that horizon, if any, read in the
-            // same snapshot as the page.
-            read_feed: format!(
-                "(SELECT {RECORD_COLUMNS} \
-                  FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
-                  WHERE (e.tx_id, e.position) > ($1::int8::text::xid8, $2::int8) \
-                    AND e.tx_id < pg_snapshot_xmin(pg_current_snapshot()) \
-                  ORDER BY e.tx_id, e.position LIMIT $3::int8) \
-                 UNION ALL \
-                 (SELECT e.tx_id::text::int8, e.position, NULL::uuid, NULL::int4, NULL::int8, \
-                         NULL::int4, NULL::int4, NULL::bytea, NULL::bytea, NULL::int8, NULL::uuid \
-                  FROM {events} e \
-                  WHERE (e.tx_id, e.position) > ($1::int8::text::xid8, $2::int8) \
-                    AND e.tx_id >= pg_snapshot_xmin(pg_current_snapshot()) \
-                  ORDER BY e.tx_id DESC, e.position DESC LIMIT 1)"
-            )
-            .into(),
+            read_feed: feed_sql(&events, &aggregates).into(),
             schema_version: format!(
                 "SELECT COALESCE(MAX(version), 0) FROM {}",
                 names.table("schema_migrations")
@@ -196,6 +178,68 @@ impl Statements {
             .cloned()
             .ok_or_else(|| Error::Corrupt(format!("no commit statement for {shape:?}")))
     }
+}
+
+/// The horizon of the feed, as CTEs: the oldest transaction still running that could write to
+/// this database, or the snapshot's `xmax` when none runs.
+///
+/// `pg_snapshot_xmin` would do, but it is the oldest transaction of the whole cluster: one left
+/// open in another database would hold this feed back. A transaction is left out only when
+/// `pg_stat_activity` (or `pg_prepared_xacts`) shows it in another database, since a session
+/// never changes database and cannot write to this one. Any other running transaction counts,
+/// including one that ended between the snapshot and the look at `pg_stat_activity`, or one
+/// this role may not see: the horizon can only be too early, never too late, so nothing is
+/// skipped. Transaction ids in those views are 32-bit; they are compared by their low 32 bits,
+/// which no two running transactions share.
+const FEED_HORIZON: &str = "\
+    snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s), \
+    other_databases AS MATERIALIZED ( \
+        SELECT backend_xid::text::int8 AS x FROM pg_stat_activity \
+        WHERE backend_xid IS NOT NULL \
+          AND datid IS DISTINCT FROM \
+              (SELECT oid FROM pg_database WHERE datname = current_database()) \
+        UNION ALL \
+        SELECT transaction::text::int8 FROM pg_prepared_xacts \
+        WHERE database <> current_database()), \
+    h AS MATERIALIZED ( \
+        SELECT COALESCE( \
+            (SELECT min(x) FROM snap, pg_snapshot_xip(snap.s) AS x \
+             WHERE (x::text::int8 & 4294967295) NOT IN (SELECT x FROM other_databases)), \
+            (SELECT pg_snapshot_xmax(s) FROM snap)) AS horizon)";
+
+/// The feed statement. Parameters: the cursor's transaction id and position, and the page's
+/// size. It returns the page, events in `(tx_id, position)` order below the horizon; then, when
+/// events committed above the horizon wait, one more row whose aggregate id is NULL: the newest
+/// waiting event's transaction id and position, with (in the columns of a record, by position)
+/// 3: the holder's pid, 4: the horizon, 5: 1 for a prepared transaction (NULL when the holder is
+/// gone), 7: its database's name, 9: its age in microseconds.
+fn feed_sql(events: &str, aggregates: &str) -> String {
+    let after = "(e.tx_id, e.position) > ($1::int8::text::xid8, $2::int8)";
+    let horizon = "(SELECT horizon FROM h)";
+    let low32 = "((SELECT horizon FROM h)::text::int8 & 4294967295)";
+    format!(
+        "WITH {FEED_HORIZON} \
+         (SELECT {RECORD_COLUMNS} \
+          FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
+          WHERE {after} AND e.tx_id < {horizon} \
+          ORDER BY e.tx_id, e.position LIMIT $3::int8) \
+         UNION ALL \
+         (SELECT w.tx_id::text::int8, w.position, NULL::uuid, hb.pid, \
+                 {horizon}::text::int8, hb.prepared::int4, NULL::int4, \
+                 convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid \
+          FROM (SELECT e.tx_id, e.position FROM {events} e \
+                WHERE {after} AND e.tx_id >= {horizon} \
+                ORDER BY e.tx_id DESC, e.position DESC LIMIT 1) w \
+          LEFT JOIN LATERAL ( \
+              SELECT a.pid, a.datname::text AS datname, false AS prepared, \
+                     (EXTRACT(EPOCH FROM now() - a.xact_start) * 1000000)::int8 AS age \
+              FROM pg_stat_activity a WHERE a.backend_xid::text::int8 = {low32} \
+              UNION ALL \
+              SELECT NULL::int4, p.database::text, true, \
+                     (EXTRACT(EPOCH FROM now() - p.prepared) * 1000000)::int8 \
+              FROM pg_prepared_xacts p WHERE p.transaction::text::int8 = {low32} \
+              LIMIT 1) hb ON true)"
+    )
 }
 
 /// The statement that loads an aggregate. The first row holds the aggregate and its newest
