@@ -350,3 +350,46 @@ async fn a_transaction_of_another_database_does_not_hold_the_feed_back() {
     raw.close().await;
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contexts_events_follow_every_event_it_loaded() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    // The caller's transaction writes its own table first: its transaction id is the older.
+    let mut tx = raw.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {}.invoices (number text)",
+        schema.name
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    // A customer is committed elsewhere, after that.
+    let customer = open_account(&store, "customer").await;
+    let customer_event = store.history(customer).await.unwrap()[0].event_id;
+    // The context only reads the customer, and creates an order from it in the caller's
+    // transaction.
+    let mut ctx = store.begin();
+    let read = ctx.load::<Account>(customer).await.unwrap();
+    let mut order = ctx.create_with_key::<Account>("order-1").await.unwrap();
+    let order_event = ctx
+        .apply(
+            &mut order,
+            Opened {
+                owner: read.owner.clone(),
+            },
+        )
+        .unwrap();
+    ctx.commit_in(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let feed = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(
+        ids(&feed),
+        [customer_event, order_event],
+        "the order comes after the customer it was decided from"
+    );
+    store.close().await;
+}

@@ -856,3 +856,138 @@ async fn reserved_words_work_as_schema_names_and_pg_names_are_refused() {
         }
     }
 }
+
+/// A deposit to `id` committed through `commit_in` in `tx`.
+async fn deposit_in(
+    store: &Store,
+    tx: &mut sqlx::PgConnection,
+    id: AggregateId,
+) -> Result<(), Error> {
+    let mut ctx = store.begin();
+    let mut account = ctx.load::<Account>(id).await?;
+    ctx.apply(&mut account, Deposited { amount: 1 })?;
+    ctx.commit_in(tx).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_in_at_each_isolation_level() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let table = orders_table(&schema, &raw).await;
+    for level in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"] {
+        let x = conformance::open_account(&store, &format!("x {level}"), "x", 0).await;
+        let isolate = format!("SET TRANSACTION ISOLATION LEVEL {level}");
+
+        // Loaded before the transaction's first statement: it commits at every level.
+        let mut tx = raw.begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(isolate.clone()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        deposit_in(&store, &mut tx, x).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(conformance::versions(&store, x).await, [1, 2], "{level}");
+
+        // The transaction's snapshot comes first (it reads its own table), then another
+        // commit extends X, and only then does the context load X.
+        let mut tx = raw.begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(isolate.clone()))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let mut other = store.begin();
+        let mut account = other.load::<Account>(x).await.unwrap();
+        other.apply(&mut account, Deposited { amount: 5 }).unwrap();
+        other.commit().await.unwrap();
+        let outcome = deposit_in(&store, &mut tx, x).await;
+        if level == "READ COMMITTED" {
+            // Each statement sees the latest commit: the version check passes.
+            outcome.unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(conformance::versions(&store, x).await, [1, 2, 3, 4]);
+        } else {
+            match outcome {
+                Err(e @ Error::StaleTransaction { .. }) => {
+                    assert!(e.is_conflict(), "re-running the unit of work resolves it");
+                    assert!(
+                        e.to_string().contains("REPEATABLE READ or SERIALIZABLE"),
+                        "{e}"
+                    );
+                    match e {
+                        Error::StaleTransaction {
+                            aggregate, loaded, ..
+                        } => assert_eq!((aggregate, loaded), (x, 3)),
+                        _ => unreachable!(),
+                    }
+                }
+                other => panic!("{level}: expected StaleTransaction, got {other:?}"),
+            }
+            tx.rollback().await.unwrap();
+            assert_eq!(conformance::versions(&store, x).await, [1, 2, 3], "{level}");
+        }
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_select_only_role_opens_the_store_read_only() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let id = conformance::open_account(&store, "alice", "Alice", 5).await;
+    let role = format!("annals_ro_{}", &schema.name[2..14]);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN; \
+         GRANT USAGE ON SCHEMA \"{schema}\" TO {role}; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO {role};",
+        schema = schema.name
+    )))
+    .execute(&raw)
+    .await
+    .unwrap();
+    let url = support::with_user(&schema.url, &role);
+
+    // Read-write, it cannot open: the error says how to open it.
+    match Store::open_with(&url, schema.options()).await {
+        Err(Error::Config(message)) => {
+            assert!(message.contains("read_only(true)"), "{message}")
+        }
+        other => panic!("expected Config, got {other:?}"),
+    }
+    // Read-only, it loads, reads histories and the feed, and refuses to stage events.
+    let reader = Store::open_with(&url, schema.options().read_only(true))
+        .await
+        .unwrap();
+    let mut ctx = reader.begin();
+    let mut alice = ctx.load::<Account>(id).await.unwrap();
+    assert_eq!((alice.balance, alice.version()), (5, 2));
+    assert!(matches!(
+        ctx.apply(&mut alice, Deposited { amount: 1 }),
+        Err(Error::ReadOnly)
+    ));
+    assert_eq!(reader.history(id).await.unwrap().len(), 2);
+    let feed = conformance::read_feed_to_end(&reader, FeedCursor::START, 10).await;
+    assert_eq!(feed.len(), 2);
+    assert!(
+        reader
+            .begin_read_only()
+            .find_by_key::<Account>("alice")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    reader.close().await;
+    store.close().await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role};"
+    )))
+    .execute(&raw)
+    .await;
+}

@@ -285,6 +285,12 @@ impl Context {
 
     /// The store and what to write, or `None` when nothing is staged.
     pub(crate) fn into_batch(self) -> Option<(Store, CommitBatch)> {
+        let loaded = self
+            .tracked
+            .iter()
+            .filter(|t| !t.is_new && t.base > 0)
+            .map(|t| (t.id, t.base))
+            .collect();
         let changes: Vec<Change> = self
             .tracked
             .into_iter()
@@ -304,6 +310,7 @@ impl Context {
         }
         let batch = CommitBatch {
             changes,
+            loaded,
             recorded_at: SystemTime::now(),
         };
         Some((self.store, batch))
@@ -577,6 +584,12 @@ impl Context {
     /// The connection must be to the store's database. A long-open transaction holds back
     /// readers of the global feed (see [`Store::read_feed`](crate::Store::read_feed)) until it
     /// ends: keep it short. Fails with [`Error::Config`] on a store that is not PostgreSQL.
+    ///
+    /// Every isolation level works. At `REPEATABLE READ` and `SERIALIZABLE` the transaction's
+    /// snapshot is taken at its first statement: when an aggregate this context loaded was
+    /// committed after that, the transaction cannot commit on top of it, and this fails with
+    /// [`Error::StaleTransaction`] (a conflict: roll back and re-run the whole unit). Load
+    /// before the transaction's first statement to avoid it.
     ///
     /// ```no_run
     /// use annals::prelude::*;

@@ -29,6 +29,27 @@ pub enum Error {
         actual: u64,
     },
 
+    /// [`Context::commit_in`](crate::Context::commit_in) ran inside a caller's transaction whose
+    /// snapshot is older than what the context loaded: at `REPEATABLE READ` or `SERIALIZABLE`,
+    /// the snapshot is taken at the transaction's first statement, and this aggregate's loaded
+    /// version was committed after it, so the transaction cannot commit events that follow it.
+    /// Nothing of the context was written; roll the transaction back and run the whole unit of
+    /// work again (it counts as a conflict for [`IsConflict`]). Loading before the
+    /// transaction's first statement, or `READ COMMITTED`, avoids it.
+    #[error(
+        "the caller's transaction cannot see version {loaded} of {aggregate_type} {aggregate}: \
+         its REPEATABLE READ or SERIALIZABLE snapshot was taken before that version was \
+         committed; roll the transaction back and run the whole unit of work again"
+    )]
+    StaleTransaction {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The aggregate the transaction cannot see as loaded.
+        aggregate: AggregateId,
+        /// The version the context loaded (and the store holds).
+        loaded: u64,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {
@@ -272,7 +293,10 @@ pub trait IsConflict {
 
 impl IsConflict for Error {
     fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
+        matches!(
+            self,
+            Error::Conflict { .. } | Error::StaleTransaction { .. }
+        )
     }
 }
 

@@ -863,6 +863,13 @@ pub async fn feed_each_event_once_in_commit_order(store: &Store) {
     }
     // Reading on from the end gives nothing.
     assert!(read_feed_to_end(store, cursor, 10).await.is_empty());
+    // A waiter with events to read returns at once, whatever its timeout.
+    assert!(
+        store
+            .wait_for_events(FeedCursor::START, Duration::MAX)
+            .await
+            .unwrap()
+    );
 }
 
 /// Reads the feed after `cursor` in pages of `page` until it is caught up: a short page that

@@ -236,3 +236,11 @@ fn with_database(url: &str, database: &str) -> String {
     }
     out
 }
+
+/// `url` with its user replaced by `user` (no password: the test server trusts local users).
+pub fn with_user(url: &str, user: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(scheme_end..).unwrap_or_default();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{}{user}@{host}", url.get(..scheme_end).unwrap_or_default())
+}

@@ -57,6 +57,9 @@ impl CommitSignal {
     }
 }
 
+/// The first pause of [`Store::wait_for_events`] before it reads a held-back feed again.
+const HELD_BACK_FIRST_PAUSE: Duration = Duration::from_millis(5);
+
 /// A boxed future, as the backend trait returns them.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -162,6 +165,9 @@ impl Change {
 #[derive(Debug, Clone)]
 pub(crate) struct CommitBatch {
     pub changes: Vec<Change>,
+    /// Every aggregate the context loaded, changed or only read, at the version it loaded: the
+    /// events this commit's events may have been decided from.
+    pub loaded: Vec<(AggregateId, u64)>,
     pub recorded_at: SystemTime,
 }
 
@@ -322,8 +328,10 @@ impl Store {
 
     /// A new read-write context. It writes nothing until [`Context::commit`]; dropped, it
     /// discards what it staged.
+    ///
+    /// On a store opened with [`StoreOptions::read_only`], this context is read-only too.
     pub fn begin(&self) -> Context {
-        Context::new(self.clone(), false)
+        Context::new(self.clone(), self.inner.options.read_only)
     }
 
     /// A new read-only context: it loads aggregates and refuses to stage events.
@@ -431,23 +439,37 @@ impl Store {
     }
 
     /// Waits until the feed holds events after `after`, for at most `timeout`. Returns true
-    /// when there are such events, false when the time ran out first.
+    /// when there are such events, false when the time ran out first (any `timeout` works,
+    /// `Duration::MAX` included).
     ///
     /// Commits made through this process wake waiters at once; on PostgreSQL, commits of other
     /// processes wake them through `LISTEN`/`NOTIFY`. Otherwise the feed is polled every
-    /// [`StoreOptions::poll_interval`].
+    /// [`StoreOptions::poll_interval`]. While the feed is held back (PostgreSQL, see
+    /// [`read_feed`](Store::read_feed)), the end of the transaction holding it sends no
+    /// notification: the feed is then read again after 5 ms, 10 ms, … up to the poll interval.
     pub async fn wait_for_events(&self, after: FeedCursor, timeout: Duration) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // No deadline when the timeout reaches past what an instant can hold.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
+        let poll = self.inner.options.poll_interval;
+        let mut held_pause = HELD_BACK_FIRST_PAUSE.min(poll);
         loop {
             let since = self.inner.backend.changes();
-            if !self.read_feed(after, 1).await?.is_empty() {
+            let page = self.read_feed(after, 1).await?;
+            if !page.is_empty() {
                 return Ok(true);
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(false);
+            let mut wait = poll;
+            if page.held_back.is_some() {
+                wait = held_pause;
+                held_pause = held_pause.saturating_mul(2).min(poll);
             }
-            let wait = (deadline - now).min(self.inner.options.poll_interval);
+            if let Some(deadline) = deadline {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Ok(false);
+                }
+                wait = wait.min(deadline - now);
+            }
             self.inner.backend.wait_for_change(since, wait).await;
         }
     }

@@ -53,6 +53,11 @@ pub struct StoreOptions {
     /// PostgreSQL: a feed held back longer than this by one open transaction is logged as a
     /// warning (at most once a minute). Default 30 s.
     pub hold_back_warning: Duration,
+    /// Open the store to read only: loads, histories and the feed work, nothing is written (no
+    /// migration, no type names), and every context is read-only ([`Error::ReadOnly`] on
+    /// `apply`). For a role with only `SELECT` rights, or a PostgreSQL hot standby. Default
+    /// false.
+    pub read_only: bool,
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
@@ -71,6 +76,7 @@ impl Default for StoreOptions {
             poll_interval: Duration::from_millis(500),
             hold_back_warning: Duration::from_secs(30),
             migrate: true,
+            read_only: false,
         }
     }
 }
@@ -132,6 +138,12 @@ impl StoreOptions {
     /// Sets how long a hold-back of the feed lasts before it is logged.
     pub fn hold_back_warning(mut self, after: Duration) -> Self {
         self.hold_back_warning = after;
+        self
+    }
+
+    /// Opens the store to read only.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
         self
     }
 

@@ -116,6 +116,16 @@ impl PostgresBackend {
                 .bind(args.snap_versions)
                 .bind(args.snap_payloads);
         }
+        if in_caller_tx {
+            let (ids, versions): (Vec<uuid::Uuid>, Vec<i64>) = batch
+                .loaded
+                .iter()
+                .map(|(id, version)| Ok((*id.as_uuid(), to_i64(*version, "aggregate version")?)))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
+            q = q.bind(ids).bind(versions);
+        }
         match q.execute(executor).await {
             Ok(done) if done.rows_affected() == event_count => {
                 if !in_caller_tx {
@@ -124,6 +134,7 @@ impl PostgresBackend {
                 }
                 Ok(())
             }
+            Ok(_) if in_caller_tx => Err(self.conflict_in_caller_tx(batch).await),
             Ok(_) => Err(self.conflict(batch, None).await),
             Err(e) => Err(self.commit_error(batch, e).await),
         }
@@ -209,6 +220,25 @@ impl PostgresBackend {
             args.ev_ids.push(event.event_id);
         }
         Ok(args)
+    }
+
+    /// The conflict behind a failed version check inside a caller's transaction. When no
+    /// aggregate moved in the store, the caller's snapshot is what is behind: it was taken
+    /// (REPEATABLE READ, SERIALIZABLE) before a version the context loaded was committed.
+    async fn conflict_in_caller_tx(&self, batch: &CommitBatch) -> Error {
+        match self.conflict(batch, None).await {
+            Error::Conflict {
+                aggregate_type,
+                aggregate,
+                expected,
+                actual,
+            } if expected == actual => Error::StaleTransaction {
+                aggregate_type,
+                aggregate,
+                loaded: expected,
+            },
+            other => other,
+        }
     }
 
     /// The conflict behind a failed version check: the first changed aggregate whose version is
@@ -430,6 +460,7 @@ mod tests {
                     .collect(),
                 snapshot: None,
             }],
+            loaded: Vec::new(),
             recorded_at: std::time::SystemTime::now(),
         }
     }

@@ -4,10 +4,11 @@
 use sqlx::AssertSqlSafe;
 
 use super::PostgresBackend;
+use crate::error::Error;
 use crate::error::Result;
 use crate::registry::Registry;
 use crate::store::sql::backend_error;
-use crate::store::sql::migrate::{Dialect, plan_migrations};
+use crate::store::sql::migrate::{Dialect, latest_version, plan_migrations};
 use crate::store::sql::types::TypeKind;
 
 impl PostgresBackend {
@@ -64,5 +65,43 @@ impl PostgresBackend {
         self.ensure_types(&mut conn, TypeKind::Event, &events)
             .await
             .map(drop)
+    }
+
+    /// What a read-only open does instead of migrating and warming up: reads the schema's
+    /// version and both type tables, and writes nothing (no advisory lock either: a hot
+    /// standby refuses exclusive locks).
+    pub(super) async fn open_read_only(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let table = self.names.table("schema_migrations");
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        let current: i64 = if exists {
+            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend_error)?
+        } else {
+            0
+        };
+        let latest = latest_version(Dialect::Postgres);
+        if current > latest {
+            return Err(Error::SchemaTooNew {
+                found: current,
+                supported: latest,
+            });
+        }
+        if current < latest {
+            return Err(Error::Config(format!(
+                "the store's schema ({table}) is at version {current}, this annals needs \
+                 {latest}, and a read-only store cannot migrate it: open it read-write once, or \
+                 apply annals::migrations(Dialect::Postgres, &options)"
+            )));
+        }
+        self.refresh_types(&mut conn, TypeKind::Aggregate).await?;
+        self.refresh_types(&mut conn, TypeKind::Event).await?;
+        Ok(())
     }
 }

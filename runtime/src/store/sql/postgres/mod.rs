@@ -148,8 +148,14 @@ impl Drop for PostgresBackend {
 impl Backend for PostgresBackend {
     fn prepare<'a>(&'a self, registry: &'a Registry) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.migrate().await?;
-            self.warm_up(registry).await
+            if self.options.read_only {
+                return self.open_read_only().await;
+            }
+            let prepared = match self.migrate().await {
+                Ok(()) => self.warm_up(registry).await,
+                Err(e) => Err(e),
+            };
+            prepared.map_err(writes_refused)
         })
     }
 
@@ -162,6 +168,9 @@ impl Backend for PostgresBackend {
     }
 
     fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>> {
+        if self.options.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
         Box::pin(self.run_commit(&self.pool, batch, false))
     }
 
@@ -245,4 +254,26 @@ pub(crate) async fn commit_in(
         ));
     };
     backend.commit_in(conn, batch).await
+}
+
+/// An open that failed because the server refused a write (a role without `INSERT` rights, or
+/// a hot standby) becomes [`Error::Config`] that says how to open the store instead.
+fn writes_refused(e: Error) -> Error {
+    let code = match &e {
+        Error::Backend(source) => source
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|db| db.code())
+            .map(|code| code.into_owned()),
+        _ => None,
+    };
+    let why = match code.as_deref() {
+        Some("42501") => "this role may not write to the store's tables",
+        Some("25006") => "the server is read-only (a hot standby)",
+        _ => return e,
+    };
+    Error::Config(format!(
+        "cannot open the store read-write: {why} ({e}); open it with \
+         StoreOptions::read_only(true) to load, read histories and the feed"
+    ))
 }

@@ -307,18 +307,14 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
 /// one row when the one version matched; `ok`: when all did), so a conflict writes nothing and
 /// inserts no event: the commit went through when as many rows were inserted as it has events.
 /// Parameters are numbered in this order: the version checks, the new aggregates, the events and
-/// the time, the snapshots; `run_commit` binds them in the same order.
+/// the time, the snapshots, and in a caller's transaction the aggregates loaded (ids and
+/// versions); `run_commit` binds them in the same order.
 fn commit_sql(names: &Names, shape: Shape) -> String {
     let aggregates = names.table("aggregates");
     let events = names.table("events");
     let snapshots = names.table("snapshots");
     let mut p = Params(0);
     let mut ctes: Vec<String> = Vec::new();
-    // In a caller's transaction the transaction id may be older than a commit this context
-    // loaded from (the caller's transaction can have written before this context loaded):
-    // events are then stamped with the newest id among the events they follow, so the feed,
-    // ordered by transaction id, keeps each aggregate's events in version order.
-    let mut floor = None;
     let gate = match shape.cas {
         Cas::None => "",
         Cas::One => {
@@ -327,12 +323,6 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
                 "cas AS (UPDATE {aggregates} SET version = {new_version}::int8 \
                  WHERE id = {id}::uuid AND version = {expected}::int8 RETURNING id)"
             ));
-            if shape.in_caller_tx {
-                floor = Some(format!(
-                    "floor AS (SELECT tx_id FROM {events} \
-                     WHERE aggregate_id = {id}::uuid AND sequence = {expected}::int8)"
-                ));
-            }
             ", cas"
         }
         Cas::Many => {
@@ -358,13 +348,6 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
                 "cas AS (UPDATE {aggregates} a SET version = c.new_version FROM c, ok \
                  WHERE a.id = c.id)"
             ));
-            if shape.in_caller_tx {
-                floor = Some(format!(
-                    "floor AS (SELECT e.tx_id FROM {events} e \
-                     JOIN c ON e.aggregate_id = c.id AND e.sequence = c.expected \
-                     ORDER BY e.tx_id DESC LIMIT 1)"
-                ));
-            }
             ", ok"
         }
     };
@@ -400,6 +383,19 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
              ON CONFLICT DO NOTHING)"
         ));
     }
+    // In a caller's transaction the transaction id may be older than a commit this context
+    // loaded from (the caller's transaction can have written before this context loaded):
+    // events are then stamped with the newest id among the events the context loaded (the last
+    // event of every aggregate it read or changed), so the feed, ordered by transaction id,
+    // lists them after their causes, and each aggregate's events in version order.
+    let floor = shape.in_caller_tx.then(|| {
+        let (ids, versions) = (p.next(), p.next());
+        format!(
+            "floor AS (SELECT max(e.tx_id) AS tx_id FROM {events} e \
+             JOIN UNNEST({ids}::uuid[], {versions}::int8[]) AS r (id, version) \
+               ON e.aggregate_id = r.id AND e.sequence = r.version)"
+        )
+    });
     let (tx_column, tx_value) = match floor {
         Some(floor) => {
             ctes.push(floor);
@@ -521,9 +517,9 @@ mod tests {
                 FROM UNNEST($16::uuid[], $17::int4[], $18::int8[], $19::bytea[])
                      AS s (aggregate_id, snapshot_version, version, payload), ok
                 ON CONFLICT DO NOTHING),
-            floor AS (SELECT e.tx_id FROM \"shop\".es_events e
-                      JOIN c ON e.aggregate_id = c.id AND e.sequence = c.expected
-                      ORDER BY e.tx_id DESC LIMIT 1)
+            floor AS (SELECT max(e.tx_id) AS tx_id FROM \"shop\".es_events e
+                      JOIN UNNEST($20::uuid[], $21::int8[]) AS r (id, version)
+                        ON e.aggregate_id = r.id AND e.sequence = r.version)
             INSERT INTO \"shop\".es_events (tx_id, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
             SELECT GREATEST(pg_current_xact_id(), (SELECT tx_id FROM floor)),
@@ -543,10 +539,7 @@ mod tests {
         let texts: std::collections::HashSet<Arc<str>> = Shape::all()
             .map(|s| statements.commit(s).unwrap())
             .collect();
-        // Inside a caller's transaction only existing aggregates get a transaction-id floor:
-        // with none (`Cas::None`), the four shapes read the same in and out of a caller's
-        // transaction.
-        assert_eq!(texts.len(), Shape::COUNT - 4);
+        assert_eq!(texts.len(), Shape::COUNT);
         assert!(
             texts
                 .iter()
