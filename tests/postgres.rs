@@ -10,3 +10,16 @@ conformance_suite!(
     attributes = [#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]],
     support::open_fresh()
 );
+
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test]
+async fn commit_too_large_is_refused() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let store = schema
+        .open_with(schema.options().max_commit_bytes(16 << 10))
+        .await;
+    conformance::commit_too_large_is_refused(&store).await;
+    store.close().await;
+}

@@ -29,6 +29,27 @@ pub enum Error {
         actual: u64,
     },
 
+    /// [`Context::commit_in`](crate::Context::commit_in) ran inside a caller's transaction whose
+    /// snapshot is older than what the context loaded: at `REPEATABLE READ` or `SERIALIZABLE`,
+    /// the snapshot is taken at the transaction's first statement, and this aggregate's loaded
+    /// version was committed after it, so the transaction cannot commit events that follow it.
+    /// Nothing of the context was written; roll the transaction back and run the whole unit of
+    /// work again (it counts as a conflict for [`IsConflict`]). Loading before the
+    /// transaction's first statement, or `READ COMMITTED`, avoids it.
+    #[error(
+        "the caller's transaction cannot see version {loaded} of {aggregate_type} {aggregate}: \
+         its REPEATABLE READ or SERIALIZABLE snapshot was taken before that version was \
+         committed; roll the transaction back and run the whole unit of work again"
+    )]
+    StaleTransaction {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The aggregate the transaction cannot see as loaded.
+        aggregate: AggregateId,
+        /// The version the context loaded (and the store holds).
+        loaded: u64,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {
@@ -148,6 +169,23 @@ pub enum Error {
         max: usize,
     },
 
+    /// A commit is larger than the store accepts ([`StoreOptions::max_commit_bytes`], or
+    /// PostgreSQL's limit on one message); nothing was written. Split the work into several
+    /// contexts.
+    ///
+    /// [`StoreOptions::max_commit_bytes`]: crate::StoreOptions::max_commit_bytes
+    #[error(
+        "the commit is {size} bytes encoded, over the limit of {max} bytes: nothing was written; \
+         split it into smaller commits"
+    )]
+    CommitTooLarge {
+        /// The commit's encoded size (payloads, metadata, snapshots and keys; on PostgreSQL,
+        /// the whole message).
+        size: usize,
+        /// The limit it went over.
+        max: usize,
+    },
+
     /// Two Rust types were registered under one name.
     #[error("type name collision: {kind} name {name:?} is used by both `{first}` and `{second}`")]
     TypeNameCollision {
@@ -260,11 +298,13 @@ impl Error {
 /// Recognises a concurrency conflict inside an error type, so the retry helper can re-run work
 /// whose error type is the user's own.
 ///
-/// For [`Error`], exactly one variant counts: [`Error::Conflict`]. A commit reports it when an
-/// aggregate moved since this context loaded it, when another context created the natural key
-/// of an aggregate this one got from `load_or_create_by_key` (the retry then loads it), and
-/// when PostgreSQL aborts a commit with a serialization failure or a deadlock. Re-running the
-/// work reads fresh state, so it may succeed.
+/// For [`Error`], two variants count. [`Error::Conflict`]: a commit reports it when an aggregate
+/// moved since this context loaded it, when another context created the natural key of an
+/// aggregate this one got from `load_or_create_by_key` (the retry then loads it), and when
+/// PostgreSQL aborts a commit with a serialization failure or a deadlock.
+/// [`Error::StaleTransaction`]: `commit_in` inside a `REPEATABLE READ` or `SERIALIZABLE`
+/// transaction whose snapshot predates what the context loaded. Re-running the work reads
+/// fresh state, so it may succeed.
 ///
 /// Not conflicts, because re-running the same work gives the same answer: `KeyTaken`
 /// (`create_with_key` on a taken key), `IdTaken`, `StaleRoot` (a bug in the work itself),
@@ -289,7 +329,10 @@ pub trait IsConflict {
 
 impl IsConflict for Error {
     fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
+        matches!(
+            self,
+            Error::Conflict { .. } | Error::StaleTransaction { .. }
+        )
     }
 }
 

@@ -17,10 +17,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr, SqlitePool};
 
-use super::{Dialect, backend_error, plan_migrations, render};
+use super::backend_error;
+use super::migrate::{Dialect, plan_migrations, render};
+use super::records::{aggregate_id, uuid_from_bytes};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
@@ -200,26 +203,9 @@ impl SqliteBackend {
         if pending.is_empty() {
             return Ok(());
         }
-        let create = AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-        ));
-        sqlx::query(create)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend_error)?;
-        let record = AssertSqlSafe(format!(
-            "INSERT INTO {table} (version, name, applied_at) VALUES (?1, ?2, ?3)"
-        ))
-        .into_sql_str();
+        // Each migration records its own version.
         for migration in pending {
             sqlx::raw_sql(AssertSqlSafe(migration.sql))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend_error)?;
-            sqlx::query(record.clone())
-                .bind(migration.version)
-                .bind(migration.name)
-                .bind(to_micros(std::time::SystemTime::now()))
                 .execute(&mut *tx)
                 .await
                 .map_err(backend_error)?;
@@ -597,8 +583,10 @@ impl SqliteBackend {
                 metadata: Metadata::decode(metadata.as_deref())
                     .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?,
                 recorded_at: from_micros(get(&r, 8)?),
-                event_id: uuid::Uuid::from_slice(&get::<Vec<u8>>(&r, 9)?)
-                    .map_err(|e| Error::Corrupt(format!("event id at position {position}: {e}")))?,
+                event_id: uuid_from_bytes(
+                    &get::<Vec<u8>>(&r, 9)?,
+                    &format!("event id at position {position}"),
+                )?,
             });
         }
         Ok(out)
@@ -610,12 +598,6 @@ where
     T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
     row.try_get(index).map_err(backend_error)
-}
-
-fn aggregate_id(bytes: &[u8]) -> Result<AggregateId> {
-    uuid::Uuid::from_slice(bytes)
-        .map(AggregateId::from)
-        .map_err(|e| Error::Corrupt(format!("aggregate id: {e}")))
 }
 
 fn schema_version(value: i64) -> Result<u32> {
@@ -661,11 +643,7 @@ impl Backend for SqliteBackend {
         })
     }
 
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         Box::pin(async move {
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = sqlx::query(self.sql.read_feed.clone())
@@ -674,7 +652,7 @@ impl Backend for SqliteBackend {
                 .fetch_all(&self.readers)
                 .await
                 .map_err(backend_error)?;
-            self.recorded(rows).await
+            Ok(FeedPage::new(self.recorded(rows).await?, None))
         })
     }
 
