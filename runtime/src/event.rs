@@ -157,7 +157,7 @@ pub struct RecordedEvent {
     pub event_type: String,
     /// The schema version it was written with.
     pub schema_version: u32,
-    /// The encoded payload (JSON).
+    /// The encoded payload (JSON; for an enum event, the content of its variant).
     pub payload: Vec<u8>,
     /// The event's unique id.
     pub event_id: uuid::Uuid,
@@ -181,7 +181,8 @@ impl RecordedEvent {
         self.stored().decode().map(Some)
     }
 
-    /// The payload as a JSON value, whatever its Rust type.
+    /// The payload as a JSON value, whatever its Rust type (for an enum event, the variant's
+    /// content: `event_type` says which variant).
     pub fn payload_json(&self) -> Result<serde_json::Value> {
         serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
             what: "event",

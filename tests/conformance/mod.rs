@@ -491,6 +491,14 @@ pub async fn natural_key_unique_under_concurrency(store: &Store) {
         }
     }
     assert_eq!(ok, 1, "exactly one creator wins the key");
+    // On a shared PostgreSQL server another session's open transaction may hold the feed back
+    // for a moment: wait until it shows the winner's commit.
+    assert!(
+        store
+            .wait_for_events(FeedCursor::START, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
     let feed = store.read_feed(FeedCursor::START, 100).await.unwrap();
     assert_eq!(feed.len(), 1, "the losers wrote nothing");
     let (_, version) = balance(store, "shared").await;
