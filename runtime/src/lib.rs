@@ -70,6 +70,7 @@ mod context;
 mod error;
 mod event;
 mod feed;
+mod load;
 mod metadata;
 mod rebuild;
 pub mod registry;
