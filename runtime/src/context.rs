@@ -211,11 +211,7 @@ impl Context {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
-        let span = tracing::debug_span!(
-            "annals.commit",
-            aggregates = batch.changes.len(),
-            events = batch.event_count(),
-        );
+        let span = commit_span(&batch, false);
         match store.inner.backend.commit(&batch).instrument(span).await {
             Ok(()) => Ok(()),
             Err(e) => Err(clashes.classify(&store, e).await),
@@ -361,12 +357,7 @@ impl Context {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
-        let span = tracing::debug_span!(
-            "annals.commit",
-            aggregates = batch.changes.len(),
-            events = batch.event_count(),
-            in_caller_tx = true,
-        );
+        let span = commit_span(&batch, true);
         match crate::store::sql::postgres::commit_in(&store, conn, &batch)
             .instrument(span)
             .await
@@ -375,4 +366,14 @@ impl Context {
             Err(e) => Err(clashes.classify(&store, e).await),
         }
     }
+}
+
+/// The span of one commit: `annals.commit`, with the aggregates and events it writes.
+fn commit_span(batch: &CommitBatch, in_caller_tx: bool) -> tracing::Span {
+    tracing::debug_span!(
+        "annals.commit",
+        aggregates = batch.changes.len(),
+        events = batch.event_count(),
+        in_caller_tx,
+    )
 }

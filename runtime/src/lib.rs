@@ -53,7 +53,7 @@
 //! | span | when | fields |
 //! | --- | --- | --- |
 //! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot) |
-//! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, and `in_caller_tx = true` for `commit_in` |
+//! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, `in_caller_tx` (true for `commit_in`) |
 //!
 //! Events: `DEBUG` "conflict, retrying" with `attempt` from the retry helper; `WARN` when a stored
 //! snapshot does not decode (the load rebuilds from events) or a snapshot is over the size limit

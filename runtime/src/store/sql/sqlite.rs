@@ -573,7 +573,7 @@ impl SqliteBackend {
             let position = to_u64(get(&r, 0)?, "position")?;
             let metadata: Option<Vec<u8>> = get(&r, 7)?;
             out.push(RecordedEvent {
-                cursor: FeedCursor { tx: 0, position },
+                cursor: FeedCursor::at_position(position),
                 aggregate_id: aggregate_id(&get::<Vec<u8>>(&r, 1)?)?,
                 aggregate_type: self.type_name(true, get(&r, 2)?).await?.to_string(),
                 version: to_u64(get(&r, 3)?, "sequence")?,
