@@ -18,8 +18,8 @@ impl Context {
         Ok(self.track_new::<A>(AggregateId::new(), None, Origin::Plain))
     }
 
-    /// A new aggregate under an id the caller chose (an id from another system, say), with no
-    /// natural key. It exists in the store once this context commits an event for it.
+    /// A new aggregate under an id the caller chose (an id from another system, say: an
+    /// [`AggregateId`] or a `uuid::Uuid`), with no natural key. It exists in the store once this context commits an event for it.
     ///
     /// Fails with [`Error::IdTaken`] when an aggregate (of any type) already has this id, in
     /// the store or in this context; a concurrent context that commits the same id first makes
@@ -38,9 +38,10 @@ impl Context {
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), annals::Error> {
     /// let store = Store::open("memory:").await?;
-    /// let id = AggregateId::from(uuid::Uuid::now_v7()); // from another system
+    /// let id = uuid::Uuid::now_v7(); // from another system
     /// let mut ctx = store.begin();
     /// let mut order = ctx.create_with_id::<Order>(id).await?;
+    /// assert_eq!(order.id(), AggregateId::from(id));
     /// ctx.apply(&mut order, Imported)?;
     /// ctx.commit().await?;
     ///
@@ -48,7 +49,11 @@ impl Context {
     /// assert!(matches!(again, Err(annals::Error::IdTaken { .. })));
     /// # Ok(()) }
     /// ```
-    pub async fn create_with_id<A: Aggregate>(&mut self, id: AggregateId) -> Result<Root<A>> {
+    pub async fn create_with_id<A: Aggregate>(
+        &mut self,
+        id: impl Into<AggregateId>,
+    ) -> Result<Root<A>> {
+        let id = id.into();
         self.writable()?;
         let found = match self.by_id.get(&id).and_then(|&i| self.tracked.get(i)) {
             Some(t) => Some(t.aggregate_type.to_owned()),

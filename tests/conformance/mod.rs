@@ -635,11 +635,13 @@ pub async fn create_with_id_refuses_a_taken_id(store: &Store) {
     ));
 
     // Two contexts choose one id: the second commit is refused with `IdTaken`, writing nothing.
-    let contested = AggregateId::from(uuid::Uuid::now_v7());
+    let uuid = uuid::Uuid::now_v7();
+    let contested = AggregateId::from(uuid);
     let mut first = store.begin();
     let mut second = store.begin();
     let mut a = first.create_with_id::<Account>(contested).await.unwrap();
-    let mut b = second.create_with_id::<Counter>(contested).await.unwrap();
+    // A plain UUID is taken too.
+    let mut b = second.create_with_id::<Counter>(uuid).await.unwrap();
     let mut other = second.create::<Account>().unwrap();
     first.apply(&mut a, Deposited { amount: 1 }).unwrap();
     second.apply(&mut b, CounterEvent::Incremented).unwrap();
