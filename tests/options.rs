@@ -21,6 +21,8 @@ async fn durations_out_of_range_are_config_errors() {
     for url in &urls {
         let message = refused(url, StoreOptions::new().busy_timeout(Duration::MAX)).await;
         assert!(message.contains("busy timeout"), "{message}");
+        let message = refused(url, StoreOptions::new().acquire_timeout(Duration::MAX)).await;
+        assert!(message.contains("acquire timeout"), "{message}");
         let message = refused(url, StoreOptions::new().poll_interval(Duration::ZERO)).await;
         assert!(message.contains("poll interval"), "{message}");
         // The longest busy timeout SQLite takes is accepted.

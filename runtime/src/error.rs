@@ -65,6 +65,23 @@ pub enum Error {
         cursor: crate::FeedCursor,
     },
 
+    /// The connection failed after a commit was sent and before its answer came: the commit
+    /// may have been written, or not. It is not a conflict, and the retry helper does not
+    /// re-run it (that could apply the work twice). To resolve it, read the aggregates'
+    /// versions: each was written when it stands at (or past) the version given here, and the
+    /// ids [`Context::apply`](crate::Context::apply) returned find the events in its history.
+    #[error(
+        "the connection failed after the commit was sent, before its answer came: it may or may \
+         not have been written ({source}); read the aggregates' versions to know"
+    )]
+    CommitOutcomeUnknown {
+        /// Every aggregate of the commit, with the version it has if the commit was written.
+        aggregates: Vec<(AggregateId, u64)>,
+        /// What the driver said.
+        #[source]
+        source: BoxError,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {

@@ -99,7 +99,7 @@ pub struct ReadmeDoctests;
 /// the store (see `Context::commit_in`) without pinning a second copy of it.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sqlx;
-pub use store::{Store, StoreOptions, Synchronous};
+pub use store::{Listen, Store, StoreOptions, Synchronous};
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {
