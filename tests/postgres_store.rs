@@ -1152,3 +1152,44 @@ async fn a_store_opens_on_the_applications_pool_or_connect_options() {
     sqlx::query("SELECT 1").execute(&pool).await.unwrap();
     pool.close().await;
 }
+
+#[tokio::test]
+async fn another_applications_table_is_never_adopted() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA \"{s}\"; CREATE TABLE \"{s}\".annals_events (note text); \
+         INSERT INTO \"{s}\".annals_events VALUES ('theirs');",
+        s = schema.name
+    )))
+    .execute(&raw)
+    .await
+    .unwrap();
+    for migrate in [true, false] {
+        match Store::open_with(&schema.url, schema.options().migrate(migrate)).await {
+            Err(Error::ForeignTable { table }) => {
+                assert_eq!(table, format!("{}.annals_events", schema.name))
+            }
+            other => panic!("migrate({migrate}): expected ForeignTable, got {other:?}"),
+        }
+    }
+    // Untouched: their table as it was, no table of annals beside it.
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1",
+    )
+    .bind(&schema.name)
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert_eq!(tables, ["annals_events"]);
+    let notes: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT note FROM {}",
+        schema.table("events")
+    )))
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert_eq!(notes, ["theirs"]);
+}

@@ -82,6 +82,18 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The database already holds a table (or index, or sequence) under one of annals' names,
+    /// but no record of annals' migrations: it belongs to another application, and annals will
+    /// not adopt it. Nothing was written. Choose another table prefix (or schema).
+    #[error(
+        "{table} exists but was not created by annals (there is no annals migrations table); \
+         nothing was written: use another table prefix or schema"
+    )]
+    ForeignTable {
+        /// The relation found, with its schema where the database has schemas.
+        table: String,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {
