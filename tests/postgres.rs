@@ -23,3 +23,28 @@ async fn commit_too_large_is_refused() {
     conformance::commit_too_large_is_refused(&store).await;
     store.close().await;
 }
+
+/// Every PostgreSQL test carries the `cfg_attr(annals_skip_postgres, ignore = ...)` line, so
+/// that without a server it is reported as ignored, not as passed.
+#[test]
+fn every_postgres_test_is_ignored_without_a_server() {
+    let files = [
+        ("tests/postgres.rs", include_str!("postgres.rs")),
+        ("tests/postgres_feed.rs", include_str!("postgres_feed.rs")),
+        ("tests/postgres_store.rs", include_str!("postgres_store.rs")),
+    ];
+    for (file, source) in files {
+        let lines: Vec<&str> = source.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.starts_with("#[tokio::test") {
+                let before = i.checked_sub(1).and_then(|j| lines.get(j));
+                assert!(
+                    before.is_some_and(|l| l.contains("cfg_attr(annals_skip_postgres, ignore")),
+                    "{file}:{}: add #[cfg_attr(annals_skip_postgres, ignore = \"DATABASE_URL is \
+                     not set\")] above this test",
+                    i + 1
+                );
+            }
+        }
+    }
+}

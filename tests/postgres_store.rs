@@ -1045,6 +1045,7 @@ async fn a_store_at_schema_version_1_is_migrated_to_feed_epochs() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_is_lost_is_unknown_and_not_retried() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -1092,6 +1093,7 @@ async fn a_commit_whose_answer_is_lost_is_unknown_and_not_retried() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_opens_on_the_applications_pool_or_connect_options() {
     let Some(schema) = support::fresh_schema() else {
@@ -1153,6 +1155,7 @@ async fn a_store_opens_on_the_applications_pool_or_connect_options() {
     pool.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test]
 async fn another_applications_table_is_never_adopted() {
     let Some(schema) = support::fresh_schema() else {
