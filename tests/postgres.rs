@@ -32,14 +32,22 @@ fn every_postgres_test_is_ignored_without_a_server() {
         ("tests/postgres.rs", include_str!("postgres.rs")),
         ("tests/postgres_feed.rs", include_str!("postgres_feed.rs")),
         ("tests/postgres_store.rs", include_str!("postgres_store.rs")),
+        ("tests/pgbouncer.rs", include_str!("pgbouncer.rs")),
     ];
     for (file, source) in files {
         let lines: Vec<&str> = source.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             if line.starts_with("#[tokio::test") {
-                let before = i.checked_sub(1).and_then(|j| lines.get(j));
+                // The attributes above the test, up to the blank line or item before them.
+                let above: Vec<&str> = lines[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|l| !l.trim().is_empty() && !l.starts_with('}'))
+                    .copied()
+                    .collect();
+                let above = above.concat();
                 assert!(
-                    before.is_some_and(|l| l.contains("cfg_attr(annals_skip_postgres, ignore")),
+                    above.contains("annals_skip_postgres") && above.contains("ignore = "),
                     "{file}:{}: add #[cfg_attr(annals_skip_postgres, ignore = \"DATABASE_URL is \
                      not set\")] above this test",
                     i + 1
