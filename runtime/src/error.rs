@@ -158,6 +158,22 @@ pub enum Error {
     #[error("this context is read-only: it cannot stage events")]
     ReadOnly,
 
+    /// The store was opened read-only ([`StoreOptions::read_only`](crate::StoreOptions::read_only),
+    /// or `?mode=ro` on SQLite): it loads and reads the feed, and refuses every commit.
+    #[error("this store was opened read-only: it cannot commit")]
+    ReadOnlyStore,
+
+    /// The database holds a table under one of annals' names but no annals schema version: it
+    /// belongs to another application. Nothing was changed; choose another table prefix.
+    #[error(
+        "table {table} exists but was not created by annals (no schema version is recorded): \
+         refusing to use it; choose another table prefix"
+    )]
+    ForeignTable {
+        /// The table's name.
+        table: String,
+    },
+
     /// A root was used with a context that did not load or create it.
     #[error("aggregate {aggregate} was not loaded or created in this context")]
     ForeignRoot {

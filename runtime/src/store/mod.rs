@@ -226,7 +226,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// The backend as `Any`, for features tied to one database (committing inside a caller's
     /// own transaction).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     fn as_any(&self) -> &dyn std::any::Any;
 }
 

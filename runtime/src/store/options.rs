@@ -46,6 +46,10 @@ pub struct StoreOptions {
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
+    /// Open the store read-only: nothing is written at open (no migration, no type names) and
+    /// every commit is refused with [`Error::ReadOnlyStore`]; loads and feed reads work. The
+    /// schema must be current. SQLite also takes `?mode=ro` in the URL. Default false.
+    pub read_only: bool,
 }
 
 impl Default for StoreOptions {
@@ -59,6 +63,7 @@ impl Default for StoreOptions {
             schema: None,
             poll_interval: Duration::from_millis(500),
             migrate: true,
+            read_only: false,
         }
     }
 }
@@ -114,6 +119,12 @@ impl StoreOptions {
     /// Turns migrations at open on or off.
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
+        self
+    }
+
+    /// Opens the store read-only (see [`StoreOptions::read_only`](StoreOptions#structfield.read_only)).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
         self
     }
 

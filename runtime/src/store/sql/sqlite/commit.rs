@@ -1,0 +1,167 @@
+//! A commit on SQLite: the version checks (compare-and-set, or the insert of a new aggregate's
+//! row), the multi-row event inserts, the snapshots, and the diagnosis of a failed check as
+//! [`Error::Conflict`] or [`Error::KeyTaken`]. Runs whole on one connection: the writer
+//! thread's in its own `BEGIN IMMEDIATE` transaction, or a caller's inside theirs.
+
+use rusqlite::{Connection, Statement, TransactionBehavior};
+
+use super::Shared;
+use super::names::{self, Resolver};
+use super::render::EVENT_CHUNK;
+use super::sqlite_error;
+use crate::aggregate::AggregateId;
+use crate::error::{Error, Result};
+use crate::store::sql::types::TypeKind;
+use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
+
+/// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction.
+pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+    // Type names first seen now are written outside the commit: a type name is harmless on its
+    // own, and the commit transaction stays short.
+    names::ensure(
+        conn,
+        &shared.sql,
+        &shared.types,
+        TypeKind::Aggregate,
+        batch.changes.iter().map(|c| c.aggregate_type),
+    )?;
+    names::ensure(
+        conn,
+        &shared.sql,
+        &shared.types,
+        TypeKind::Event,
+        batch
+            .changes
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.name)),
+    )?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite_error)?;
+    write(&tx, shared, batch)?;
+    // On an error above, dropping `tx` rolls back.
+    tx.commit().map_err(sqlite_error)
+}
+
+/// Writes `batch` on `conn`, inside the transaction the connection is in. Type names must be
+/// in the tables already (the store writes every registered name at open); an id missing from
+/// the cache is looked up again on this connection.
+pub(super) fn write(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+    let sql = &shared.sql;
+    let mut types = Resolver::new(conn, sql, &shared.types);
+    let recorded_at = to_micros(batch.recorded_at);
+    for change in &batch.changes {
+        let type_id = type_id(&mut types, TypeKind::Aggregate, change.aggregate_type)?;
+        claim(conn, shared, change, type_id)?;
+    }
+    // All events of the batch, in apply order, in multi-row INSERTs.
+    let events = batch.events_in_order();
+    for chunk in events.chunks(EVENT_CHUNK) {
+        let mut stmt = conn
+            .prepare_cached(&sql.insert_events(chunk.len()))
+            .map_err(sqlite_error)?;
+        let mut index = 0;
+        for (change, event) in chunk {
+            let event_type_id = type_id(&mut types, TypeKind::Event, event.name)?;
+            bind(
+                &mut stmt,
+                &mut index,
+                change.id.as_uuid().as_bytes().as_slice(),
+            )?;
+            bind(&mut stmt, &mut index, to_i64(event.version, "version")?)?;
+            bind(&mut stmt, &mut index, event_type_id)?;
+            bind(&mut stmt, &mut index, i64::from(event.schema_version))?;
+            bind(&mut stmt, &mut index, event.payload.as_slice())?;
+            bind(&mut stmt, &mut index, event.metadata.as_deref())?;
+            bind(&mut stmt, &mut index, recorded_at)?;
+            bind(&mut stmt, &mut index, event.event_id.as_bytes().as_slice())?;
+        }
+        stmt.raw_execute().map_err(sqlite_error)?;
+    }
+    for change in &batch.changes {
+        if let Some(snapshot) = &change.snapshot {
+            conn.prepare_cached(&sql.insert_snapshot)
+                .map_err(sqlite_error)?
+                .execute((
+                    change.id.as_uuid().as_bytes().as_slice(),
+                    i64::from(snapshot.snapshot_version),
+                    to_i64(snapshot.version, "version")?,
+                    snapshot.payload.as_slice(),
+                    recorded_at,
+                ))
+                .map_err(sqlite_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn bind(stmt: &mut Statement<'_>, index: &mut usize, value: impl rusqlite::ToSql) -> Result<()> {
+    *index += 1;
+    stmt.raw_bind_parameter(*index, value).map_err(sqlite_error)
+}
+
+fn type_id(types: &mut Resolver<'_>, kind: TypeKind, name: &str) -> Result<i64> {
+    types.id(kind, name)?.ok_or_else(|| {
+        Error::Corrupt(format!(
+            "type {name:?} is not in the type table; it is written when the store opens"
+        ))
+    })
+}
+
+/// Inserts a new aggregate's row, or moves an existing one's version from the expected one:
+/// the optimistic check.
+fn claim(conn: &Connection, shared: &Shared, change: &Change, type_id: i64) -> Result<()> {
+    let sql = &shared.sql;
+    let id = change.id.as_uuid().as_bytes().as_slice();
+    let new_version = to_i64(change.new_version(), "version")?;
+    if change.is_new {
+        let inserted = conn
+            .prepare_cached(&sql.insert_aggregate)
+            .map_err(sqlite_error)?
+            .execute((id, type_id, change.key.as_deref(), new_version))
+            .map_err(sqlite_error)?;
+        if inserted == 1 {
+            return Ok(());
+        }
+        return Err(match &change.key {
+            Some(key) => Error::KeyTaken {
+                aggregate_type: change.aggregate_type.to_owned(),
+                key: key.clone(),
+            },
+            None => Error::Conflict {
+                aggregate_type: change.aggregate_type.to_owned(),
+                aggregate: change.id,
+                expected: 0,
+                actual: current_version(conn, shared, change.id)?,
+            },
+        });
+    }
+    let updated = conn
+        .prepare_cached(&sql.cas_version)
+        .map_err(sqlite_error)?
+        .execute((new_version, id, to_i64(change.expected, "version")?))
+        .map_err(sqlite_error)?;
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(Error::Conflict {
+            aggregate_type: change.aggregate_type.to_owned(),
+            aggregate: change.id,
+            expected: change.expected,
+            actual: current_version(conn, shared, change.id)?,
+        })
+    }
+}
+
+fn current_version(conn: &Connection, shared: &Shared, id: AggregateId) -> Result<u64> {
+    let mut stmt = conn
+        .prepare_cached(&shared.sql.current_version)
+        .map_err(sqlite_error)?;
+    let mut rows = stmt
+        .query([id.as_uuid().as_bytes().as_slice()])
+        .map_err(sqlite_error)?;
+    match rows.next().map_err(sqlite_error)? {
+        Some(row) => to_u64(row.get(0).map_err(sqlite_error)?, "version"),
+        None => Ok(0),
+    }
+}
