@@ -137,33 +137,19 @@ mod tests {
         let options = StoreOptions::new();
         let file = |p: &str| Location::File(PathBuf::from(p));
         let parsed = |url: &str| parse(url, &options).map(|t| (t.location, t.read_only));
-        assert_eq!(
-            parsed("sqlite://bank.db").unwrap(),
-            (file("bank.db"), false)
-        );
-        assert_eq!(
-            parsed("sqlite:///tmp/x.db").unwrap(),
-            (file("/tmp/x.db"), false)
-        );
-        assert_eq!(parsed("sqlite:bank.db").unwrap(), (file("bank.db"), false));
-        assert_eq!(
-            parsed("sqlite::memory:").unwrap(),
-            (Location::Memory, false)
-        );
-        assert_eq!(
-            parsed("sqlite://x.db?mode=ro").unwrap(),
-            (file("x.db"), true)
-        );
-        assert_eq!(
-            parsed("sqlite://x.db?mode=rwc").unwrap(),
-            (file("x.db"), false)
-        );
+        let ok = |url: &str| parsed(url).ok();
+        assert_eq!(ok("sqlite://bank.db"), Some((file("bank.db"), false)));
+        assert_eq!(ok("sqlite:///tmp/x.db"), Some((file("/tmp/x.db"), false)));
+        assert_eq!(ok("sqlite:bank.db"), Some((file("bank.db"), false)));
+        assert_eq!(ok("sqlite::memory:"), Some((Location::Memory, false)));
+        assert_eq!(ok("sqlite://x.db?mode=ro"), Some((file("x.db"), true)));
+        assert_eq!(ok("sqlite://x.db?mode=rwc"), Some((file("x.db"), false)));
         assert!(matches!(
             parsed("sqlite://x.db?cache=shared"),
             Err(Error::Config(_))
         ));
         assert!(matches!(parsed("sqlite://"), Err(Error::Config(_))));
         let read_only = StoreOptions::new().read_only(true);
-        assert!(parse("sqlite://x.db", &read_only).unwrap().read_only);
+        assert!(parse("sqlite://x.db", &read_only).is_ok_and(|t| t.read_only));
     }
 }
