@@ -1,6 +1,8 @@
 //! The limit: the same work by hand on rusqlite, reached from async code the cheapest way a
 //! program can (rusqlite blocks): one writer thread fed by a channel, each commit one message
-//! answered on a oneshot, and loads on `spawn_blocking` over idle read-only connections. Same
+//! answered on a oneshot, and loads in `block_in_place` over idle read-only connections (as the
+//! store reads on a multi-threaded runtime; `spawn_blocking` costs more, see the store's
+//! `readers.rs`). Same
 //! schema (`raw_` prefix, from `annals::migrations`, its own file), same pragmas, same SQL text
 //! as the store, cached prepared statements.
 
@@ -94,7 +96,7 @@ impl RawRusqlite {
     ) -> T {
         let idle = self.idle.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::task::block_in_place(move || {
             let conn = idle.lock().unwrap().pop().unwrap_or_else(|| {
                 let conn = Connection::open_with_flags(
                     &path,
@@ -108,8 +110,6 @@ impl RawRusqlite {
             idle.lock().unwrap().push(conn);
             out
         })
-        .await
-        .unwrap()
     }
 
     /// One commit: a new aggregate with `events`, by hand.
