@@ -4,7 +4,6 @@
 pub(crate) mod postgres;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
-pub(crate) mod types;
 
 use crate::error::{Error, Result};
 use crate::store::StoreOptions;
@@ -123,7 +122,6 @@ pub(crate) fn render(sql: &str, prefix: &str, schema: &str) -> String {
 }
 
 /// Wraps a driver error.
-#[cfg(feature = "postgres")]
 pub(crate) fn backend_error(e: sqlx::Error) -> Error {
     Error::Backend(Box::new(e))
 }
