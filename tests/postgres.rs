@@ -7,3 +7,15 @@ mod conformance;
 mod support;
 
 conformance_suite!(support::open_fresh());
+
+#[tokio::test]
+async fn commit_too_large_is_refused() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let store = schema
+        .open_with(schema.options().max_commit_bytes(16 << 10))
+        .await;
+    conformance::commit_too_large_is_refused(&store).await;
+    store.close().await;
+}

@@ -34,17 +34,9 @@ async fn deposit(store: &Store, id: AggregateId, amount: i64) -> uuid::Uuid {
         .expect("deposit")
 }
 
-/// Reads the feed after `cursor` until it is empty, in pages of `page`.
-async fn read_all(store: &Store, mut cursor: FeedCursor, page: usize) -> Vec<RecordedEvent> {
-    let mut read = Vec::new();
-    loop {
-        let events = store.read_feed(cursor, page).await.expect("read feed");
-        let Some(last) = events.last() else {
-            return read;
-        };
-        cursor = last.cursor;
-        read.extend(events);
-    }
+/// Reads the feed after `cursor` until it is caught up and nothing holds it back.
+async fn read_all(store: &Store, cursor: FeedCursor, page: usize) -> Vec<RecordedEvent> {
+    conformance::read_feed_to_end(store, cursor, page).await
 }
 
 /// Reads on from `cursor` until `count` events came, failing instead of hanging.
@@ -54,9 +46,10 @@ async fn read_count(store: &Store, cursor: FeedCursor, count: usize) -> Vec<Reco
         let mut cursor = cursor;
         while read.len() < count {
             let events = store.read_feed(cursor, 100).await.expect("read feed");
-            match events.last() {
-                Some(last) => cursor = last.cursor,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            cursor = events.cursor_or(cursor);
+            if events.len() < 100 && read.len() + events.len() < count {
+                // Caught up, or held back by a transaction still open: read again shortly.
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             read.extend(events);
         }
@@ -88,18 +81,44 @@ async fn late_commit_is_not_skipped() {
     let mut account = ctx.load::<Account>(x).await.unwrap();
     let a_event = ctx.apply(&mut account, Deposited { amount: 1 }).unwrap();
     ctx.commit_in(&mut tx_a).await.unwrap();
+    let (a_pid, a_xid, database): (i32, i64, String) = sqlx::query_as(
+        "SELECT pg_backend_pid(), pg_current_xact_id()::text::int8, current_database()::text",
+    )
+    .fetch_one(&mut *tx_a)
+    .await
+    .unwrap();
 
     // B commits while A is open: it is committed and visible, with a higher position...
     let b_event = deposit(&store, y, 2).await;
     let history = store.history(y).await.unwrap();
     assert_eq!(history.last().map(|e| e.event_id), Some(b_event));
-    // ...but a feed reader does not move past A.
+    let b_cursor = history.last().unwrap().cursor;
+    // ...but a feed reader does not move past A, and says A holds it back (A, or a transaction
+    // of another test of this database that began before A).
     for _ in 0..3 {
+        let page = store.read_feed(cursor, 10).await.unwrap();
         assert!(
-            store.read_feed(cursor, 10).await.unwrap().is_empty(),
+            page.is_empty(),
             "the feed must not pass a transaction that is still open"
         );
+        let held = page.held_back.expect("a page held back says so");
+        assert!(held.xid <= a_xid as u64, "{held}");
+        assert_eq!(held.newest_waiting, b_cursor);
+        if held.xid == a_xid as u64 {
+            assert_eq!(held.pid, Some(a_pid));
+            assert_eq!(held.database.as_deref(), Some(database.as_str()));
+            assert!(!held.prepared);
+            assert!(held.age.is_some());
+            assert!(held.to_string().contains(&format!("pid {a_pid}")), "{held}");
+        }
     }
+    // A waiter is not woken by events held back: it times out with nothing to read.
+    assert!(
+        !store
+            .wait_for_events(cursor, Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
 
     tx_a.commit().await.unwrap();
     let read = read_count(&store, cursor, 2).await;
@@ -289,5 +308,88 @@ async fn caller_transaction_older_than_its_load_keeps_version_order() {
     let read = read_count(&store, cursor, 2).await;
     assert_eq!(ids(&read), [other, mine], "X's events in version order");
     assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), [2, 3]);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_another_database_does_not_hold_the_feed_back() {
+    let Some((store, _schema)) = support::open_fresh().await else {
+        return;
+    };
+    let url = support::database_url().expect("a server");
+    // A write transaction left open in another database of the same server: it has an id, and
+    // it is older than every event committed below.
+    let other = support::Database::create(&url).await;
+    let raw = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&other.url)
+        .await
+        .unwrap();
+    let mut foreign = raw.begin().await.unwrap();
+    let foreign_xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+        .fetch_one(&mut *foreign)
+        .await
+        .unwrap();
+
+    // The feed checks of the conformance suite, exact, with that transaction open.
+    conformance::feed_each_event_once_in_commit_order(&store).await;
+    let x = open_account(&store, "x").await;
+    let event = deposit(&store, x, 5).await;
+    let read = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(read.len(), 3 + 15 + 2);
+    assert_eq!(read.last().map(|e| e.event_id), Some(event));
+    let page = store
+        .read_feed(read.last().unwrap().cursor, 10)
+        .await
+        .unwrap();
+    if let Some(held) = &page.held_back {
+        assert_ne!(held.xid, foreign_xid as u64, "{held}");
+    }
+
+    foreign.rollback().await.unwrap();
+    raw.close().await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contexts_events_follow_every_event_it_loaded() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    // The caller's transaction writes its own table first: its transaction id is the older.
+    let mut tx = raw.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {}.invoices (number text)",
+        schema.name
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    // A customer is committed elsewhere, after that.
+    let customer = open_account(&store, "customer").await;
+    let customer_event = store.history(customer).await.unwrap()[0].event_id;
+    // The context only reads the customer, and creates an order from it in the caller's
+    // transaction.
+    let mut ctx = store.begin();
+    let read = ctx.load::<Account>(customer).await.unwrap();
+    let mut order = ctx.create_with_key::<Account>("order-1").await.unwrap();
+    let order_event = ctx
+        .apply(
+            &mut order,
+            Opened {
+                owner: read.owner.clone(),
+            },
+        )
+        .unwrap();
+    ctx.commit_in(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let feed = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(
+        ids(&feed),
+        [customer_event, order_event],
+        "the order comes after the customer it was decided from"
+    );
     store.close().await;
 }

@@ -69,7 +69,7 @@ async fn a_read_only_store_reads_and_refuses_commits() {
             })
             .await;
         assert!(
-            matches!(refused, Err(Error::ReadOnlyStore)),
+            matches!(refused, Err(Error::ReadOnly)),
             "{how}: {refused:?}"
         );
         store.close().await;

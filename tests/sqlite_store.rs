@@ -294,13 +294,12 @@ async fn migrations_by_hand_and_schema_versions() {
             .await
             .unwrap();
     }
-    sqlx::raw_sql(
-        "CREATE TABLE bank_schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL);
-         INSERT INTO bank_schema_migrations VALUES (1, 'initial schema', 0);",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    // Exactly the SQL `migrations` returned, nothing else: the migration records its own version.
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM bank_schema_migrations")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(recorded, [1]);
 
     let store = Store::open_with(&url(&path), options.clone())
         .await

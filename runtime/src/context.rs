@@ -274,6 +274,7 @@ impl Context {
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = tracing::debug_span!(
             "annals.commit",
             aggregates = batch.changes.len(),
@@ -284,6 +285,12 @@ impl Context {
 
     /// The store and what to write, or `None` when nothing is staged.
     pub(crate) fn into_batch(self) -> Option<(Store, CommitBatch)> {
+        let loaded = self
+            .tracked
+            .iter()
+            .filter(|t| !t.is_new && t.base > 0)
+            .map(|t| (t.id, t.base))
+            .collect();
         let changes: Vec<Change> = self
             .tracked
             .into_iter()
@@ -303,6 +310,7 @@ impl Context {
         }
         let batch = CommitBatch {
             changes,
+            loaded,
             recorded_at: SystemTime::now(),
         };
         Some((self.store, batch))
@@ -451,6 +459,7 @@ impl Context {
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = tracing::debug_span!(
             "annals.commit",
             aggregates = batch.changes.len(),
@@ -615,5 +624,77 @@ fn check_size(what: &'static str, type_name: &str, size: usize, max: usize) -> R
         })
     } else {
         Ok(())
+    }
+}
+
+/// Committing inside a caller's own transaction.
+#[cfg(feature = "postgres")]
+impl Context {
+    /// Commits this context inside the caller's own PostgreSQL transaction, so the domain
+    /// events and the caller's own writes commit together, or not at all.
+    ///
+    /// Pass the connection of an open transaction (`&mut *tx` for a
+    /// `sqlx::Transaction<'_, Postgres>`); the events become visible, and waiters are notified,
+    /// when that transaction commits. The version checks are the same as [`Context::commit`]'s
+    /// and fail with [`Error::Conflict`] or [`Error::KeyTaken`]; after any error, roll the
+    /// transaction back (a key clash aborts it on the server anyway) and re-run the work.
+    ///
+    /// The connection must be to the store's database. A long-open transaction holds back
+    /// readers of the global feed (see [`Store::read_feed`](crate::Store::read_feed)) until it
+    /// ends: keep it short. Fails with [`Error::Config`] on a store that is not PostgreSQL.
+    ///
+    /// Every isolation level works. At `REPEATABLE READ` and `SERIALIZABLE` the transaction's
+    /// snapshot is taken at its first statement: when an aggregate this context loaded was
+    /// committed after that, the transaction cannot commit on top of it, and this fails with
+    /// [`Error::StaleTransaction`] (a conflict: roll back and re-run the whole unit). Load
+    /// before the transaction's first statement to avoid it.
+    ///
+    /// ```no_run
+    /// use annals::prelude::*;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Event, Serialize, Deserialize)]
+    /// struct Placed { total: i64 }
+    ///
+    /// #[derive(Aggregate, Serialize, Deserialize, Default)]
+    /// #[aggregate(name = "order", events(Placed))]
+    /// struct Order { total: i64 }
+    ///
+    /// impl Apply<Placed> for Order {
+    ///     fn apply(&mut self, e: &Placed) { self.total = e.total }
+    /// }
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let url = "postgres://app@localhost/shop";
+    /// let store = Store::open(url).await?;
+    /// let pool = sqlx::PgPool::connect(url).await?;
+    ///
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("INSERT INTO invoices (number, total) VALUES ($1, $2)")
+    ///     .bind("INV-7")
+    ///     .bind(120_i64)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// let mut ctx = store.begin();
+    /// let mut order = ctx.create_with_key::<Order>("order-7").await?;
+    /// ctx.apply(&mut order, Placed { total: 120 })?;
+    /// ctx.commit_in(&mut tx).await?; // staged in `tx`, not yet visible
+    /// tx.commit().await?; // the invoice and the order's events, together
+    /// # Ok(()) }
+    /// ```
+    pub async fn commit_in(self, conn: &mut sqlx::PgConnection) -> Result<()> {
+        let Some((store, batch)) = self.into_batch() else {
+            return Ok(());
+        };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
+        let span = tracing::debug_span!(
+            "annals.commit",
+            aggregates = batch.changes.len(),
+            events = batch.event_count(),
+            in_caller_tx = true,
+        );
+        crate::store::sql::postgres::commit_in(&store, conn, &batch)
+            .instrument(span)
+            .await
     }
 }

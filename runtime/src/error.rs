@@ -29,6 +29,27 @@ pub enum Error {
         actual: u64,
     },
 
+    /// [`Context::commit_in`](crate::Context::commit_in) ran inside a caller's transaction whose
+    /// snapshot is older than what the context loaded: at `REPEATABLE READ` or `SERIALIZABLE`,
+    /// the snapshot is taken at the transaction's first statement, and this aggregate's loaded
+    /// version was committed after it, so the transaction cannot commit events that follow it.
+    /// Nothing of the context was written; roll the transaction back and run the whole unit of
+    /// work again (it counts as a conflict for [`IsConflict`]). Loading before the
+    /// transaction's first statement, or `READ COMMITTED`, avoids it.
+    #[error(
+        "the caller's transaction cannot see version {loaded} of {aggregate_type} {aggregate}: \
+         its REPEATABLE READ or SERIALIZABLE snapshot was taken before that version was \
+         committed; roll the transaction back and run the whole unit of work again"
+    )]
+    StaleTransaction {
+        /// The aggregate type's registered name.
+        aggregate_type: String,
+        /// The aggregate the transaction cannot see as loaded.
+        aggregate: AggregateId,
+        /// The version the context loaded (and the store holds).
+        loaded: u64,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {
@@ -125,6 +146,23 @@ pub enum Error {
         max: usize,
     },
 
+    /// A commit is larger than the store accepts ([`StoreOptions::max_commit_bytes`], or
+    /// PostgreSQL's limit on one message); nothing was written. Split the work into several
+    /// contexts.
+    ///
+    /// [`StoreOptions::max_commit_bytes`]: crate::StoreOptions::max_commit_bytes
+    #[error(
+        "the commit is {size} bytes encoded, over the limit of {max} bytes: nothing was written; \
+         split it into smaller commits"
+    )]
+    CommitTooLarge {
+        /// The commit's encoded size (payloads, metadata, snapshots and keys; on PostgreSQL,
+        /// the whole message).
+        size: usize,
+        /// The limit it went over.
+        max: usize,
+    },
+
     /// Two Rust types were registered under one name.
     #[error("type name collision: {kind} name {name:?} is used by both `{first}` and `{second}`")]
     TypeNameCollision {
@@ -157,11 +195,6 @@ pub enum Error {
     /// `apply` was called on a read-only context.
     #[error("this context is read-only: it cannot stage events")]
     ReadOnly,
-
-    /// The store was opened read-only ([`StoreOptions::read_only`](crate::StoreOptions::read_only),
-    /// or `?mode=ro` on SQLite): it loads and reads the feed, and refuses every commit.
-    #[error("this store was opened read-only: it cannot commit")]
-    ReadOnlyStore,
 
     /// The database holds a table under one of annals' names but no annals schema version: it
     /// belongs to another application. Nothing was changed; choose another table prefix.
@@ -271,7 +304,10 @@ pub trait IsConflict {
 
 impl IsConflict for Error {
     fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict { .. })
+        matches!(
+            self,
+            Error::Conflict { .. } | Error::StaleTransaction { .. }
+        )
     }
 }
 

@@ -841,17 +841,8 @@ pub async fn feed_each_event_once_in_commit_order(store: &Store) {
     }
 
     // Read in small pages to exercise the cursor.
-    let mut cursor = FeedCursor::START;
-    let mut read = Vec::new();
-    loop {
-        let page = store.read_feed(cursor, 4).await.unwrap();
-        if page.is_empty() {
-            break;
-        }
-        assert!(page.len() <= 4);
-        cursor = page.last().unwrap().cursor;
-        read.extend(page);
-    }
+    let read = read_feed_to_end(store, FeedCursor::START, 4).await;
+    let cursor = read.last().unwrap().cursor;
     // Commits keep their order, and the events of one commit the order they were applied in,
     // across aggregates.
     let got: Vec<(AggregateId, u64)> = read.iter().map(|e| (e.aggregate_id, e.version)).collect();
@@ -871,7 +862,47 @@ pub async fn feed_each_event_once_in_commit_order(store: &Store) {
         assert_eq!(*v, prev + 1, "each aggregate's events in version order");
     }
     // Reading on from the end gives nothing.
-    assert!(store.read_feed(cursor, 10).await.unwrap().is_empty());
+    assert!(read_feed_to_end(store, cursor, 10).await.is_empty());
+    // A waiter with events to read returns at once, whatever its timeout.
+    assert!(
+        store
+            .wait_for_events(FeedCursor::START, Duration::MAX)
+            .await
+            .unwrap()
+    );
+}
+
+/// Reads the feed after `cursor` in pages of `page` until it is caught up: a short page that
+/// nothing holds back. While a transaction holds events back (PostgreSQL: any transaction of
+/// the database, such as another test's), it reads again until the hold-back ends; it fails
+/// after two minutes of hold-back, naming the holder.
+pub async fn read_feed_to_end(
+    store: &Store,
+    mut cursor: FeedCursor,
+    page: usize,
+) -> Vec<RecordedEvent> {
+    let mut read = Vec::new();
+    let mut held_since: Option<std::time::Instant> = None;
+    loop {
+        let events = store.read_feed(cursor, page).await.expect("read feed");
+        assert!(events.len() <= page, "a page holds at most its limit");
+        cursor = events.cursor_or(cursor);
+        let short = events.len() < page;
+        let held = events.held_back.clone();
+        read.extend(events);
+        match (short, held) {
+            (false, _) => held_since = None,
+            (true, None) => return read,
+            (true, Some(held)) => {
+                let since = *held_since.get_or_insert_with(std::time::Instant::now);
+                assert!(
+                    since.elapsed() < std::time::Duration::from_secs(120),
+                    "the feed stayed {held}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 pub async fn payload_too_large_is_refused(store: &Store) {
@@ -907,6 +938,61 @@ pub async fn payload_too_large_is_refused(store: &Store) {
     ctx.commit().await.unwrap();
     let blob = store.begin_read_only().load::<Blob>(id).await.unwrap();
     assert_eq!((blob.data.as_str(), blob.version()), ("small", 1));
+}
+
+/// Needs a store opened with a small [`StoreOptions::max_commit_bytes`] (under 64 KiB).
+pub async fn commit_too_large_is_refused(store: &Store) {
+    let max = store.options().max_commit_bytes;
+    assert!(
+        max < 64 << 10,
+        "open the store with a small max_commit_bytes"
+    );
+    let chunk = "x".repeat(max / 4);
+    let mut ctx = store.begin();
+    let mut blob = ctx.create::<Blob>().unwrap();
+    for _ in 0..5 {
+        ctx.apply(
+            &mut blob,
+            BlobWritten {
+                data: chunk.clone(),
+            },
+        )
+        .unwrap();
+    }
+    let id = blob.id();
+    match ctx.commit().await {
+        Err(Error::CommitTooLarge { size, max: limit }) => {
+            assert_eq!(limit, max);
+            assert!(size > max, "{size} > {max}");
+        }
+        other => panic!("expected CommitTooLarge, got {other:?}"),
+    }
+    assert!(matches!(
+        store.begin_read_only().load::<Blob>(id).await,
+        Err(Error::NotFound { .. })
+    ));
+    // Under the limit, the same store commits.
+    let id = store
+        .transact(async |ctx| {
+            let mut blob = ctx.create::<Blob>()?;
+            ctx.apply(
+                &mut blob,
+                BlobWritten {
+                    data: chunk.clone(),
+                },
+            )?;
+            ctx.apply(
+                &mut blob,
+                BlobWritten {
+                    data: chunk.clone(),
+                },
+            )?;
+            Ok::<_, Error>(blob.id())
+        })
+        .await
+        .unwrap();
+    let blob = store.begin_read_only().load::<Blob>(id).await.unwrap();
+    assert_eq!(blob.version(), 2);
 }
 
 pub async fn odd_payloads_round_trip(store: &Store) {

@@ -72,9 +72,9 @@ impl Schema {
             .expect("connect a raw pool")
     }
 
-    /// `{schema}.annals_{table}`.
+    /// `"{schema}".annals_{table}`.
     pub fn table(&self, table: &str) -> String {
-        format!("{}.annals_{table}", self.name)
+        format!("\"{}\".annals_{table}", self.name)
     }
 }
 
@@ -82,7 +82,7 @@ impl Drop for Schema {
     fn drop(&mut self) {
         let url = self.url.clone();
         let sql = format!(
-            "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {} CASCADE",
+            "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             self.name
         );
         // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own
@@ -121,4 +121,126 @@ pub async fn open_fresh() -> Option<(Store, Schema)> {
 /// A fresh schema (not yet opened), or `None` when no server is configured.
 pub fn fresh_schema() -> Option<Schema> {
     database_url().map(|url| Schema::new(&url))
+}
+
+/// A database of its own, for tests that read database-wide statistics; dropped, with its
+/// sessions, when this is dropped.
+#[derive(Debug)]
+pub struct Database {
+    /// The URL of this database.
+    pub url: String,
+    pub name: String,
+    admin_url: String,
+}
+
+impl Database {
+    /// Creates a fresh database on the server of `admin_url`.
+    pub async fn create(admin_url: &str) -> Database {
+        use sqlx::Connection;
+        let name = format!("annals_t_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(admin_url)
+            .await
+            .expect("connect to the server");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create a database");
+        let _ = conn.close().await;
+        Database {
+            url: with_database(admin_url, &name),
+            name,
+            admin_url: admin_url.to_owned(),
+        }
+    }
+
+    /// The deadlocks PostgreSQL counted in this database. A session reports its counts when it
+    /// ends, so this first waits (up to a minute) for every session of the database to end:
+    /// close the stores on it before.
+    pub async fn deadlocks(&self) -> i64 {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.admin_url)
+            .await
+            .expect("connect to the server");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let sessions: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(&self.name)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count sessions");
+            if sessions == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{sessions} sessions of {} still open",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadlocks: i64 =
+            sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = $1")
+                .bind(&self.name)
+                .fetch_one(&pool)
+                .await
+                .expect("read the database's statistics");
+        pool.close().await;
+        deadlocks
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let url = self.admin_url.clone();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                use sqlx::Connection;
+                let work = async {
+                    let mut conn = sqlx::PgConnection::connect(&url).await?;
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await?;
+                    conn.close().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(15), work).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base
+        .get(authority_start..)
+        .and_then(|rest| rest.find('/'))
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{database}", base.get(..host_end).unwrap_or(base));
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// `url` with its user replaced by `user` (no password: the test server trusts local users).
+pub fn with_user(url: &str, user: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(scheme_end..).unwrap_or_default();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{}{user}@{host}", url.get(..scheme_end).unwrap_or_default())
 }

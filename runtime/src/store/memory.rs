@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
@@ -275,16 +276,15 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         Box::pin(async move {
             let state = self.state()?;
             let start = usize::try_from(after.position).unwrap_or(usize::MAX);
             let end = start.saturating_add(limit).min(state.events.len());
-            (start..end).map(|index| state.record(index)).collect()
+            let events = (start..end)
+                .map(|index| state.record(index))
+                .collect::<Result<_>>()?;
+            Ok(FeedPage::new(events, None))
         })
     }
 

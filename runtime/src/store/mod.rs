@@ -10,6 +10,7 @@ use crate::aggregate::AggregateId;
 use crate::context::Context;
 use crate::error::{Error, IsConflict, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::registry::{Registry, registry};
 use crate::retry::Retry;
 
@@ -55,6 +56,9 @@ impl CommitSignal {
         let _ = tokio::time::timeout(max_wait, notified).await;
     }
 }
+
+/// The first pause of [`Store::wait_for_events`] before it reads a held-back feed again.
+const HELD_BACK_FIRST_PAUSE: Duration = Duration::from_millis(5);
 
 /// A boxed future, as the backend trait returns them.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -161,6 +165,9 @@ impl Change {
 #[derive(Debug, Clone)]
 pub(crate) struct CommitBatch {
     pub changes: Vec<Change>,
+    /// Every aggregate the context loaded, changed or only read, at the version it loaded: the
+    /// events this commit's events may have been decided from.
+    pub loaded: Vec<(AggregateId, u64)>,
     pub recorded_at: SystemTime,
 }
 
@@ -179,6 +186,31 @@ impl CommitBatch {
             .collect();
         events.sort_by_key(|(_, e)| e.seq);
         events
+    }
+    /// The bytes the commit carries: payloads, metadata, snapshots and keys.
+    pub fn encoded_size(&self) -> usize {
+        self.changes
+            .iter()
+            .map(|c| {
+                let events: usize = c
+                    .events
+                    .iter()
+                    .map(|e| e.payload.len() + e.metadata.as_ref().map_or(0, Vec::len))
+                    .sum();
+                events
+                    + c.snapshot.as_ref().map_or(0, |s| s.payload.len())
+                    + c.key.as_ref().map_or(0, String::len)
+            })
+            .fold(0, usize::saturating_add)
+    }
+
+    /// Refuses a batch over `max` bytes before anything is sent.
+    pub fn check_size(&self, max: usize) -> Result<()> {
+        let size = self.encoded_size();
+        if size > max {
+            return Err(Error::CommitTooLarge { size, max });
+        }
+        Ok(())
     }
 }
 
@@ -205,12 +237,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
         after_version: u64,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
 
-    /// Up to `limit` events of the global feed after `after`, in commit order.
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
+    /// Up to `limit` events of the global feed after `after`, in commit order, and who holds
+    /// back later events, if anyone does. Never waits for a hold-back to end.
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>>;
 
     /// A counter of the commits this backend has heard of; read it before reading the feed and
     /// pass it to [`wait_for_change`](Backend::wait_for_change).
@@ -299,8 +328,10 @@ impl Store {
 
     /// A new read-write context. It writes nothing until [`Context::commit`]; dropped, it
     /// discards what it staged.
+    ///
+    /// On a store opened with [`StoreOptions::read_only`], this context is read-only too.
     pub fn begin(&self) -> Context {
-        Context::new(self.clone(), false)
+        Context::new(self.clone(), self.inner.options.read_only)
     }
 
     /// A new read-only context: it loads aggregates and refuses to stage events.
@@ -371,34 +402,74 @@ impl Store {
 
     /// Up to `limit` events of the global feed after `after`, each once, in commit order. Pass
     /// [`FeedCursor::START`] to read from the beginning, then the `cursor` of the last event
-    /// read.
+    /// read. It never waits: a page shorter than `limit` means there is nothing more to read
+    /// now.
     ///
     /// On PostgreSQL the feed never runs ahead of a transaction that is still open, so that an
-    /// event committed late is never skipped: while some writing transaction of the database
-    /// stays open, events committed after it began are held back, and a read that finds only
-    /// such events waits up to a second for them before it returns a shorter page.
-    pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<Vec<RecordedEvent>> {
+    /// event committed late is never skipped: while a transaction that could write to the
+    /// store's database stays open, events committed after it began are held back, and the
+    /// page says so in [`FeedPage::held_back`], with that transaction's id and, where the
+    /// server shows them, its pid, database and age. Transactions of other databases of the
+    /// server do not hold the feed back; any transaction of the same database does, whatever
+    /// tables it writes. A hold-back longer than [`StoreOptions::hold_back_warning`] is logged
+    /// (`tracing`, at most once a minute). Set `idle_in_transaction_session_timeout` on the
+    /// server so a forgotten session cannot hold the feed back for long.
+    ///
+    /// ```
+    /// # async fn demo(store: annals::Store) -> Result<(), annals::Error> {
+    /// use annals::FeedCursor;
+    /// let mut cursor = FeedCursor::START;
+    /// loop {
+    ///     let page = store.read_feed(cursor, 100).await?;
+    ///     for event in &page {
+    ///         println!("{} {} v{}", event.event_type, event.aggregate_id, event.version);
+    ///     }
+    ///     cursor = page.cursor_or(cursor);
+    ///     if page.len() < 100 {
+    ///         if let Some(held) = &page.held_back {
+    ///             println!("not caught up: {held}");
+    ///         }
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {
         self.inner.backend.read_feed(after, limit).await
     }
 
     /// Waits until the feed holds events after `after`, for at most `timeout`. Returns true
-    /// when there are such events, false when the time ran out first.
+    /// when there are such events, false when the time ran out first (any `timeout` works,
+    /// `Duration::MAX` included).
     ///
     /// Commits made through this process wake waiters at once; on PostgreSQL, commits of other
     /// processes wake them through `LISTEN`/`NOTIFY`. Otherwise the feed is polled every
-    /// [`StoreOptions::poll_interval`].
+    /// [`StoreOptions::poll_interval`]. While the feed is held back (PostgreSQL, see
+    /// [`read_feed`](Store::read_feed)), the end of the transaction holding it sends no
+    /// notification: the feed is then read again after 5 ms, 10 ms, … up to the poll interval.
     pub async fn wait_for_events(&self, after: FeedCursor, timeout: Duration) -> Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // No deadline when the timeout reaches past what an instant can hold.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
+        let poll = self.inner.options.poll_interval;
+        let mut held_pause = HELD_BACK_FIRST_PAUSE.min(poll);
         loop {
             let since = self.inner.backend.changes();
-            if !self.read_feed(after, 1).await?.is_empty() {
+            let page = self.read_feed(after, 1).await?;
+            if !page.is_empty() {
                 return Ok(true);
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(false);
+            let mut wait = poll;
+            if page.held_back.is_some() {
+                wait = held_pause;
+                held_pause = held_pause.saturating_mul(2).min(poll);
             }
-            let wait = (deadline - now).min(self.inner.options.poll_interval);
+            if let Some(deadline) = deadline {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Ok(false);
+                }
+                wait = wait.min(deadline - now);
+            }
             self.inner.backend.wait_for_change(since, wait).await;
         }
     }

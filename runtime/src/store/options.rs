@@ -31,6 +31,11 @@ pub struct StoreOptions {
     /// The largest encoded event, snapshot or metadata accepted; larger ones are refused with
     /// [`Error::PayloadTooLarge`] before anything is written. Default 16 MiB.
     pub max_payload_bytes: usize,
+    /// The largest commit accepted: the payloads, metadata, snapshots and keys of all its
+    /// events together. A larger one is refused with [`Error::CommitTooLarge`] before anything
+    /// is sent. Default 960 MiB, under PostgreSQL's limit of 1 GiB on one message (which the
+    /// PostgreSQL store also checks, counting its per-event overhead).
+    pub max_commit_bytes: usize,
     /// SQLite: durability of commits. Default [`Synchronous::Full`].
     pub synchronous: Synchronous,
     /// SQLite: how long a connection waits for a lock held by another process. Default 5 s.
@@ -39,17 +44,23 @@ pub struct StoreOptions {
     /// its one writer).
     pub pool_size: u32,
     /// PostgreSQL: the schema the tables live in (created when missing). Default `public`.
+    /// It must match `[a-z_][a-z0-9_]{0,40}` and not begin with `pg_`; it is always quoted, so
+    /// reserved words such as `user` or `order` work.
     pub schema: Option<String>,
     /// How often [`Store::wait_for_events`](crate::Store::wait_for_events) polls when no wake-up
     /// arrives. Default 500 ms.
     pub poll_interval: Duration,
+    /// PostgreSQL: a feed held back longer than this by one open transaction is logged as a
+    /// warning (at most once a minute). Default 30 s.
+    pub hold_back_warning: Duration,
+    /// Open the store to read only: loads, histories and the feed work, nothing is written (no
+    /// migration, no type names), and every context is read-only ([`Error::ReadOnly`] on
+    /// `apply`). For a role with only `SELECT` rights, or a PostgreSQL hot standby. Default
+    /// false.
+    pub read_only: bool,
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
-    /// Open the store read-only: nothing is written at open (no migration, no type names) and
-    /// every commit is refused with [`Error::ReadOnlyStore`]; loads and feed reads work. The
-    /// schema must be current. SQLite also takes `?mode=ro` in the URL. Default false.
-    pub read_only: bool,
 }
 
 impl Default for StoreOptions {
@@ -57,11 +68,13 @@ impl Default for StoreOptions {
         StoreOptions {
             table_prefix: "annals_".to_owned(),
             max_payload_bytes: 16 << 20,
+            max_commit_bytes: 960 << 20,
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
             pool_size: 10,
             schema: None,
             poll_interval: Duration::from_millis(500),
+            hold_back_warning: Duration::from_secs(30),
             migrate: true,
             read_only: false,
         }
@@ -83,6 +96,12 @@ impl StoreOptions {
     /// Sets the largest payload accepted.
     pub fn max_payload_bytes(mut self, max: usize) -> Self {
         self.max_payload_bytes = max;
+        self
+    }
+
+    /// Sets the largest commit accepted.
+    pub fn max_commit_bytes(mut self, max: usize) -> Self {
+        self.max_commit_bytes = max;
         self
     }
 
@@ -116,15 +135,21 @@ impl StoreOptions {
         self
     }
 
-    /// Turns migrations at open on or off.
-    pub fn migrate(mut self, migrate: bool) -> Self {
-        self.migrate = migrate;
+    /// Sets how long a hold-back of the feed lasts before it is logged.
+    pub fn hold_back_warning(mut self, after: Duration) -> Self {
+        self.hold_back_warning = after;
         self
     }
 
-    /// Opens the store read-only (see [`StoreOptions::read_only`](StoreOptions#structfield.read_only)).
+    /// Opens the store to read only.
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
+        self
+    }
+
+    /// Turns migrations at open on or off.
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
         self
     }
 
@@ -132,9 +157,20 @@ impl StoreOptions {
         check_identifier("table prefix", &self.table_prefix)?;
         if let Some(schema) = &self.schema {
             check_identifier("schema", schema)?;
+            if schema.starts_with("pg_") {
+                return Err(Error::Config(format!(
+                    "invalid schema {schema:?}: PostgreSQL reserves schema names that begin \
+                     with pg_"
+                )));
+            }
         }
         if self.pool_size == 0 {
             return Err(Error::Config("pool size must be at least 1".to_owned()));
+        }
+        if self.max_commit_bytes == 0 {
+            return Err(Error::Config(
+                "max commit size must be at least 1 byte".to_owned(),
+            ));
         }
         if self.max_payload_bytes == 0 {
             return Err(Error::Config(

@@ -1,5 +1,12 @@
 -- annals schema version 1 (SQLite). `{prefix}` is the validated table prefix.
 
+-- Applied migrations, one row each; `applied_at` in microseconds since the Unix epoch.
+CREATE TABLE IF NOT EXISTS {prefix}schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at INTEGER NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS {prefix}aggregate_types (
     id   INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE
@@ -56,3 +63,7 @@ CREATE TABLE IF NOT EXISTS {prefix}subscriptions (
     updated_at       INTEGER NOT NULL,
     PRIMARY KEY (name, partition)
 ) WITHOUT ROWID;
+
+-- Recorded here, not by the code that applies it, so SQL applied by hand counts too.
+INSERT OR IGNORE INTO {prefix}schema_migrations (version, name, applied_at)
+VALUES (1, 'initial schema', CAST(strftime('%s', 'now') AS INTEGER) * 1000000);

@@ -1,127 +1,20 @@
-//! What the SQL stores share: migrations as text, identifier rendering, error mapping.
+//! What the SQL stores share: the type-name cache ([`types`]), rows to records ([`records`]),
+//! migrations and their bookkeeping ([`migrate`]), and driver errors. Each store lives in its
+//! own folder beside them.
 
+pub(crate) mod migrate;
 #[cfg(feature = "postgres")]
 pub(crate) mod postgres;
+pub(crate) mod records;
 #[cfg(feature = "sqlite")]
 pub(crate) mod sqlite;
+pub(crate) mod types;
 
-use crate::error::{Error, Result};
-use crate::store::StoreOptions;
+pub use migrate::{Dialect, Migration, migrations};
 
-/// A SQL database annals can store events in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Dialect {
-    /// SQLite 3.
-    Sqlite,
-    /// PostgreSQL 13 or newer.
-    Postgres,
-}
+use crate::error::Error;
 
-/// One schema migration, as SQL text ready to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Migration {
-    /// The schema version this migration brings the store to.
-    pub version: i64,
-    /// A short description.
-    pub name: &'static str,
-    /// The statements, with the table prefix (and PostgreSQL schema) filled in.
-    pub sql: String,
-}
-
-struct MigrationSource {
-    version: i64,
-    name: &'static str,
-    sql: &'static str,
-}
-
-const SQLITE_MIGRATIONS: &[MigrationSource] = &[MigrationSource {
-    version: 1,
-    name: "initial schema",
-    sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
-}];
-
-const POSTGRES_MIGRATIONS: &[MigrationSource] = &[MigrationSource {
-    version: 1,
-    name: "initial schema",
-    sql: include_str!("../../migrations/postgres/0001_initial.sql"),
-}];
-
-/// Every migration for `dialect`, oldest first, rendered for `options` (table prefix, schema):
-/// for users who apply migrations by hand and open the store with
-/// [`StoreOptions::migrate`]`(false)`.
-///
-/// ```
-/// use annals::{migrations, Dialect, StoreOptions};
-/// let sql = migrations(Dialect::Sqlite, &StoreOptions::new().table_prefix("bank_")).unwrap();
-/// assert!(sql[0].sql.contains("CREATE TABLE IF NOT EXISTS bank_events"));
-/// ```
-pub fn migrations(dialect: Dialect, options: &StoreOptions) -> Result<Vec<Migration>> {
-    options.validate()?;
-    let sources = match dialect {
-        Dialect::Sqlite => SQLITE_MIGRATIONS,
-        Dialect::Postgres => POSTGRES_MIGRATIONS,
-    };
-    let schema = options.schema.as_deref().unwrap_or("public");
-    Ok(sources
-        .iter()
-        .map(|m| Migration {
-            version: m.version,
-            name: m.name,
-            sql: render(m.sql, &options.table_prefix, schema),
-        })
-        .collect())
-}
-
-/// The newest schema version this library knows for `dialect`.
-pub(crate) fn latest_version(dialect: Dialect) -> i64 {
-    let sources = match dialect {
-        Dialect::Sqlite => SQLITE_MIGRATIONS,
-        Dialect::Postgres => POSTGRES_MIGRATIONS,
-    };
-    sources.iter().map(|m| m.version).max().unwrap_or(0)
-}
-
-/// The migrations to apply to a store whose schema is at version `current` (`location` names
-/// its tables in messages): none when it is current, the newer ones when `options.migrate` is
-/// on. A schema newer than this library, or an outdated one with migrations off, is refused
-/// before anything is written.
-pub(crate) fn plan_migrations(
-    dialect: Dialect,
-    current: i64,
-    options: &StoreOptions,
-    location: &str,
-) -> Result<Vec<Migration>> {
-    let latest = latest_version(dialect);
-    if current > latest {
-        return Err(Error::SchemaTooNew {
-            found: current,
-            supported: latest,
-        });
-    }
-    if current == latest {
-        return Ok(Vec::new());
-    }
-    if !options.migrate {
-        return Err(Error::Config(format!(
-            "the store's schema ({location}) is at version {current}, this annals needs \
-             {latest}, and migrations at open are off: apply \
-             annals::migrations(Dialect::{dialect:?}, &options)"
-        )));
-    }
-    Ok(migrations(dialect, options)?
-        .into_iter()
-        .filter(|m| m.version > current)
-        .collect())
-}
-
-/// Fills `{prefix}` and `{schema}` into SQL text. Both are validated identifiers
-/// ([`StoreOptions::validate`]); values are always bound as parameters, never rendered.
-pub(crate) fn render(sql: &str, prefix: &str, schema: &str) -> String {
-    sql.replace("{prefix}", prefix).replace("{schema}", schema)
-}
-
-/// Wraps a driver error.
-pub(crate) fn backend_error(e: sqlx::Error) -> Error {
+/// Wraps a driver error, keeping it as the source.
+pub(crate) fn backend_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Backend(Box::new(e))
 }

@@ -8,9 +8,9 @@ use rusqlite::{Connection, Statement, TransactionBehavior};
 use super::Shared;
 use super::names::{self, Resolver};
 use super::render::EVENT_CHUNK;
-use super::sqlite_error;
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
+use crate::store::sql::backend_error;
 use crate::store::sql::types::TypeKind;
 use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
 
@@ -37,10 +37,10 @@ pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch
     )?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     write(&tx, shared, batch)?;
     // On an error above, dropping `tx` rolls back.
-    tx.commit().map_err(sqlite_error)
+    tx.commit().map_err(backend_error)
 }
 
 /// Writes `batch` on `conn`, inside the transaction the connection is in. Type names must be
@@ -59,7 +59,7 @@ pub(super) fn write(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> 
     for chunk in events.chunks(EVENT_CHUNK) {
         let mut stmt = conn
             .prepare_cached(&sql.insert_events(chunk.len()))
-            .map_err(sqlite_error)?;
+            .map_err(backend_error)?;
         let mut index = 0;
         for (change, event) in chunk {
             let event_type_id = type_id(&mut types, TypeKind::Event, event.name)?;
@@ -76,12 +76,12 @@ pub(super) fn write(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> 
             bind(&mut stmt, &mut index, recorded_at)?;
             bind(&mut stmt, &mut index, event.event_id.as_bytes().as_slice())?;
         }
-        stmt.raw_execute().map_err(sqlite_error)?;
+        stmt.raw_execute().map_err(backend_error)?;
     }
     for change in &batch.changes {
         if let Some(snapshot) = &change.snapshot {
             conn.prepare_cached(&sql.insert_snapshot)
-                .map_err(sqlite_error)?
+                .map_err(backend_error)?
                 .execute((
                     change.id.as_uuid().as_bytes().as_slice(),
                     i64::from(snapshot.snapshot_version),
@@ -89,7 +89,7 @@ pub(super) fn write(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> 
                     snapshot.payload.as_slice(),
                     recorded_at,
                 ))
-                .map_err(sqlite_error)?;
+                .map_err(backend_error)?;
         }
     }
     Ok(())
@@ -97,7 +97,8 @@ pub(super) fn write(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> 
 
 fn bind(stmt: &mut Statement<'_>, index: &mut usize, value: impl rusqlite::ToSql) -> Result<()> {
     *index += 1;
-    stmt.raw_bind_parameter(*index, value).map_err(sqlite_error)
+    stmt.raw_bind_parameter(*index, value)
+        .map_err(backend_error)
 }
 
 fn type_id(types: &mut Resolver<'_>, kind: TypeKind, name: &str) -> Result<i64> {
@@ -117,9 +118,9 @@ fn claim(conn: &Connection, shared: &Shared, change: &Change, type_id: i64) -> R
     if change.is_new {
         let inserted = conn
             .prepare_cached(&sql.insert_aggregate)
-            .map_err(sqlite_error)?
+            .map_err(backend_error)?
             .execute((id, type_id, change.key.as_deref(), new_version))
-            .map_err(sqlite_error)?;
+            .map_err(backend_error)?;
         if inserted == 1 {
             return Ok(());
         }
@@ -138,9 +139,9 @@ fn claim(conn: &Connection, shared: &Shared, change: &Change, type_id: i64) -> R
     }
     let updated = conn
         .prepare_cached(&sql.cas_version)
-        .map_err(sqlite_error)?
+        .map_err(backend_error)?
         .execute((new_version, id, to_i64(change.expected, "version")?))
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     if updated == 1 {
         Ok(())
     } else {
@@ -156,12 +157,12 @@ fn claim(conn: &Connection, shared: &Shared, change: &Change, type_id: i64) -> R
 fn current_version(conn: &Connection, shared: &Shared, id: AggregateId) -> Result<u64> {
     let mut stmt = conn
         .prepare_cached(&shared.sql.current_version)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     let mut rows = stmt
         .query([id.as_uuid().as_bytes().as_slice()])
-        .map_err(sqlite_error)?;
-    match rows.next().map_err(sqlite_error)? {
-        Some(row) => to_u64(row.get(0).map_err(sqlite_error)?, "version"),
+        .map_err(backend_error)?;
+    match rows.next().map_err(backend_error)? {
+        Some(row) => to_u64(row.get(0).map_err(backend_error)?, "version"),
         None => Ok(0),
     }
 }

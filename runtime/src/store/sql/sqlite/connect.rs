@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::sqlite_error;
 use crate::error::{Error, Result};
+use crate::store::sql::backend_error;
 use crate::store::{StoreOptions, Synchronous};
 
 /// Prepared statements kept per connection: the fixed statements plus the event INSERT shapes
@@ -86,13 +86,13 @@ pub(super) fn open_writer(target: &Target, options: &StoreOptions) -> Result<Con
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         ),
     }
-    .map_err(sqlite_error)?;
+    .map_err(backend_error)?;
     set_up(&conn, options)?;
     if matches!(target.location, Location::File(_)) && !target.read_only {
         // WAL: readers never block the writer, and the writer never blocks readers.
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(sqlite_error)?;
+            .map_err(backend_error)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::Config(format!(
                 "the SQLite file would not switch to WAL (journal mode {mode:?})"
@@ -104,13 +104,13 @@ pub(super) fn open_writer(target: &Target, options: &StoreOptions) -> Result<Con
         Synchronous::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", synchronous)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     Ok(conn)
 }
 
 /// A read-only connection for loads and feed reads.
 pub(super) fn open_reader(path: &std::path::Path, options: &StoreOptions) -> Result<Connection> {
-    let conn = Connection::open_with_flags(path, read_flags()).map_err(sqlite_error)?;
+    let conn = Connection::open_with_flags(path, read_flags()).map_err(backend_error)?;
     set_up(&conn, options)?;
     Ok(conn)
 }
@@ -121,9 +121,9 @@ fn read_flags() -> OpenFlags {
 
 fn set_up(conn: &Connection, options: &StoreOptions) -> Result<()> {
     conn.busy_timeout(options.busy_timeout)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     conn.pragma_update(None, "foreign_keys", "ON")
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
 }

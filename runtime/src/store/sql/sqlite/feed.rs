@@ -5,15 +5,15 @@
 use rusqlite::{Connection, Row};
 
 use super::Shared;
-use super::load::{aggregate_id, schema_version};
 use super::names::Resolver;
-use super::sqlite_error;
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
-use crate::metadata::Metadata;
+use crate::feed::FeedPage;
+use crate::store::sql::backend_error;
+use crate::store::sql::records::{RecordRow, uuid_from_bytes};
 use crate::store::sql::types::TypeKind;
-use crate::store::{from_micros, to_i64, to_u64};
+use crate::store::to_i64;
 
 /// Every event of aggregate `id` after `after_version`.
 pub(super) fn read_stream(
@@ -24,33 +24,33 @@ pub(super) fn read_stream(
 ) -> Result<Vec<RecordedEvent>> {
     let mut stmt = conn
         .prepare_cached(&shared.sql.read_stream)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     let rows = stmt
         .query((
             id.as_uuid().as_bytes().as_slice(),
             to_i64(after_version, "version")?,
         ))
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     recorded(conn, shared, rows)
 }
 
-/// Up to `limit` events after `after`.
+/// Up to `limit` events after `after`. Nothing ever holds the SQLite feed back.
 pub(super) fn read_feed(
     conn: &Connection,
     shared: &Shared,
     after: FeedCursor,
     limit: usize,
-) -> Result<Vec<RecordedEvent>> {
+) -> Result<FeedPage> {
     let mut stmt = conn
         .prepare_cached(&shared.sql.read_feed)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     let rows = stmt
         .query((
             to_i64(after.position, "position")?,
             i64::try_from(limit).unwrap_or(i64::MAX),
         ))
-        .map_err(sqlite_error)?;
-    recorded(conn, shared, rows)
+        .map_err(backend_error)?;
+    Ok(FeedPage::new(recorded(conn, shared, rows)?, None))
 }
 
 fn recorded(
@@ -60,38 +60,43 @@ fn recorded(
 ) -> Result<Vec<RecordedEvent>> {
     let mut types = Resolver::new(conn, &shared.sql, &shared.types);
     let mut out = Vec::new();
-    while let Some(row) = rows.next().map_err(sqlite_error)? {
-        out.push(event(&mut types, row)?);
+    while let Some(row) = rows.next().map_err(backend_error)? {
+        let row = record_row(row)?;
+        let aggregates =
+            types.map_with(TypeKind::Aggregate, [row.aggregate_type_id].into_iter())?;
+        let events = types.map_with(TypeKind::Event, [row.event_type_id].into_iter())?;
+        out.push(row.into_record(&aggregates, &events)?);
     }
     Ok(out)
 }
 
-fn event(types: &mut Resolver<'_>, r: &Row<'_>) -> Result<RecordedEvent> {
-    let get = |i: usize| r.get_ref(i).map_err(sqlite_error);
-    let int = |i: usize| r.get::<_, i64>(i).map_err(sqlite_error);
-    let position = to_u64(int(0)?, "position")?;
-    let blob = |i: usize| -> Result<&[u8]> {
-        get(i)?.as_blob().map_err(|e| {
-            Error::Corrupt(format!(
-                "column {i} of the event at position {position}: {e}"
-            ))
-        })
+/// The columns of a feed row; the metadata stays borrowed from the row until it is decoded.
+fn record_row<'r>(r: &'r Row<'_>) -> Result<RecordRow<'r>> {
+    let int = |i: usize| r.get::<_, i64>(i).map_err(backend_error);
+    let position = int(0)?;
+    let blob = |i: usize| -> Result<&'r [u8]> {
+        r.get_ref(i)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .map_err(|e| {
+                Error::Corrupt(format!(
+                    "column {i} of the event at position {position}: {e}"
+                ))
+            })
     };
-    let metadata = get(7)?
-        .as_blob_or_null()
-        .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?;
-    Ok(RecordedEvent {
-        cursor: FeedCursor { tx: 0, position },
-        aggregate_id: aggregate_id(blob(1)?)?,
-        aggregate_type: types.name(TypeKind::Aggregate, int(2)?)?.to_string(),
-        version: to_u64(int(3)?, "sequence")?,
-        event_type: types.name(TypeKind::Event, int(4)?)?.to_string(),
-        schema_version: schema_version(int(5)?)?,
+    Ok(RecordRow {
+        tx: 0,
+        position,
+        aggregate_id: uuid_from_bytes(blob(1)?, "aggregate id")?,
+        aggregate_type_id: int(2)?,
+        version: int(3)?,
+        event_type_id: int(4)?,
+        schema_version: int(5)?,
         payload: blob(6)?.to_vec(),
-        metadata: Metadata::decode(metadata)
+        metadata: r
+            .get_ref(7)
+            .and_then(|v| v.as_blob_or_null().map_err(Into::into))
             .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?,
-        recorded_at: from_micros(int(8)?),
-        event_id: uuid::Uuid::from_slice(blob(9)?)
-            .map_err(|e| Error::Corrupt(format!("event id at position {position}: {e}")))?,
+        recorded_at: int(8)?,
+        event_id: uuid_from_bytes(blob(9)?, &format!("event id at position {position}"))?,
     })
 }

@@ -1,19 +1,16 @@
 //! Loading on SQLite: an aggregate's row by id or natural key, its newest usable snapshot and
 //! the events after it, read in one call on one reader connection.
 
-use std::sync::Arc;
-
 use rusqlite::{Connection, OptionalExtension};
 
 use super::Shared;
 use super::names::Resolver;
-use super::sqlite_error;
 use crate::aggregate::AggregateId;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::store::sql::backend_error;
+use crate::store::sql::records::{self, StreamRow};
 use crate::store::sql::types::TypeKind;
-use crate::store::{
-    AggregateRow, LoadRequest, LoadedStream, Locate, StoredSnapshot, StreamEvent, to_i64, to_u64,
-};
+use crate::store::{AggregateRow, LoadRequest, LoadedStream, Locate, to_i64};
 
 /// [`Locate`] with owned text, to travel to a reader thread.
 #[derive(Debug, Clone)]
@@ -78,7 +75,7 @@ fn fetch_row(
     let found = match target {
         Target::Id(id) => conn
             .prepare_cached(&sql.row_by_id)
-            .map_err(sqlite_error)?
+            .map_err(backend_error)?
             .query_row([id.as_uuid().as_bytes().as_slice()], read)
             .optional(),
         Target::Key {
@@ -90,24 +87,28 @@ fn fetch_row(
                 return Ok(None);
             };
             conn.prepare_cached(&sql.row_by_key)
-                .map_err(sqlite_error)?
+                .map_err(backend_error)?
                 .query_row((type_id, key.as_str()), read)
                 .optional()
         }
     }
-    .map_err(sqlite_error)?;
+    .map_err(backend_error)?;
     let Some((id, type_id, key, version)) = found else {
         return Ok(None);
     };
-    Ok(Some(AggregateRow {
-        id: aggregate_id(&id)?,
-        aggregate_type: types.name(TypeKind::Aggregate, type_id)?.to_string(),
+    let aggregates = types.map_with(TypeKind::Aggregate, [type_id].into_iter())?;
+    records::aggregate_row(
+        *records::aggregate_id(&id)?.as_uuid(),
+        type_id,
         key,
-        version: to_u64(version, "version")?,
-    }))
+        version,
+        &aggregates,
+    )
+    .map(Some)
 }
 
-/// The rebuild material of one aggregate.
+/// The rebuild material of one aggregate: its row, the newest usable snapshot and the events
+/// after it, read on one connection.
 pub(super) fn load(
     conn: &Connection,
     shared: &Shared,
@@ -124,63 +125,36 @@ pub(super) fn load(
     let snapshot = match request.snapshot_version {
         Some(shape) => conn
             .prepare_cached(&sql.snapshot)
-            .map_err(sqlite_error)?
+            .map_err(backend_error)?
             .query_row((id, i64::from(shape), up_to_i64), |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
             })
             .optional()
-            .map_err(sqlite_error)?
-            .map(|(version, payload)| {
-                Ok::<_, Error>(StoredSnapshot {
-                    version: to_u64(version, "snapshot version")?,
-                    payload,
-                })
-            })
+            .map_err(backend_error)?
+            .map(|(version, payload)| records::snapshot(version, payload))
             .transpose()?,
         None => None,
     };
     let from = snapshot.as_ref().map_or(0, |s| s.version);
-    let mut stmt = conn.prepare_cached(&sql.stream).map_err(sqlite_error)?;
+    let mut stmt = conn.prepare_cached(&sql.stream).map_err(backend_error)?;
     let mut rows = stmt
         .query((id, to_i64(from, "version")?, up_to_i64))
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     let expected = usize::try_from(up_to.saturating_sub(from)).unwrap_or(0);
-    let mut events = Vec::with_capacity(expected.min(1 << 16));
-    // Runs of one event type are common: look a name up once per run.
-    let mut last: Option<(i64, Arc<str>)> = None;
-    while let Some(r) = rows.next().map_err(sqlite_error)? {
-        let type_id: i64 = r.get(2).map_err(sqlite_error)?;
-        let name = match &last {
-            Some((id, name)) if *id == type_id => name.clone(),
-            _ => {
-                let name = types.name(TypeKind::Event, type_id)?;
-                last = Some((type_id, name.clone()));
-                name
-            }
-        };
-        events.push(StreamEvent {
-            version: to_u64(r.get(0).map_err(sqlite_error)?, "sequence")?,
-            position: to_u64(r.get(1).map_err(sqlite_error)?, "position")?,
-            name,
-            schema_version: schema_version(r.get(3).map_err(sqlite_error)?)?,
-            payload: r.get(4).map_err(sqlite_error)?,
+    let mut stream = Vec::with_capacity(expected.min(1 << 16));
+    while let Some(r) = rows.next().map_err(backend_error)? {
+        stream.push(StreamRow {
+            version: r.get(0).map_err(backend_error)?,
+            position: r.get(1).map_err(backend_error)?,
+            event_type_id: r.get(2).map_err(backend_error)?,
+            schema_version: r.get(3).map_err(backend_error)?,
+            payload: r.get(4).map_err(backend_error)?,
         });
     }
+    let events = types.map_with(TypeKind::Event, StreamRow::type_ids(&stream))?;
     Ok(Some(LoadedStream {
         row,
         snapshot,
-        events,
+        events: records::stream_events(stream, &events)?,
     }))
-}
-
-/// An aggregate id from its stored 16 bytes.
-pub(super) fn aggregate_id(bytes: &[u8]) -> Result<AggregateId> {
-    uuid::Uuid::from_slice(bytes)
-        .map(AggregateId::from)
-        .map_err(|e| Error::Corrupt(format!("aggregate id: {e}")))
-}
-
-/// A stored schema version.
-pub(super) fn schema_version(value: i64) -> Result<u32> {
-    u32::try_from(value).map_err(|_| Error::Corrupt(format!("schema version {value} out of range")))
 }

@@ -7,12 +7,12 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use super::Shared;
 use super::names as type_names;
 use super::render::{annals_tables, migrations_table};
-use super::sqlite_error;
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+use crate::store::StoreOptions;
+use crate::store::sql::backend_error;
+use crate::store::sql::migrate::{Dialect, latest_version, plan_migrations};
 use crate::store::sql::types::TypeKind;
-use crate::store::sql::{Dialect, latest_version, plan_migrations};
-use crate::store::{StoreOptions, to_micros};
 
 /// Brings the schema to this library's version, or refuses: a schema newer than this library
 /// ([`Error::SchemaTooNew`]), tables of another application under annals' names
@@ -44,30 +44,18 @@ pub(super) fn migrate(
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     let current = current_version(&tx, &table)?;
     let pending = plan_migrations(Dialect::Sqlite, current, options, &table)?;
     if pending.is_empty() {
         return Ok(());
     }
-    tx.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-    ))
-    .map_err(sqlite_error)?;
+    // Each migration records its own version.
     for migration in pending {
-        tx.execute_batch(&migration.sql).map_err(sqlite_error)?;
-        tx.execute(
-            &format!("INSERT INTO {table} (version, name, applied_at) VALUES (?1, ?2, ?3)"),
-            (
-                migration.version,
-                migration.name,
-                to_micros(std::time::SystemTime::now()),
-            ),
-        )
-        .map_err(sqlite_error)?;
+        tx.execute_batch(&migration.sql).map_err(backend_error)?;
         tracing::info!(version = migration.version, "applied SQLite migration");
     }
-    tx.commit().map_err(sqlite_error)
+    tx.commit().map_err(backend_error)
 }
 
 /// The schema version recorded in `table`; 0 when there is no such table, after checking that
@@ -75,7 +63,7 @@ pub(super) fn migrate(
 fn current_version(conn: &Connection, table: &str) -> Result<i64> {
     if !table_exists(conn, table)? {
         let prefix = table.strip_suffix("schema_migrations").unwrap_or_default();
-        for name in annals_tables(prefix) {
+        for name in annals_tables(prefix).filter(|name| name != table) {
             if table_exists(conn, &name)? {
                 return Err(Error::ForeignTable { table: name });
             }
@@ -87,16 +75,16 @@ fn current_version(conn: &Connection, table: &str) -> Result<i64> {
         [],
         |row| row.get(0),
     )
-    .map_err(sqlite_error)
+    .map_err(backend_error)
 }
 
 fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
     conn.prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
-        .map_err(sqlite_error)?
+        .map_err(backend_error)?
         .query_row([name], |_| Ok(()))
         .optional()
         .map(|found| found.is_some())
-        .map_err(sqlite_error)
+        .map_err(backend_error)
 }
 
 /// The registered type names, to write at open.
@@ -130,7 +118,7 @@ pub(super) fn warm_up(
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     type_names::write(
         &tx,
         sql,
@@ -145,5 +133,5 @@ pub(super) fn warm_up(
         TypeKind::Event,
         names.events.iter().copied(),
     )?;
-    tx.commit().map_err(sqlite_error)
+    tx.commit().map_err(backend_error)
 }

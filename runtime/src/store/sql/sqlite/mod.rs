@@ -32,6 +32,7 @@ use self::writer::Writer;
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
 use crate::registry::Registry;
 use crate::store::sql::types::TypeCache;
 use crate::store::{
@@ -54,11 +55,6 @@ pub(crate) struct SqliteBackend {
     /// `None` for an in-memory database, whose one connection is the writer's.
     readers: Option<Readers>,
     read_only: bool,
-}
-
-/// Wraps a rusqlite error, kept as the source.
-pub(super) fn sqlite_error(e: rusqlite::Error) -> Error {
-    Error::Backend(Box::new(e))
 }
 
 impl SqliteBackend {
@@ -106,7 +102,7 @@ impl SqliteBackend {
     /// Commits `batch` inside the caller's transaction `conn` (see `Context::commit_in_sqlite`).
     pub(crate) fn commit_in(&self, conn: &rusqlite::Connection, batch: &CommitBatch) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnlyStore);
+            return Err(Error::ReadOnly);
         }
         commit::write(conn, &self.shared, batch)?;
         // Spurious: the caller commits later. Waiters read the feed and wait again.
@@ -153,7 +149,7 @@ impl Backend for SqliteBackend {
 
     fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>> {
         if self.read_only {
-            return Box::pin(std::future::ready(Err(Error::ReadOnlyStore)));
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
         }
         let shared = self.shared.clone();
         let batch = batch.clone();
@@ -173,11 +169,7 @@ impl Backend for SqliteBackend {
         self.read(move |conn, shared| feed::read_stream(conn, shared, id, after_version))
     }
 
-    fn read_feed<'a>(
-        &'a self,
-        after: FeedCursor,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         self.read(move |conn, shared| feed::read_feed(conn, shared, after, limit))
     }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use rusqlite::Connection;
 
 use super::render::Statements;
-use super::sqlite_error;
 use crate::error::Result;
+use crate::store::sql::backend_error;
 use crate::store::sql::types::{TypeCache, TypeKind, TypeMap, distinct};
 
 /// Re-reads one type table and replaces the cached map with it.
@@ -22,14 +22,14 @@ pub(super) fn refresh(
 ) -> Result<Arc<TypeMap>> {
     let mut stmt = conn
         .prepare_cached(sql.all_types(kind))
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     let rows = stmt
         .query_map([], |row| {
             Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
         })
-        .map_err(sqlite_error)?
+        .map_err(backend_error)?
         .collect::<rusqlite::Result<Vec<_>>>()
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     Ok(cache.set(kind, TypeMap::from_rows(rows)))
 }
 
@@ -44,9 +44,9 @@ pub(super) fn write<'a>(
 ) -> Result<Arc<TypeMap>> {
     let mut stmt = conn
         .prepare_cached(sql.insert_type(kind))
-        .map_err(sqlite_error)?;
+        .map_err(backend_error)?;
     for name in names {
-        stmt.execute([name]).map_err(sqlite_error)?;
+        stmt.execute([name]).map_err(backend_error)?;
     }
     drop(stmt);
     refresh(conn, sql, cache, kind)
@@ -58,13 +58,13 @@ pub(super) fn ensure<'a>(
     sql: &Statements,
     cache: &TypeCache,
     kind: TypeKind,
-    names: impl Iterator<Item = &'a str> + Clone,
+    names: impl Iterator<Item = &'a str>,
 ) -> Result<Arc<TypeMap>> {
     let map = cache.get(kind);
-    if map.has_names(names.clone()) {
+    let missing = distinct(names.filter(|n| map.id(n).is_none()));
+    if missing.is_empty() {
         return Ok(map);
     }
-    let missing = distinct(names.filter(|n| map.id(n).is_none()));
     write(conn, sql, cache, kind, missing)
 }
 
@@ -96,14 +96,18 @@ impl<'c> Resolver<'c> {
         }
     }
 
-    /// The name of type `id`.
-    pub fn name(&mut self, kind: TypeKind, id: i64) -> Result<Arc<str>> {
-        if let Some(name) = self.map(kind).name(id) {
-            return Ok(name.clone());
+    /// The map of `kind`, re-read first when it lacks one of `ids`. An id still missing after
+    /// the re-read is reported by the caller when it names the row (a corrupt row).
+    pub fn map_with(
+        &mut self,
+        kind: TypeKind,
+        ids: impl Iterator<Item = i64>,
+    ) -> Result<Arc<TypeMap>> {
+        if !self.map(kind).has_ids(ids) {
+            let fresh = refresh(self.conn, self.sql, self.cache, kind)?;
+            *self.map(kind) = fresh;
         }
-        let fresh = refresh(self.conn, self.sql, self.cache, kind)?;
-        *self.map(kind) = fresh;
-        self.map(kind).name_of(kind, id)
+        Ok(self.map(kind).clone())
     }
 
     /// The id of type `name`, or `None` when the table does not hold it even after a re-read.

@@ -1,0 +1,482 @@
+//! Commits: the bind arrays of one commit statement, running it (on the pool in autocommit, or
+//! on a caller's connection inside its transaction), and turning a failure into the error a
+//! caller can act on (which aggregate conflicted, which key was taken).
+
+use std::collections::HashMap;
+
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnection, PgExecutor};
+
+use super::render::{Cas, Shape};
+use super::types::type_id_to_sql;
+use super::{PostgresBackend, query, to_i32};
+use crate::aggregate::AggregateId;
+use crate::error::{Error, Result};
+use crate::store::sql::backend_error;
+use crate::store::sql::types::{TypeKind, TypeMap};
+use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros};
+
+/// PostgreSQL refuses a protocol message of 1 GiB or more (`MaxAllocSize`); a commit is one
+/// message, with a margin left for the statement text and the message's own framing.
+const MAX_MESSAGE: usize = (1 << 30) - (1 << 16);
+
+/// The bytes the bind parameters of `batch` take in the message, counted as PostgreSQL's
+/// binary format lays them out: a length word per value, fixed-size ids and numbers, and the
+/// payloads, metadata, snapshots and keys themselves.
+fn message_size(batch: &CommitBatch) -> usize {
+    // Per event: aggregate id and event id (4 + 16 each), sequence (4 + 8), type and schema
+    // version (4 + 4 each), and the length words of payload and metadata.
+    const PER_EVENT: usize = 2 * 20 + 12 + 2 * 8 + 2 * 4;
+    // Per changed aggregate: id, type, key length word, versions; per snapshot: id, shape,
+    // version and the payload's length word.
+    const PER_CHANGE: usize = 20 + 8 + 4 + 2 * 12;
+    const PER_SNAPSHOT: usize = 20 + 8 + 12 + 4;
+    batch
+        .changes
+        .iter()
+        .map(|c| {
+            PER_CHANGE
+                + c.events.len() * PER_EVENT
+                + c.snapshot.as_ref().map_or(0, |_| PER_SNAPSHOT)
+        })
+        .fold(batch.encoded_size(), usize::saturating_add)
+}
+
+/// Refuses a batch whose message would pass `max` bytes, before anything is sent.
+fn check_message(batch: &CommitBatch, max: usize) -> Result<()> {
+    let size = message_size(batch);
+    if size > max {
+        return Err(Error::CommitTooLarge { size, max });
+    }
+    Ok(())
+}
+
+impl PostgresBackend {
+    /// Runs the commit statement of `batch` on `executor`: the pool (autocommit) or a caller's
+    /// connection inside its transaction.
+    pub(super) async fn run_commit<'e>(
+        &self,
+        executor: impl PgExecutor<'e>,
+        batch: &CommitBatch,
+        in_caller_tx: bool,
+    ) -> Result<()> {
+        check_message(batch, MAX_MESSAGE)?;
+        let args = self.commit_args(batch).await?;
+        let shape = Shape {
+            cas: match args.cas_ids.len() {
+                0 => Cas::None,
+                1 => Cas::One,
+                _ => Cas::Many,
+            },
+            new: !args.new_ids.is_empty(),
+            snapshots: !args.snap_ids.is_empty(),
+            in_caller_tx,
+        };
+        let sql = self.sql.commit(shape)?;
+        let event_count = args.ev_ids.len() as u64;
+        let mut q = query(&sql);
+        match shape.cas {
+            Cas::None => {}
+            Cas::One => {
+                if let (Some(id), Some(expected), Some(new_version)) = (
+                    args.cas_ids.first(),
+                    args.cas_expected.first(),
+                    args.cas_new.first(),
+                ) {
+                    q = q.bind(*id).bind(*expected).bind(*new_version);
+                }
+            }
+            Cas::Many => {
+                q = q
+                    .bind(args.cas_ids)
+                    .bind(args.cas_expected)
+                    .bind(args.cas_new);
+            }
+        }
+        if shape.new {
+            q = q
+                .bind(args.new_ids)
+                .bind(args.new_types)
+                .bind(args.new_keys)
+                .bind(args.new_versions);
+        }
+        q = q
+            .bind(args.ev_aggregates)
+            .bind(args.ev_sequences)
+            .bind(args.ev_types)
+            .bind(args.ev_schema_versions)
+            .bind(args.ev_payloads)
+            .bind(args.ev_metadata)
+            .bind(args.ev_ids)
+            .bind(to_micros(batch.recorded_at));
+        if shape.snapshots {
+            q = q
+                .bind(args.snap_ids)
+                .bind(args.snap_shapes)
+                .bind(args.snap_versions)
+                .bind(args.snap_payloads);
+        }
+        if in_caller_tx {
+            let (ids, versions): (Vec<uuid::Uuid>, Vec<i64>) = batch
+                .loaded
+                .iter()
+                .map(|(id, version)| Ok((*id.as_uuid(), to_i64(*version, "aggregate version")?)))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .unzip();
+            q = q.bind(ids).bind(versions);
+        }
+        match q.execute(executor).await {
+            Ok(done) if done.rows_affected() == event_count => {
+                if !in_caller_tx {
+                    self.wake.changed.notify();
+                    self.wake.commits.notify_one();
+                }
+                Ok(())
+            }
+            Ok(_) if in_caller_tx => Err(self.conflict_in_caller_tx(batch).await),
+            Ok(_) => Err(self.conflict(batch, None).await),
+            Err(e) => Err(self.commit_error(batch, e).await),
+        }
+    }
+
+    /// The bind arrays of a commit, with type names turned into ids.
+    async fn commit_args<'a>(&self, batch: &'a CommitBatch) -> Result<CommitArgs<'a>> {
+        let mut events_map = self.types.get(TypeKind::Event);
+        let mut aggregates_map = self.types.get(TypeKind::Aggregate);
+        // Types outside the registry (hand-written aggregates) are written on first use, in
+        // autocommit: a type name must outlive a caller's transaction that rolls back.
+        let new_aggregate_types: Vec<&str> = batch
+            .changes
+            .iter()
+            .filter(|c| c.is_new && aggregates_map.id(c.aggregate_type).is_none())
+            .map(|c| c.aggregate_type)
+            .collect();
+        let new_event_types: Vec<&str> = batch
+            .changes
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.name))
+            .filter(|name| events_map.id(name).is_none())
+            .collect();
+        if !new_aggregate_types.is_empty() || !new_event_types.is_empty() {
+            let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+            if !new_aggregate_types.is_empty() {
+                aggregates_map = self
+                    .ensure_types(&mut conn, TypeKind::Aggregate, &new_aggregate_types)
+                    .await?;
+            }
+            if !new_event_types.is_empty() {
+                events_map = self
+                    .ensure_types(&mut conn, TypeKind::Event, &new_event_types)
+                    .await?;
+            }
+        }
+        let lookup = |map: &TypeMap, name: &str| map.id_of(name).and_then(type_id_to_sql);
+        let count = batch.event_count();
+        let mut args = CommitArgs::with_capacity(count);
+        // New aggregates are inserted in one canonical order (type, key, id): two commits that
+        // create the same keys then wait on the first key they share instead of each holding
+        // one key the other needs (a deadlock on the key index).
+        let mut new: Vec<(i32, &Change)> = Vec::new();
+        for change in batch.changes.iter().filter(|c| c.is_new) {
+            new.push((lookup(&aggregates_map, change.aggregate_type)?, change));
+        }
+        new.sort_by(|(ta, a), (tb, b)| (ta, &a.key, a.id).cmp(&(tb, &b.key, b.id)));
+        for (type_id, change) in new {
+            args.new_ids.push(*change.id.as_uuid());
+            args.new_types.push(type_id);
+            args.new_keys.push(change.key.as_deref());
+            args.new_versions
+                .push(to_i64(change.new_version(), "aggregate version")?);
+        }
+        for change in &batch.changes {
+            let id = *change.id.as_uuid();
+            if !change.is_new {
+                args.cas_ids.push(id);
+                args.cas_expected
+                    .push(to_i64(change.expected, "aggregate version")?);
+                args.cas_new
+                    .push(to_i64(change.new_version(), "aggregate version")?);
+            }
+            if let Some(snapshot) = &change.snapshot {
+                args.snap_ids.push(id);
+                args.snap_shapes
+                    .push(to_i32(snapshot.snapshot_version, "snapshot version")?);
+                args.snap_versions
+                    .push(to_i64(snapshot.version, "snapshot version")?);
+                args.snap_payloads.push(&snapshot.payload);
+            }
+        }
+        // In the order the context applied them, across aggregates: the order of the feed.
+        for (change, event) in batch.events_in_order() {
+            args.ev_aggregates.push(*change.id.as_uuid());
+            args.ev_sequences
+                .push(to_i64(event.version, "event version")?);
+            args.ev_types.push(lookup(&events_map, event.name)?);
+            args.ev_schema_versions
+                .push(to_i32(event.schema_version, "schema version")?);
+            args.ev_payloads.push(&event.payload);
+            args.ev_metadata.push(event.metadata.as_deref());
+            args.ev_ids.push(event.event_id);
+        }
+        Ok(args)
+    }
+
+    /// The conflict behind a failed version check inside a caller's transaction. When no
+    /// aggregate moved in the store, the caller's snapshot is what is behind: it was taken
+    /// (REPEATABLE READ, SERIALIZABLE) before a version the context loaded was committed.
+    async fn conflict_in_caller_tx(&self, batch: &CommitBatch) -> Error {
+        match self.conflict(batch, None).await {
+            Error::Conflict {
+                aggregate_type,
+                aggregate,
+                expected,
+                actual,
+            } if expected == actual => Error::StaleTransaction {
+                aggregate_type,
+                aggregate,
+                loaded: expected,
+            },
+            other => other,
+        }
+    }
+
+    /// The conflict behind a failed version check: the first changed aggregate whose version is
+    /// not the one expected (`hint`: the aggregate the database named, if any).
+    async fn conflict(&self, batch: &CommitBatch, hint: Option<AggregateId>) -> Error {
+        let ids: Vec<uuid::Uuid> = batch.changes.iter().map(|c| *c.id.as_uuid()).collect();
+        let rows: Vec<(uuid::Uuid, i64)> =
+            match sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => return backend_error(e),
+            };
+        let actual: HashMap<uuid::Uuid, i64> = rows.into_iter().collect();
+        let version_of = |id: &AggregateId| {
+            actual
+                .get(id.as_uuid())
+                .map_or(0, |v| u64::try_from(*v).unwrap_or(0))
+        };
+        let moved = batch.changes.iter().find(|c| {
+            hint.is_none_or(|h| h == c.id)
+                && (if c.is_new {
+                    actual.contains_key(c.id.as_uuid())
+                } else {
+                    version_of(&c.id) != c.expected
+                })
+        });
+        // A serialization failure or deadlock can be reported before the version moved; the
+        // first existing aggregate is then named, with the version as it stands.
+        let change = moved
+            .or_else(|| batch.changes.iter().find(|c| !c.is_new))
+            .or_else(|| batch.changes.first());
+        match change {
+            Some(c) => {
+                tracing::debug!(aggregate = %c.id, expected = c.expected, "commit conflict");
+                Error::Conflict {
+                    aggregate_type: c.aggregate_type.to_owned(),
+                    aggregate: c.id,
+                    expected: c.expected,
+                    actual: version_of(&c.id),
+                }
+            }
+            None => Error::Corrupt("a commit of no aggregate conflicted".to_owned()),
+        }
+    }
+
+    /// Maps a failed commit statement to the error a caller can act on.
+    async fn commit_error(&self, batch: &CommitBatch, e: sqlx::Error) -> Error {
+        let (code, constraint) = match e.as_database_error() {
+            Some(db) => (
+                db.code().map(|c| c.into_owned()),
+                db.constraint().map(str::to_owned),
+            ),
+            None => (None, None),
+        };
+        let prefix = &self.names.prefix;
+        match (code.as_deref(), constraint.as_deref()) {
+            (Some("23505"), Some(c)) if c == format!("{prefix}aggregates_key_uq") => {
+                self.key_taken(batch).await
+            }
+            (Some("23505"), Some(c)) if c == format!("{prefix}aggregates_pk") => {
+                let new = batch.changes.iter().find(|c| c.is_new).map(|c| c.id);
+                self.conflict(batch, new).await
+            }
+            (Some("23505"), Some(c)) if c == format!("{prefix}events_event_id_uq") => {
+                Error::Corrupt(format!("an event id of this commit is already stored: {e}"))
+            }
+            (Some("23505"), Some(c)) if c == format!("{prefix}events_stream_uq") => {
+                Error::Corrupt(format!(
+                    "an aggregate's row is behind its events (the version check passed, the \
+                     event sequence is taken): {e}"
+                ))
+            }
+            // A serialization failure (an aggregate changed since a caller's REPEATABLE READ or
+            // SERIALIZABLE snapshot) or a deadlock: re-running the work resolves both, so both
+            // are the retryable conflict; a key another commit took meanwhile is named as such.
+            (Some("40001" | "40P01"), _) => {
+                if batch.changes.iter().all(|c| c.is_new)
+                    && let Some(taken) = self.taken_key(batch).await
+                {
+                    return taken;
+                }
+                self.conflict(batch, None).await
+            }
+            _ => backend_error(e),
+        }
+    }
+
+    /// [`Error::KeyTaken`] for the first key of `batch`'s new aggregates that is committed
+    /// now, if any.
+    async fn taken_key(&self, batch: &CommitBatch) -> Option<Error> {
+        for change in batch.changes.iter().filter(|c| c.is_new) {
+            let Some(key) = change.key.as_deref() else {
+                continue;
+            };
+            let locate = Locate::Key {
+                aggregate_type: change.aggregate_type,
+                key,
+            };
+            if let Ok(Some(_)) = self.locate_row(locate).await {
+                return Some(Error::KeyTaken {
+                    aggregate_type: change.aggregate_type.to_owned(),
+                    key: key.to_owned(),
+                });
+            }
+        }
+        None
+    }
+
+    /// The key error of a commit whose new aggregate's key was taken meanwhile.
+    async fn key_taken(&self, batch: &CommitBatch) -> Error {
+        let keyed: Vec<(&'static str, &str)> = batch
+            .changes
+            .iter()
+            .filter(|c| c.is_new)
+            .filter_map(|c| c.key.as_deref().map(|k| (c.aggregate_type, k)))
+            .collect();
+        let mut taken = keyed.first().copied();
+        if keyed.len() > 1 {
+            for &(aggregate_type, key) in &keyed {
+                let locate = Locate::Key {
+                    aggregate_type,
+                    key,
+                };
+                if let Ok(Some(_)) = self.locate_row(locate).await {
+                    taken = Some((aggregate_type, key));
+                    break;
+                }
+            }
+        }
+        match taken {
+            Some((aggregate_type, key)) => Error::KeyTaken {
+                aggregate_type: aggregate_type.to_owned(),
+                key: key.to_owned(),
+            },
+            None => Error::Corrupt("a key clash without a keyed aggregate".to_owned()),
+        }
+    }
+
+    /// caller commits.
+    pub(super) async fn commit_in(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+    ) -> Result<()> {
+        self.run_commit(&mut *conn, batch, true).await?;
+        sqlx::query("SELECT pg_notify($1::text, '')")
+            .bind(self.names.channel.as_str())
+            .execute(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+}
+
+/// The bind arrays of one commit.
+#[derive(Default)]
+struct CommitArgs<'a> {
+    cas_ids: Vec<uuid::Uuid>,
+    cas_expected: Vec<i64>,
+    cas_new: Vec<i64>,
+    new_ids: Vec<uuid::Uuid>,
+    new_types: Vec<i32>,
+    new_keys: Vec<Option<&'a str>>,
+    new_versions: Vec<i64>,
+    ev_aggregates: Vec<uuid::Uuid>,
+    ev_sequences: Vec<i64>,
+    ev_types: Vec<i32>,
+    ev_schema_versions: Vec<i32>,
+    ev_payloads: Vec<&'a [u8]>,
+    ev_metadata: Vec<Option<&'a [u8]>>,
+    ev_ids: Vec<uuid::Uuid>,
+    snap_ids: Vec<uuid::Uuid>,
+    snap_shapes: Vec<i32>,
+    snap_versions: Vec<i64>,
+    snap_payloads: Vec<&'a [u8]>,
+}
+
+impl CommitArgs<'_> {
+    fn with_capacity(events: usize) -> Self {
+        CommitArgs {
+            ev_aggregates: Vec::with_capacity(events),
+            ev_sequences: Vec::with_capacity(events),
+            ev_types: Vec::with_capacity(events),
+            ev_schema_versions: Vec::with_capacity(events),
+            ev_payloads: Vec::with_capacity(events),
+            ev_metadata: Vec::with_capacity(events),
+            ev_ids: Vec::with_capacity(events),
+            ..CommitArgs::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StagedEvent;
+
+    fn batch(events: usize, payload: usize) -> CommitBatch {
+        CommitBatch {
+            changes: vec![Change {
+                id: AggregateId::new(),
+                aggregate_type: "account",
+                key: Some("k".to_owned()),
+                is_new: true,
+                expected: 0,
+                events: (0..events)
+                    .map(|i| StagedEvent {
+                        seq: i as u64,
+                        version: i as u64 + 1,
+                        name: "deposited",
+                        schema_version: 1,
+                        payload: vec![b'x'; payload],
+                        metadata: None,
+                        event_id: uuid::Uuid::now_v7(),
+                    })
+                    .collect(),
+                snapshot: None,
+            }],
+            loaded: Vec::new(),
+            recorded_at: std::time::SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn many_small_events_count_their_overhead() {
+        // 1,000 events of 10 bytes: 10 kB of payload, but every event carries its ids,
+        // numbers and length words in the message too.
+        let many = batch(1_000, 10);
+        assert_eq!(many.encoded_size(), 10_001);
+        let size = message_size(&many);
+        assert!(size > 70_000, "{size}");
+        assert!(check_message(&many, size).is_ok());
+        match check_message(&many, size - 1) {
+            Err(Error::CommitTooLarge { size: s, max }) => assert_eq!((s, max), (size, size - 1)),
+            other => panic!("expected CommitTooLarge, got {other:?}"),
+        }
+    }
+}

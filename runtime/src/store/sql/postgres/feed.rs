@@ -1,0 +1,152 @@
+//! Reading events back: an aggregate's history and the global feed.
+//!
+//! The feed is ordered by `(tx_id, position)` and read only below the oldest transaction still
+//! running (`pg_snapshot_xmin`), so an event whose transaction commits late is never skipped.
+//! Events committed above that horizon are held back: a read never waits for them, it says who
+//! holds them back (see `render::feed_sql` for the horizon), and a hold-back that lasts is
+//! logged.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnection, PgRow};
+
+use super::{PostgresBackend, get, query};
+use crate::aggregate::AggregateId;
+use crate::error::Result;
+use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::{FeedPage, HeldBack};
+use crate::store::sql::backend_error;
+use crate::store::sql::records::{RecordRow, records_need_refresh};
+use crate::store::sql::types::TypeKind;
+use crate::store::{to_i64, to_u64};
+
+/// The shortest time between two warnings of a long hold-back from one store.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl PostgresBackend {
+    /// Every event of one aggregate after `after_version`, in version order.
+    pub(super) async fn stream_records(
+        &self,
+        id: AggregateId,
+        after_version: u64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let rows = query(&self.sql.read_stream)
+            .bind(*id.as_uuid())
+            .bind(to_i64(after_version, "aggregate version")?)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        self.records(&mut conn, &rows).await
+    }
+
+    /// Up to `limit` events of the feed after `after`, and who holds back the events after
+    /// them, if anyone does. One statement; it never waits.
+    pub(super) async fn feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let mut rows = query(&self.sql.read_feed)
+            .bind(to_i64(after.tx, "feed cursor transaction")?)
+            .bind(to_i64(after.position, "feed cursor position")?)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        let mut held_back = None;
+        if let Some(last) = rows.last()
+            && get::<Option<uuid::Uuid>>(last, 2)?.is_none()
+        {
+            held_back = Some(held_back_from(last)?);
+            rows.pop();
+        }
+        let events = if limit == 0 {
+            Vec::new()
+        } else {
+            self.records(&mut conn, &rows).await?
+        };
+        if let Some(held) = &held_back {
+            self.warn_if_held_long(held);
+        }
+        Ok(FeedPage::new(events, held_back))
+    }
+
+    /// Logs a hold-back older than [`StoreOptions::hold_back_warning`], at most once a minute.
+    ///
+    /// [`StoreOptions::hold_back_warning`]: crate::StoreOptions::hold_back_warning
+    fn warn_if_held_long(&self, held: &HeldBack) {
+        let threshold = self.options.hold_back_warning;
+        if held.age.is_none_or(|age| age < threshold) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_hold_back_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        tracing::warn!(
+            xid = held.xid,
+            pid = held.pid,
+            database = held.database.as_deref(),
+            age_s = held.age.map(|a| a.as_secs()),
+            prepared = held.prepared,
+            "the feed is {held}: events committed after it began stay unread until it ends \
+             (idle_in_transaction_session_timeout ends forgotten sessions)"
+        );
+    }
+
+    /// Turns rows of [`RECORD_COLUMNS`](super::render::RECORD_COLUMNS) into records, re-reading
+    /// a type table over `conn` when a row names a type this process has not seen.
+    async fn records(&self, conn: &mut PgConnection, rows: &[PgRow]) -> Result<Vec<RecordedEvent>> {
+        let rows = rows.iter().map(record_row).collect::<Result<Vec<_>>>()?;
+        let mut aggregates = self.types.get(TypeKind::Aggregate);
+        let mut events = self.types.get(TypeKind::Event);
+        let (stale_aggregates, stale_events) = records_need_refresh(&rows, &aggregates, &events);
+        if stale_aggregates {
+            aggregates = self.refresh_types(conn, TypeKind::Aggregate).await?;
+        }
+        if stale_events {
+            events = self.refresh_types(conn, TypeKind::Event).await?;
+        }
+        rows.into_iter()
+            .map(|row| row.into_record(&aggregates, &events))
+            .collect()
+    }
+}
+
+/// The columns of [`RECORD_COLUMNS`](super::render::RECORD_COLUMNS), in their order.
+fn record_row(row: &PgRow) -> Result<RecordRow<'_>> {
+    Ok(RecordRow {
+        tx: get(row, 0)?,
+        position: get(row, 1)?,
+        aggregate_id: get(row, 2)?,
+        aggregate_type_id: i64::from(get::<i32>(row, 3)?),
+        version: get(row, 4)?,
+        event_type_id: i64::from(get::<i32>(row, 5)?),
+        schema_version: i64::from(get::<i32>(row, 6)?),
+        payload: get(row, 7)?,
+        metadata: get(row, 8)?,
+        recorded_at: get(row, 9)?,
+        event_id: get(row, 10)?,
+    })
+}
+
+/// The hold-back row of the feed statement (see `render::feed_sql` for its columns).
+fn held_back_from(row: &PgRow) -> Result<HeldBack> {
+    let database: Option<Vec<u8>> = get(row, 7)?;
+    let age: Option<i64> = get(row, 9)?;
+    Ok(HeldBack {
+        xid: to_u64(get(row, 4)?, "transaction id")?,
+        pid: get(row, 3)?,
+        database: database.map(|d| String::from_utf8_lossy(&d).into_owned()),
+        age: age.map(|micros| Duration::from_micros(micros.unsigned_abs())),
+        prepared: get::<Option<i32>>(row, 5)? == Some(1),
+        newest_waiting: FeedCursor {
+            tx: to_u64(get(row, 0)?, "transaction id")?,
+            position: to_u64(get(row, 1)?, "event position")?,
+        },
+    })
+}

@@ -1,0 +1,167 @@
+//! Loads: the rows of aggregates, and the one statement that reads an aggregate with its newest
+//! usable snapshot and the events after it (see `render::load_sql`). Each load holds one
+//! connection, and re-reads the type tables over it when a row names a type this process has not
+//! seen.
+
+use sqlx::postgres::{PgConnection, PgRow};
+
+use super::{PostgresBackend, get, no_statement, query, to_i32};
+use crate::error::{Error, Result};
+use crate::store::sql::backend_error;
+use crate::store::sql::records::{StreamRow, aggregate_row, snapshot, stream_events};
+use crate::store::sql::types::TypeKind;
+use crate::store::{AggregateRow, LoadRequest, LoadedStream, Locate, to_i64};
+
+impl PostgresBackend {
+    /// The row of one aggregate.
+    pub(super) async fn locate_row(&self, locate: Locate<'_>) -> Result<Option<AggregateRow>> {
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        self.locate_on(&mut conn, locate).await
+    }
+
+    /// The row of one aggregate, read over `conn`.
+    pub(super) async fn locate_on(
+        &self,
+        conn: &mut PgConnection,
+        locate: Locate<'_>,
+    ) -> Result<Option<AggregateRow>> {
+        let row = match locate {
+            Locate::Id(id) => query(&self.sql.locate_by_id)
+                .bind(*id.as_uuid())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(backend_error)?,
+            Locate::Key {
+                aggregate_type,
+                key,
+            } => {
+                let Some(type_id) = self
+                    .known_type_id(conn, TypeKind::Aggregate, aggregate_type)
+                    .await?
+                else {
+                    // A type never written has no aggregates.
+                    return Ok(None);
+                };
+                query(&self.sql.locate_by_key)
+                    .bind(type_id)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(backend_error)?
+            }
+        };
+        match row {
+            Some(row) => self.header(conn, &row, [0, 1, 2, 3]).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// An aggregate's row from the columns at `at`: id, type id, key, version.
+    async fn header(
+        &self,
+        conn: &mut PgConnection,
+        row: &PgRow,
+        at: [usize; 4],
+    ) -> Result<AggregateRow> {
+        let [id, type_id, key, version] = at;
+        let type_id = i64::from(get::<i32>(row, type_id)?);
+        let types = self
+            .types_with_ids(conn, TypeKind::Aggregate, std::iter::once(type_id))
+            .await?;
+        aggregate_row(
+            get(row, id)?,
+            type_id,
+            get(row, key)?,
+            get(row, version)?,
+            &types,
+        )
+    }
+
+    /// The rebuild material of one aggregate, in one statement on one connection.
+    pub(super) async fn load_stream(
+        &self,
+        request: LoadRequest<'_>,
+    ) -> Result<Option<LoadedStream>> {
+        let snapshot_version = request
+            .snapshot_version
+            .map(|v| to_i32(v, "snapshot version"))
+            .transpose()?;
+        let up_to = request
+            .up_to
+            .map(|v| to_i64(v, "aggregate version"))
+            .transpose()?;
+        let with_snapshots = usize::from(snapshot_version.is_some());
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let rows = match request.locate {
+            Locate::Id(id) => {
+                let sql = self.sql.load.get(with_snapshots).ok_or_else(no_statement)?;
+                let mut q = query(sql).bind(*id.as_uuid()).bind(up_to);
+                if let Some(shape) = snapshot_version {
+                    q = q.bind(shape);
+                }
+                q.fetch_all(&mut *conn).await.map_err(backend_error)?
+            }
+            Locate::Key {
+                aggregate_type,
+                key,
+            } => {
+                let Some(type_id) = self
+                    .known_type_id(&mut conn, TypeKind::Aggregate, aggregate_type)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let sql = self
+                    .sql
+                    .load
+                    .get(2 + with_snapshots)
+                    .ok_or_else(no_statement)?;
+                let mut q = query(sql).bind(type_id).bind(key).bind(up_to);
+                if let Some(shape) = snapshot_version {
+                    q = q.bind(shape);
+                }
+                q.fetch_all(&mut *conn).await.map_err(backend_error)?
+            }
+        };
+        // The header row (no position) holds the aggregate and its snapshot; the others are
+        // events.
+        let mut header = None;
+        let mut events = Vec::with_capacity(rows.len().saturating_sub(1));
+        for row in &rows {
+            let Some(position) = get::<Option<i64>>(row, 0)? else {
+                header = Some(row);
+                continue;
+            };
+            events.push(StreamRow {
+                version: get(row, 1)?,
+                position,
+                event_type_id: i64::from(get::<i32>(row, 2)?),
+                schema_version: get(row, 3)?,
+                payload: get(row, 4)?,
+            });
+        }
+        let Some(header) = header else {
+            return if events.is_empty() {
+                Ok(None)
+            } else {
+                Err(Error::Corrupt(
+                    "events were read for an aggregate without its row".to_owned(),
+                ))
+            };
+        };
+        let event_types = self
+            .types_with_ids(&mut conn, TypeKind::Event, StreamRow::type_ids(&events))
+            .await?;
+        let events = stream_events(events, &event_types)?;
+        let row = self.header(&mut conn, header, [6, 2, 5, 1]).await?;
+        let snapshot = match get::<Option<i64>>(header, 3)? {
+            Some(version) => Some(snapshot(version, get(header, 4)?)?),
+            None => None,
+        };
+        Ok(Some(LoadedStream {
+            row,
+            snapshot,
+            events,
+        }))
+    }
+}

@@ -1,0 +1,107 @@
+//! Opening a PostgreSQL store's schema: migrations (under an advisory lock, so instances that
+//! start together migrate once) and the warm-up that writes every registered type name.
+
+use sqlx::AssertSqlSafe;
+
+use super::PostgresBackend;
+use crate::error::Error;
+use crate::error::Result;
+use crate::registry::Registry;
+use crate::store::sql::backend_error;
+use crate::store::sql::migrate::{Dialect, latest_version, plan_migrations};
+use crate::store::sql::types::TypeKind;
+
+impl PostgresBackend {
+    /// Brings the schema to the current version, in one transaction under an advisory lock, so
+    /// several instances starting at once migrate exactly once. A schema newer than this
+    /// library is refused before anything is written. Each migration records its own version.
+    pub(super) async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+            .bind(&self.names.lock_key)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend_error)?;
+        let table = self.names.table("schema_migrations");
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend_error)?;
+        let current: i64 = if exists {
+            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend_error)?
+        } else {
+            0
+        };
+        let pending = plan_migrations(Dialect::Postgres, current, &self.options, &table)?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for migration in pending {
+            sqlx::raw_sql(AssertSqlSafe(migration.sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend_error)?;
+            tracing::info!(
+                version = migration.version,
+                schema = %self.names.schema,
+                prefix = %self.names.prefix,
+                "applied PostgreSQL migration"
+            );
+        }
+        tx.commit().await.map_err(backend_error)
+    }
+
+    /// Writes every registered type name and caches the ids.
+    pub(super) async fn warm_up(&self, registry: &Registry) -> Result<()> {
+        let aggregates: Vec<&str> = registry.aggregates().iter().map(|a| a.name).collect();
+        let events: Vec<&str> = registry.events().iter().map(|e| e.name).collect();
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        self.ensure_types(&mut conn, TypeKind::Aggregate, &aggregates)
+            .await?;
+        self.ensure_types(&mut conn, TypeKind::Event, &events)
+            .await
+            .map(drop)
+    }
+
+    /// What a read-only open does instead of migrating and warming up: reads the schema's
+    /// version and both type tables, and writes nothing (no advisory lock either: a hot
+    /// standby refuses exclusive locks).
+    pub(super) async fn open_read_only(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let table = self.names.table("schema_migrations");
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        let current: i64 = if exists {
+            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend_error)?
+        } else {
+            0
+        };
+        let latest = latest_version(Dialect::Postgres);
+        if current > latest {
+            return Err(Error::SchemaTooNew {
+                found: current,
+                supported: latest,
+            });
+        }
+        if current < latest {
+            return Err(Error::Config(format!(
+                "the store's schema ({table}) is at version {current}, this annals needs \
+                 {latest}, and a read-only store cannot migrate it: open it read-write once, or \
+                 apply annals::migrations(Dialect::Postgres, &options)"
+            )));
+        }
+        self.refresh_types(&mut conn, TypeKind::Aggregate).await?;
+        self.refresh_types(&mut conn, TypeKind::Event).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,279 @@
+//! The PostgreSQL store (`postgres://…`): many application instances share one database.
+//!
+//! - A commit is one SQL statement (data-modifying CTEs): compare-and-set of every touched
+//!   aggregate, inserts of new aggregates, all events in one `UNNEST` insert and snapshots, every
+//!   part conditioned on the version checks. Outside a caller's transaction it runs in
+//!   autocommit, so a commit is a single round trip and holds its locks only while that
+//!   statement runs.
+//! - Events record the writing transaction's id; the global feed is ordered by
+//!   `(tx_id, position)` and only reads below the oldest running transaction
+//!   (`pg_snapshot_xmin`), so an event whose transaction commits late is never skipped.
+//! - `LISTEN`/`NOTIFY` wakes waiters of other processes; polling covers the time the listening
+//!   connection is down. PostgreSQL serializes the commits of all transactions that `NOTIFY`
+//!   (a database-wide lock held through the commit's WAL flush), which halved the throughput of
+//!   concurrent commits in our benchmark: so a commit made through the pool does not notify
+//!   itself; a background task sends one `NOTIFY` after it, coalescing the commits made while one
+//!   is on its way. A commit inside a caller's transaction notifies within it, since only the
+//!   caller knows when it commits.
+
+mod commit;
+mod feed;
+mod load;
+mod migrate;
+mod names;
+mod notify;
+mod render;
+mod types;
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Connection, Postgres, Row};
+
+use self::names::Names;
+use self::notify::{Tasks, Wake, notify_commits};
+use self::render::Statements;
+use crate::aggregate::AggregateId;
+use crate::error::{Error, Result};
+use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
+use crate::registry::Registry;
+use crate::store::sql::backend_error;
+use crate::store::sql::types::TypeCache;
+use crate::store::{
+    AggregateRow, Backend, BoxFuture, CommitBatch, LoadRequest, LoadedStream, Locate, Store,
+    StoreOptions,
+};
+
+/// How long a connection may sit idle before it is pinged on checkout: a hot connection is
+/// used as is, one that idled long enough for a firewall or a restart to drop it is checked.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(30);
+
+/// The PostgreSQL backend.
+pub(crate) struct PostgresBackend {
+    pool: PgPool,
+    /// One connection for `LISTEN`, apart from the pool so it never takes a worker's place.
+    listener_pool: PgPool,
+    names: Names,
+    sql: Statements,
+    options: StoreOptions,
+    types: TypeCache,
+    wake: Arc<Wake>,
+    tasks: Mutex<Tasks>,
+    /// When a long hold-back of the feed was last logged.
+    last_hold_back_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl std::fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("schema", &self.names.schema)
+            .field("prefix", &self.names.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn query(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, PgArguments> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+impl PostgresBackend {
+    /// Connects (one connection at once, so a wrong URL fails here) and renders the statements.
+    pub(crate) async fn open(url: &str, options: &StoreOptions) -> Result<Self> {
+        let names = Names::new(options)?;
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size)
+            .min_connections(0)
+            // A ping on every checkout costs a round trip per operation; only connections that
+            // sat idle long enough to have been dropped are checked.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_with(connect.clone())
+            .await
+            .map_err(backend_error)?;
+        // Acquired only to (re)connect the listener: the ping on checkout costs nothing there,
+        // and keeps a connection that died with an error from being handed back.
+        let listener_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(true)
+            .connect_lazy_with(connect);
+        let sql = Statements::new(&names);
+        let wake = Arc::new(Wake::default());
+        let notifier = tokio::spawn(notify_commits(
+            pool.clone(),
+            sql.notify.clone(),
+            names.channel.clone(),
+            wake.clone(),
+        ));
+        Ok(PostgresBackend {
+            pool,
+            listener_pool,
+            sql,
+            names,
+            options: options.clone(),
+            types: TypeCache::default(),
+            wake,
+            tasks: Mutex::new(Tasks {
+                notifier: Some(notifier),
+                ..Tasks::default()
+            }),
+            last_hold_back_warning: Mutex::new(None),
+        })
+    }
+}
+
+impl Drop for PostgresBackend {
+    fn drop(&mut self) {
+        let tasks = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        for task in [tasks.listener.take(), tasks.notifier.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Backend for PostgresBackend {
+    fn prepare<'a>(&'a self, registry: &'a Registry) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            if self.options.read_only {
+                return self.open_read_only().await;
+            }
+            let prepared = match self.migrate().await {
+                Ok(()) => self.warm_up(registry).await,
+                Err(e) => Err(e),
+            };
+            prepared.map_err(writes_refused)
+        })
+    }
+
+    fn load<'a>(&'a self, request: LoadRequest<'a>) -> BoxFuture<'a, Result<Option<LoadedStream>>> {
+        Box::pin(self.load_stream(request))
+    }
+
+    fn locate<'a>(&'a self, locate: Locate<'a>) -> BoxFuture<'a, Result<Option<AggregateRow>>> {
+        Box::pin(self.locate_row(locate))
+    }
+
+    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>> {
+        if self.options.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        Box::pin(self.run_commit(&self.pool, batch, false))
+    }
+
+    fn read_stream<'a>(
+        &'a self,
+        id: AggregateId,
+        after_version: u64,
+    ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
+        Box::pin(self.stream_records(id, after_version))
+    }
+
+    fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
+        Box::pin(self.feed(after, limit))
+    }
+
+    fn changes(&self) -> u64 {
+        // The first waiter starts the listener; its first wake-up (sent once it listens)
+        // moves the counter past what that waiter read.
+        self.start_listener();
+        self.wake.changed.count()
+    }
+
+    fn wait_for_change(&self, since: u64, max_wait: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(self.wake.changed.wait(since, max_wait))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let running = {
+                let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                tasks.closed = true;
+                [tasks.listener.take(), tasks.notifier.take()]
+            };
+            for task in running.into_iter().flatten() {
+                task.abort();
+                let _ = task.await;
+            }
+            self.listener_pool.close().await;
+            self.pool.close().await;
+        })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Decodes one column. Every column of every statement here has an explicit SQL type, so the
+/// per-call type check of `try_get` is skipped (it is a tenth of the cost of a large load); a
+/// value that does not decode is still an error.
+pub(super) fn get<'r, T>(row: &'r PgRow, index: usize) -> Result<T>
+where
+    T: sqlx::Decode<'r, Postgres>,
+{
+    row.try_get_unchecked(index).map_err(backend_error)
+}
+
+pub(super) fn no_statement() -> Error {
+    Error::Corrupt("a statement is missing from the rendered set".to_owned())
+}
+
+pub(super) fn to_i32(value: u32, what: &str) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::Config(format!("{what} {value} is out of range")))
+}
+
+/// Commits `ctx`'s batch on the caller's connection, inside the transaction it has open: what
+/// [`Context::commit_in`](crate::Context::commit_in) runs on a PostgreSQL store.
+pub(crate) async fn commit_in(
+    store: &Store,
+    conn: &mut PgConnection,
+    batch: &CommitBatch,
+) -> Result<()> {
+    let Some(backend) = store
+        .inner
+        .backend
+        .as_any()
+        .downcast_ref::<PostgresBackend>()
+    else {
+        return Err(Error::Config(
+            "commit_in needs a PostgreSQL store (postgres://…)".to_owned(),
+        ));
+    };
+    backend.commit_in(conn, batch).await
+}
+
+/// An open that failed because the server refused a write (a role without `INSERT` rights, or
+/// a hot standby) becomes [`Error::Config`] that says how to open the store instead.
+fn writes_refused(e: Error) -> Error {
+    let code = match &e {
+        Error::Backend(source) => source
+            .downcast_ref::<sqlx::Error>()
+            .and_then(|e| e.as_database_error())
+            .and_then(|db| db.code())
+            .map(|code| code.into_owned()),
+        _ => None,
+    };
+    let why = match code.as_deref() {
+        Some("42501") => "this role may not write to the store's tables",
+        Some("25006") => "the server is read-only (a hot standby)",
+        _ => return e,
+    };
+    Error::Config(format!(
+        "cannot open the store read-write: {why} ({e}); open it with \
+         StoreOptions::read_only(true) to load, read histories and the feed"
+    ))
+}

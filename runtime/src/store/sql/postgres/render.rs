@@ -1,0 +1,587 @@
+//! The SQL text of the PostgreSQL store, rendered once at open from validated identifiers:
+//! pure functions from names to statements, with no connection in sight. The commit statement
+//! has one text per [`Shape`]; its parameters are numbered in the order `commit.rs` binds them.
+
+use std::sync::Arc;
+
+use super::names::Names;
+use crate::error::{Error, Result};
+use crate::store::sql::types::TypeKind;
+
+/// How a commit checks the versions of the aggregates it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cas {
+    /// Only new aggregates.
+    None,
+    /// One existing aggregate: a plain conditional `UPDATE`.
+    One,
+    /// Several: locked in id order (so concurrent commits cannot deadlock), checked, then
+    /// updated only if every version matches.
+    Many,
+}
+
+/// The shape of a commit statement; one statement text per shape is rendered at open.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shape {
+    pub cas: Cas,
+    pub new: bool,
+    pub snapshots: bool,
+    /// Inside a caller's transaction: events are stamped with a transaction id no older than
+    /// the events they follow (see `commit_sql`).
+    pub in_caller_tx: bool,
+}
+
+impl Shape {
+    const COUNT: usize = 24;
+
+    fn index(self) -> usize {
+        let cas = match self.cas {
+            Cas::None => 0,
+            Cas::One => 1,
+            Cas::Many => 2,
+        };
+        cas * 8
+            + usize::from(self.new) * 4
+            + usize::from(self.snapshots) * 2
+            + usize::from(self.in_caller_tx)
+    }
+
+    fn all() -> impl Iterator<Item = Shape> {
+        [Cas::None, Cas::One, Cas::Many]
+            .into_iter()
+            .flat_map(|cas| {
+                (0..8u8).map(move |bits| Shape {
+                    cas,
+                    new: bits & 4 != 0,
+                    snapshots: bits & 2 != 0,
+                    in_caller_tx: bits & 1 != 0,
+                })
+            })
+    }
+}
+
+/// Numbers bind parameters in the order a statement is written.
+struct Params(usize);
+
+impl Params {
+    fn next(&mut self) -> String {
+        self.0 += 1;
+        format!("${}", self.0)
+    }
+}
+
+/// The SQL text of every statement, rendered once at open from validated identifiers.
+pub(super) struct Statements {
+    commit: Vec<Arc<str>>,
+    /// By id without and with snapshots, then by key without and with snapshots.
+    pub load: [Arc<str>; 4],
+    pub locate_by_id: Arc<str>,
+    pub locate_by_key: Arc<str>,
+    pub versions: Arc<str>,
+    pub read_stream: Arc<str>,
+    pub read_feed: Arc<str>,
+    pub schema_version: Arc<str>,
+    pub notify: Arc<str>,
+    ensure_aggregate_types: Arc<str>,
+    ensure_event_types: Arc<str>,
+    aggregate_types: Arc<str>,
+    event_types: Arc<str>,
+}
+
+/// The columns of a [`RecordedEvent`], in the order `record` reads them.
+pub(super) const RECORD_COLUMNS: &str = "e.tx_id::text::int8, e.position, e.aggregate_id, a.type_id, \
+     e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, \
+     (EXTRACT(EPOCH FROM e.recorded_at) * 1000000)::int8, e.event_id";
+
+impl Statements {
+    pub fn new(names: &Names) -> Statements {
+        let aggregates = names.table("aggregates");
+        let events = names.table("events");
+        let aggregate_types = names.table("aggregate_types");
+        let event_types = names.table("event_types");
+        let mut commit = vec![Arc::<str>::from(""); Shape::COUNT];
+        for shape in Shape::all() {
+            if let Some(slot) = commit.get_mut(shape.index()) {
+                *slot = commit_sql(names, shape).into();
+            }
+        }
+        let types = |table: &str| -> Arc<str> { format!("SELECT id, name FROM {table}").into() };
+        let ensure = |table: &str| -> Arc<str> {
+            format!(
+                "INSERT INTO {table} (name) \
+                 SELECT n FROM UNNEST($1::text[]) AS n \
+                 WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.name = n) \
+                 ON CONFLICT DO NOTHING"
+            )
+            .into()
+        };
+        Statements {
+            commit,
+            load: [
+                load_sql(names, false, false).into(),
+                load_sql(names, false, true).into(),
+                load_sql(names, true, false).into(),
+                load_sql(names, true, true).into(),
+            ],
+            locate_by_id: format!(
+                "SELECT id, type_id, natural_key, version FROM {aggregates} WHERE id = $1::uuid"
+            )
+            .into(),
+            locate_by_key: format!(
+                "SELECT id, type_id, natural_key, version FROM {aggregates} \
+                 WHERE type_id = $1::int4 AND natural_key = $2::text"
+            )
+            .into(),
+            versions: format!("SELECT id, version FROM {aggregates} WHERE id = ANY($1::uuid[])")
+                .into(),
+            read_stream: format!(
+                "SELECT {RECORD_COLUMNS} FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
+                 WHERE e.aggregate_id = $1::uuid AND e.sequence > $2::int8 ORDER BY e.sequence"
+            )
+            .into(),
+            read_feed: feed_sql(&events, &aggregates).into(),
+            schema_version: format!(
+                "SELECT COALESCE(MAX(version), 0) FROM {}",
+                names.table("schema_migrations")
+            )
+            .into(),
+            // The notification needs no durability: its transaction commits without waiting for
+            // the WAL flush.
+            notify: "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1::text, '')"
+                .into(),
+            ensure_aggregate_types: ensure(&aggregate_types),
+            ensure_event_types: ensure(&event_types),
+            aggregate_types: types(&aggregate_types),
+            event_types: types(&event_types),
+        }
+    }
+
+    /// The statement that writes missing names to the `kind` type table.
+    pub fn ensure_types(&self, kind: TypeKind) -> &Arc<str> {
+        match kind {
+            TypeKind::Aggregate => &self.ensure_aggregate_types,
+            TypeKind::Event => &self.ensure_event_types,
+        }
+    }
+
+    /// The statement that reads the `kind` type table.
+    pub fn read_types(&self, kind: TypeKind) -> &Arc<str> {
+        match kind {
+            TypeKind::Aggregate => &self.aggregate_types,
+            TypeKind::Event => &self.event_types,
+        }
+    }
+
+    pub fn commit(&self, shape: Shape) -> Result<Arc<str>> {
+        self.commit
+            .get(shape.index())
+            .cloned()
+            .ok_or_else(|| Error::Corrupt(format!("no commit statement for {shape:?}")))
+    }
+}
+
+/// The horizon of the feed, as CTEs: the oldest transaction still running that could write to
+/// this database, or the snapshot's `xmax` when none runs.
+///
+/// `pg_snapshot_xmin` would do, but it is the oldest transaction of the whole cluster: one left
+/// open in another database would hold this feed back. A transaction is left out only when
+/// `pg_stat_activity` (or `pg_prepared_xacts`) shows it in another database, since a session
+/// never changes database and cannot write to this one. Any other running transaction counts,
+/// including one that ended between the snapshot and the look at `pg_stat_activity`, or one
+/// this role may not see: the horizon can only be too early, never too late, so nothing is
+/// skipped. Transaction ids in those views are 32-bit; they are compared by their low 32 bits,
+/// which no two running transactions share.
+const FEED_HORIZON: &str = "\
+    snap AS MATERIALIZED (SELECT pg_current_snapshot() AS s), \
+    other_databases AS MATERIALIZED ( \
+        SELECT backend_xid::text::int8 AS x FROM pg_stat_activity \
+        WHERE backend_xid IS NOT NULL \
+          AND datid IS DISTINCT FROM \
+              (SELECT oid FROM pg_database WHERE datname = current_database()) \
+        UNION ALL \
+        SELECT transaction::text::int8 FROM pg_prepared_xacts \
+        WHERE database <> current_database()), \
+    h AS MATERIALIZED ( \
+        SELECT COALESCE( \
+            (SELECT min(x) FROM snap, pg_snapshot_xip(snap.s) AS x \
+             WHERE (x::text::int8 & 4294967295) NOT IN (SELECT x FROM other_databases)), \
+            (SELECT pg_snapshot_xmax(s) FROM snap)) AS horizon)";
+
+/// The feed statement. Parameters: the cursor's transaction id and position, and the page's
+/// size. It returns the page, events in `(tx_id, position)` order below the horizon; then, when
+/// events committed above the horizon wait, one more row whose aggregate id is NULL: the newest
+/// waiting event's transaction id and position, with (in the columns of a record, by position)
+/// 3: the holder's pid, 4: the horizon, 5: 1 for a prepared transaction (NULL when the holder is
+/// gone), 7: its database's name, 9: its age in microseconds.
+fn feed_sql(events: &str, aggregates: &str) -> String {
+    let after = "(e.tx_id, e.position) > ($1::int8::text::xid8, $2::int8)";
+    let horizon = "(SELECT horizon FROM h)";
+    let low32 = "((SELECT horizon FROM h)::text::int8 & 4294967295)";
+    format!(
+        "WITH {FEED_HORIZON} \
+         (SELECT {RECORD_COLUMNS} \
+          FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
+          WHERE {after} AND e.tx_id < {horizon} \
+          ORDER BY e.tx_id, e.position LIMIT $3::int8) \
+         UNION ALL \
+         (SELECT w.tx_id::text::int8, w.position, NULL::uuid, hb.pid, \
+                 {horizon}::text::int8, hb.prepared::int4, NULL::int4, \
+                 convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid \
+          FROM (SELECT e.tx_id, e.position FROM {events} e \
+                WHERE {after} AND e.tx_id >= {horizon} \
+                ORDER BY e.tx_id DESC, e.position DESC LIMIT 1) w \
+          LEFT JOIN LATERAL ( \
+              SELECT a.pid, a.datname::text AS datname, false AS prepared, \
+                     (EXTRACT(EPOCH FROM now() - a.xact_start) * 1000000)::int8 AS age \
+              FROM pg_stat_activity a WHERE a.backend_xid::text::int8 = {low32} \
+              UNION ALL \
+              SELECT NULL::int4, p.database::text, true, \
+                     (EXTRACT(EPOCH FROM now() - p.prepared) * 1000000)::int8 \
+              FROM pg_prepared_xacts p WHERE p.transaction::text::int8 = {low32} \
+              LIMIT 1) hb ON true)"
+    )
+}
+
+/// The statement that loads an aggregate. The first row holds the aggregate and its newest
+/// usable snapshot (`position` is NULL); the others are the events after that snapshot, up to
+/// the version asked for. Parameters: the id (or the type id and key), the version to read up to
+/// (NULL: the latest), and the snapshot shape. The variants without snapshots leave the snapshot
+/// table out altogether: a smaller plan is a cheaper one to start on every execution.
+fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
+    let aggregates = names.table("aggregates");
+    let events = names.table("events");
+    let snapshots_table = names.table("snapshots");
+    // The aggregate's id and bound are compared as scalars (InitPlans), never joined to `a`:
+    // the snapshot and event lookups are then index conditions whatever the planner estimates.
+    let (filter, up_to, id) = if by_key {
+        (
+            "type_id = $1::int4 AND natural_key = $2::text",
+            "$3",
+            "(SELECT id FROM a)",
+        )
+    } else {
+        ("id = $1::uuid", "$2", "$1::uuid")
+    };
+    let a = format!(
+        "a AS (SELECT id, type_id, natural_key, version, \
+                      LEAST(version, COALESCE({up_to}::int8, version)) AS up_to \
+               FROM {aggregates} WHERE {filter})"
+    );
+    let events_branch = |after: &str| {
+        format!(
+            "(SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload, \
+                     NULL, NULL \
+              FROM {events} e \
+              WHERE e.aggregate_id = {id}{after} AND e.sequence <= (SELECT up_to FROM a) \
+              ORDER BY e.sequence)"
+        )
+    };
+    if snapshots {
+        let shape = if by_key { "$4" } else { "$3" };
+        format!(
+            "WITH {a}, \
+             s AS (SELECT s.version, s.payload FROM {snapshots_table} s \
+                   WHERE s.aggregate_id = {id} AND s.snapshot_version = {shape}::int4 \
+                     AND s.version <= (SELECT up_to FROM a) \
+                   ORDER BY s.version DESC LIMIT 1) \
+             SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, s.version AS extra, \
+                    s.payload, a.natural_key, a.id \
+             FROM a LEFT JOIN s ON true \
+             UNION ALL {}",
+            events_branch(" AND e.sequence > COALESCE((SELECT version FROM s), 0)")
+        )
+    } else {
+        format!(
+            "WITH {a} \
+             SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra, \
+                    NULL::bytea AS payload, a.natural_key, a.id \
+             FROM a \
+             UNION ALL {}",
+            events_branch("")
+        )
+    }
+}
+
+/// The one statement of a commit: the events' `INSERT`, with the version checks, the new
+/// aggregates and the snapshots as CTEs before it. Every insert joins the version check (`cas`:
+/// one row when the one version matched; `ok`: when all did), so a conflict writes nothing and
+/// inserts no event: the commit went through when as many rows were inserted as it has events.
+/// Parameters are numbered in this order: the version checks, the new aggregates, the events and
+/// the time, the snapshots, and in a caller's transaction the aggregates loaded (ids and
+/// versions); `run_commit` binds them in the same order.
+fn commit_sql(names: &Names, shape: Shape) -> String {
+    let aggregates = names.table("aggregates");
+    let events = names.table("events");
+    let snapshots = names.table("snapshots");
+    let mut p = Params(0);
+    let mut ctes: Vec<String> = Vec::new();
+    let gate = match shape.cas {
+        Cas::None => "",
+        Cas::One => {
+            let (id, expected, new_version) = (p.next(), p.next(), p.next());
+            ctes.push(format!(
+                "cas AS (UPDATE {aggregates} SET version = {new_version}::int8 \
+                 WHERE id = {id}::uuid AND version = {expected}::int8 RETURNING id)"
+            ));
+            ", cas"
+        }
+        Cas::Many => {
+            let (ids, expected, new_versions) = (p.next(), p.next(), p.next());
+            ctes.push(format!(
+                "c AS (SELECT * FROM UNNEST({ids}::uuid[], {expected}::int8[], \
+                 {new_versions}::int8[]) AS c (id, expected, new_version))"
+            ));
+            // Locks are taken in id order before any row changes (so concurrent commits cannot
+            // deadlock); the UPDATE then only runs when every version matched, so a conflict
+            // leaves every row as it was.
+            ctes.push(format!(
+                "locked AS (SELECT a.id, a.version FROM {aggregates} a \
+                 WHERE a.id = ANY({ids}::uuid[]) ORDER BY a.id FOR NO KEY UPDATE)"
+            ));
+            ctes.push(
+                "ok AS (SELECT true AS ok FROM locked \
+                 JOIN c ON c.id = locked.id AND c.expected = locked.version \
+                 HAVING count(*) = (SELECT count(*) FROM c))"
+                    .to_owned(),
+            );
+            ctes.push(format!(
+                "cas AS (UPDATE {aggregates} a SET version = c.new_version FROM c, ok \
+                 WHERE a.id = c.id)"
+            ));
+            ", ok"
+        }
+    };
+    if shape.new {
+        let (ids, types, keys, versions) = (p.next(), p.next(), p.next(), p.next());
+        ctes.push(format!(
+            "new_aggregates AS (INSERT INTO {aggregates} (id, type_id, natural_key, version) \
+             SELECT n.id, n.type_id, n.natural_key, n.version \
+             FROM UNNEST({ids}::uuid[], {types}::int4[], {keys}::text[], {versions}::int8[]) \
+                  AS n (id, type_id, natural_key, version){gate})"
+        ));
+    }
+    let (aggregate_ids, sequences, types, schema_versions, payloads, metadata, event_ids) = (
+        p.next(),
+        p.next(),
+        p.next(),
+        p.next(),
+        p.next(),
+        p.next(),
+        p.next(),
+    );
+    let recorded_at = p.next();
+    let recorded = format!("TIMESTAMPTZ 'epoch' + {recorded_at}::int8 * INTERVAL '1 microsecond'");
+    if shape.snapshots {
+        let (ids, shapes, versions, payloads) = (p.next(), p.next(), p.next(), p.next());
+        ctes.push(format!(
+            "snap AS (INSERT INTO {snapshots} \
+                 (aggregate_id, snapshot_version, version, payload, recorded_at) \
+             SELECT s.aggregate_id, s.snapshot_version, s.version, s.payload, {recorded} \
+             FROM UNNEST({ids}::uuid[], {shapes}::int4[], {versions}::int8[], \
+                         {payloads}::bytea[]) AS s (aggregate_id, snapshot_version, version, payload)\
+                  {gate} \
+             ON CONFLICT DO NOTHING)"
+        ));
+    }
+    // In a caller's transaction the transaction id may be older than a commit this context
+    // loaded from (the caller's transaction can have written before this context loaded):
+    // events are then stamped with the newest id among the events the context loaded (the last
+    // event of every aggregate it read or changed), so the feed, ordered by transaction id,
+    // lists them after their causes, and each aggregate's events in version order.
+    let floor = shape.in_caller_tx.then(|| {
+        let (ids, versions) = (p.next(), p.next());
+        format!(
+            "floor AS (SELECT max(e.tx_id) AS tx_id FROM {events} e \
+             JOIN UNNEST({ids}::uuid[], {versions}::int8[]) AS r (id, version) \
+               ON e.aggregate_id = r.id AND e.sequence = r.version)"
+        )
+    });
+    let (tx_column, tx_value) = match floor {
+        Some(floor) => {
+            ctes.push(floor);
+            (
+                "tx_id, ",
+                "GREATEST(pg_current_xact_id(), (SELECT tx_id FROM floor)), ",
+            )
+        }
+        None => ("", ""),
+    };
+    let with = if ctes.is_empty() {
+        String::new()
+    } else {
+        format!("WITH {} ", ctes.join(", "))
+    };
+    // WITH ORDINALITY and ORDER BY: positions follow the order the events were applied in.
+    format!(
+        "{with}INSERT INTO {events} ({tx_column}aggregate_id, sequence, event_type_id, \
+             schema_version, payload, metadata, recorded_at, event_id) \
+         SELECT {tx_value}e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, \
+                e.metadata, {recorded}, e.event_id \
+         FROM UNNEST({aggregate_ids}::uuid[], {sequences}::int8[], {types}::int4[], \
+                     {schema_versions}::int4[], {payloads}::bytea[], {metadata}::bytea[], \
+                     {event_ids}::uuid[]) WITH ORDINALITY \
+              AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata, \
+                    event_id, ord){gate} \
+         ORDER BY e.ord"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn names() -> Names {
+        Names::new(&StoreOptions::new().schema("shop").table_prefix("es_")).unwrap()
+    }
+
+    fn shape(cas: Cas, new: bool, snapshots: bool, in_caller_tx: bool) -> String {
+        commit_sql(
+            &names(),
+            Shape {
+                cas,
+                new,
+                snapshots,
+                in_caller_tx,
+            },
+        )
+    }
+
+    /// Collapses runs of whitespace, so the pinned text below can be laid out for reading.
+    fn flat(sql: &str) -> String {
+        sql.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace("( ", "(")
+    }
+
+    #[test]
+    fn one_existing_aggregate_is_a_conditional_update_gating_the_insert() {
+        let expected = "
+            WITH cas AS (UPDATE \"shop\".es_aggregates SET version = $3::int8
+                         WHERE id = $1::uuid AND version = $2::int8 RETURNING id)
+            INSERT INTO \"shop\".es_events (aggregate_id, sequence, event_type_id, schema_version,
+                                        payload, metadata, recorded_at, event_id)
+            SELECT e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
+                   TIMESTAMPTZ 'epoch' + $11::int8 * INTERVAL '1 microsecond', e.event_id
+            FROM UNNEST($4::uuid[], $5::int8[], $6::int4[], $7::int4[], $8::bytea[], $9::bytea[],
+                        $10::uuid[]) WITH ORDINALITY
+                 AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata,
+                       event_id, ord), cas
+            ORDER BY e.ord";
+        assert_eq!(shape(Cas::One, false, false, false), flat(expected));
+    }
+
+    #[test]
+    fn new_aggregates_only_need_no_version_check() {
+        let expected = "
+            WITH new_aggregates AS (
+                INSERT INTO \"shop\".es_aggregates (id, type_id, natural_key, version)
+                SELECT n.id, n.type_id, n.natural_key, n.version
+                FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int8[])
+                     AS n (id, type_id, natural_key, version))
+            INSERT INTO \"shop\".es_events (aggregate_id, sequence, event_type_id, schema_version,
+                                        payload, metadata, recorded_at, event_id)
+            SELECT e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
+                   TIMESTAMPTZ 'epoch' + $12::int8 * INTERVAL '1 microsecond', e.event_id
+            FROM UNNEST($5::uuid[], $6::int8[], $7::int4[], $8::int4[], $9::bytea[], $10::bytea[],
+                        $11::uuid[]) WITH ORDINALITY
+                 AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata,
+                       event_id, ord)
+            ORDER BY e.ord";
+        assert_eq!(shape(Cas::None, true, false, false), flat(expected));
+    }
+
+    #[test]
+    fn several_aggregates_lock_in_id_order_and_write_only_when_all_match() {
+        let expected = "
+            WITH c AS (SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[])
+                       AS c (id, expected, new_version)),
+            locked AS (SELECT a.id, a.version FROM \"shop\".es_aggregates a
+                       WHERE a.id = ANY($1::uuid[]) ORDER BY a.id FOR NO KEY UPDATE),
+            ok AS (SELECT true AS ok FROM locked
+                   JOIN c ON c.id = locked.id AND c.expected = locked.version
+                   HAVING count(*) = (SELECT count(*) FROM c)),
+            cas AS (UPDATE \"shop\".es_aggregates a SET version = c.new_version FROM c, ok
+                    WHERE a.id = c.id),
+            new_aggregates AS (
+                INSERT INTO \"shop\".es_aggregates (id, type_id, natural_key, version)
+                SELECT n.id, n.type_id, n.natural_key, n.version
+                FROM UNNEST($4::uuid[], $5::int4[], $6::text[], $7::int8[])
+                     AS n (id, type_id, natural_key, version), ok),
+            snap AS (
+                INSERT INTO \"shop\".es_snapshots
+                    (aggregate_id, snapshot_version, version, payload, recorded_at)
+                SELECT s.aggregate_id, s.snapshot_version, s.version, s.payload,
+                       TIMESTAMPTZ 'epoch' + $15::int8 * INTERVAL '1 microsecond'
+                FROM UNNEST($16::uuid[], $17::int4[], $18::int8[], $19::bytea[])
+                     AS s (aggregate_id, snapshot_version, version, payload), ok
+                ON CONFLICT DO NOTHING),
+            floor AS (SELECT max(e.tx_id) AS tx_id FROM \"shop\".es_events e
+                      JOIN UNNEST($20::uuid[], $21::int8[]) AS r (id, version)
+                        ON e.aggregate_id = r.id AND e.sequence = r.version)
+            INSERT INTO \"shop\".es_events (tx_id, aggregate_id, sequence, event_type_id,
+                                        schema_version, payload, metadata, recorded_at, event_id)
+            SELECT GREATEST(pg_current_xact_id(), (SELECT tx_id FROM floor)),
+                   e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
+                   TIMESTAMPTZ 'epoch' + $15::int8 * INTERVAL '1 microsecond', e.event_id
+            FROM UNNEST($8::uuid[], $9::int8[], $10::int4[], $11::int4[], $12::bytea[],
+                        $13::bytea[], $14::uuid[]) WITH ORDINALITY
+                 AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata,
+                       event_id, ord), ok
+            ORDER BY e.ord";
+        assert_eq!(shape(Cas::Many, true, true, true), flat(expected));
+    }
+
+    #[test]
+    fn every_shape_has_its_own_text() {
+        let statements = Statements::new(&names());
+        let texts: std::collections::HashSet<Arc<str>> = Shape::all()
+            .map(|s| statements.commit(s).unwrap())
+            .collect();
+        assert_eq!(texts.len(), Shape::COUNT);
+        assert!(
+            texts
+                .iter()
+                .all(|t| t.starts_with("WITH") || t.starts_with("INSERT"))
+        );
+    }
+
+    #[test]
+    fn loads_read_the_row_and_events_in_one_statement() {
+        let by_id = "
+            WITH a AS (SELECT id, type_id, natural_key, version,
+                              LEAST(version, COALESCE($2::int8, version)) AS up_to
+                       FROM \"shop\".es_aggregates WHERE id = $1::uuid)
+            SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra,
+                   NULL::bytea AS payload, a.natural_key, a.id
+            FROM a
+            UNION ALL
+            (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
+                    NULL, NULL
+             FROM \"shop\".es_events e
+             WHERE e.aggregate_id = $1::uuid AND e.sequence <= (SELECT up_to FROM a)
+             ORDER BY e.sequence)";
+        assert_eq!(load_sql(&names(), false, false), flat(by_id));
+        let by_key_with_snapshot = "
+            WITH a AS (SELECT id, type_id, natural_key, version,
+                              LEAST(version, COALESCE($3::int8, version)) AS up_to
+                       FROM \"shop\".es_aggregates WHERE type_id = $1::int4 AND natural_key = $2::text),
+            s AS (SELECT s.version, s.payload FROM \"shop\".es_snapshots s
+                  WHERE s.aggregate_id = (SELECT id FROM a) AND s.snapshot_version = $4::int4
+                    AND s.version <= (SELECT up_to FROM a)
+                  ORDER BY s.version DESC LIMIT 1)
+            SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, s.version AS extra,
+                   s.payload, a.natural_key, a.id
+            FROM a LEFT JOIN s ON true
+            UNION ALL
+            (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
+                    NULL, NULL
+             FROM \"shop\".es_events e
+             WHERE e.aggregate_id = (SELECT id FROM a)
+               AND e.sequence > COALESCE((SELECT version FROM s), 0)
+               AND e.sequence <= (SELECT up_to FROM a)
+             ORDER BY e.sequence)";
+        assert_eq!(load_sql(&names(), true, true), flat(by_key_with_snapshot));
+    }
+}
