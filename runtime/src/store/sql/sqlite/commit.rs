@@ -11,65 +11,85 @@ use super::render::EVENT_CHUNK;
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::store::sql::backend_error;
-use crate::store::sql::types::TypeKind;
+use crate::store::sql::types::{TypeKind, TypeMap};
 use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
 
 /// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction.
 pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
     // Type names first seen now are written outside the commit: a type name is harmless on its
     // own, and the commit transaction stays short.
-    names::ensure(
+    let (sql, cache) = (&shared.sql, &shared.types);
+    let aggregates = names::ensure(
         conn,
-        &shared.sql,
-        &shared.types,
+        sql,
+        cache,
         TypeKind::Aggregate,
-        batch.changes.iter().map(|c| c.aggregate_type),
+        aggregate_names(batch),
     )?;
-    names::ensure(
-        conn,
-        &shared.sql,
-        &shared.types,
-        TypeKind::Event,
-        batch
-            .changes
-            .iter()
-            .flat_map(|c| c.events.iter().map(|e| e.name)),
-    )?;
+    let events = names::ensure(conn, sql, cache, TypeKind::Event, event_names(batch))?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend_error)?;
-    write(&tx, shared, batch)?;
+    write(&tx, shared, batch, &aggregates, &events)?;
     // On an error above, dropping `tx` rolls back.
     tx.commit().map_err(backend_error)
 }
 
-/// Writes `batch` on `conn`, inside the transaction the connection is in. Type names must be
-/// in the tables already (the store writes every registered name at open); an id missing from
-/// the cache is looked up again on this connection.
-pub(super) fn write(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+/// Writes `batch` on a caller's connection, inside the transaction it is in. Writes no type
+/// name (the store wrote every registered one at open): a name missing from the cache is
+/// looked up again on this connection.
+pub(super) fn commit_in(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+    let mut types = Resolver::new(conn, &shared.sql, &shared.types);
+    let aggregates = types.map_with_names(TypeKind::Aggregate, aggregate_names(batch))?;
+    let events = types.map_with_names(TypeKind::Event, event_names(batch))?;
+    write(conn, shared, batch, &aggregates, &events)
+}
+
+fn aggregate_names(batch: &CommitBatch) -> impl Iterator<Item = &str> {
+    batch.changes.iter().map(|c| c.aggregate_type)
+}
+
+fn event_names(batch: &CommitBatch) -> impl Iterator<Item = &str> {
+    batch
+        .changes
+        .iter()
+        .flat_map(|c| c.events.iter().map(|e| e.name))
+}
+
+/// Writes `batch` on `conn`, inside the transaction the connection is in, with type ids from
+/// `aggregates` and `events`.
+fn write(
+    conn: &Connection,
+    shared: &Shared,
+    batch: &CommitBatch,
+    aggregates: &TypeMap,
+    events: &TypeMap,
+) -> Result<()> {
     let sql = &shared.sql;
-    let mut types = Resolver::new(conn, sql, &shared.types);
     let recorded_at = to_micros(batch.recorded_at);
     for change in &batch.changes {
-        let type_id = type_id(&mut types, TypeKind::Aggregate, change.aggregate_type)?;
-        claim(conn, shared, change, type_id)?;
+        claim(
+            conn,
+            shared,
+            change,
+            aggregates.id_of(change.aggregate_type)?,
+        )?;
     }
     // All events of the batch, in apply order, in multi-row INSERTs.
-    let events = batch.events_in_order();
-    for chunk in events.chunks(EVENT_CHUNK) {
+    let in_order = batch.events_in_order();
+    for chunk in in_order.chunks(EVENT_CHUNK) {
         let mut stmt = conn
             .prepare_cached(&sql.insert_events(chunk.len()))
             .map_err(backend_error)?;
         let mut index = 0;
         for (change, event) in chunk {
-            let event_type_id = type_id(&mut types, TypeKind::Event, event.name)?;
             bind(
                 &mut stmt,
                 &mut index,
                 change.id.as_uuid().as_bytes().as_slice(),
             )?;
             bind(&mut stmt, &mut index, to_i64(event.version, "version")?)?;
-            bind(&mut stmt, &mut index, event_type_id)?;
+            bind(&mut stmt, &mut index, events.id_of(event.name)?)?;
             bind(&mut stmt, &mut index, i64::from(event.schema_version))?;
             bind(&mut stmt, &mut index, event.payload.as_slice())?;
             bind(&mut stmt, &mut index, event.metadata.as_deref())?;
@@ -99,14 +119,6 @@ fn bind(stmt: &mut Statement<'_>, index: &mut usize, value: impl rusqlite::ToSql
     *index += 1;
     stmt.raw_bind_parameter(*index, value)
         .map_err(backend_error)
-}
-
-fn type_id(types: &mut Resolver<'_>, kind: TypeKind, name: &str) -> Result<i64> {
-    types.id(kind, name)?.ok_or_else(|| {
-        Error::Corrupt(format!(
-            "type {name:?} is not in the type table; it is written when the store opens"
-        ))
-    })
 }
 
 /// Inserts a new aggregate's row, or moves an existing one's version from the expected one:

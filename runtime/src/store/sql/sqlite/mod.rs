@@ -104,7 +104,7 @@ impl SqliteBackend {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        commit::write(conn, &self.shared, batch)?;
+        commit::commit_in(conn, &self.shared, batch)?;
         // Spurious: the caller commits later. Waiters read the feed and wait again.
         self.shared.committed.notify();
         Ok(())

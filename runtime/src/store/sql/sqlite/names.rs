@@ -110,6 +110,19 @@ impl<'c> Resolver<'c> {
         Ok(self.map(kind).clone())
     }
 
+    /// The map of `kind`, re-read first when it lacks one of `names`.
+    pub fn map_with_names<'n>(
+        &mut self,
+        kind: TypeKind,
+        mut names: impl Iterator<Item = &'n str>,
+    ) -> Result<Arc<TypeMap>> {
+        if names.any(|name| self.map(kind).id(name).is_none()) {
+            let fresh = refresh(self.conn, self.sql, self.cache, kind)?;
+            *self.map(kind) = fresh;
+        }
+        Ok(self.map(kind).clone())
+    }
+
     /// The id of type `name`, or `None` when the table does not hold it even after a re-read.
     pub fn id(&mut self, kind: TypeKind, name: &str) -> Result<Option<i64>> {
         if let Some(id) = self.map(kind).id(name) {
