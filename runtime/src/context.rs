@@ -430,14 +430,14 @@ impl Context {
     /// use serde::{Deserialize, Serialize};
     ///
     /// #[derive(Event, Serialize, Deserialize)]
-    /// struct Placed { total: i64 }
+    /// struct Shipped { weight: i64 }
     ///
     /// #[derive(Aggregate, Serialize, Deserialize, Default)]
-    /// #[aggregate(name = "order", events(Placed))]
-    /// struct Order { total: i64 }
+    /// #[aggregate(name = "parcel", events(Shipped))]
+    /// struct Parcel { weight: i64 }
     ///
-    /// impl Apply<Placed> for Order {
-    ///     fn apply(&mut self, e: &Placed) { self.total = e.total }
+    /// impl Apply<Shipped> for Parcel {
+    ///     fn apply(&mut self, e: &Shipped) { self.weight = e.weight }
     /// }
     ///
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -445,13 +445,13 @@ impl Context {
     /// let mut conn = Connection::open("shop.db")?;
     ///
     /// let mut ctx = store.begin();
-    /// let mut order = ctx.create_with_key::<Order>("order-7").await?;
-    /// ctx.apply(&mut order, Placed { total: 120 })?;
+    /// let mut parcel = ctx.create_with_key::<Parcel>("parcel-7").await?;
+    /// ctx.apply(&mut parcel, Shipped { weight: 120 })?;
     ///
     /// let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    /// tx.execute("INSERT INTO invoices (number, total) VALUES (?1, ?2)", ("INV-7", 120))?;
+    /// tx.execute("INSERT INTO labels (parcel, carrier) VALUES (?1, ?2)", ("parcel-7", "post"))?;
     /// ctx.commit_in_sqlite(&tx)?; // staged in `tx`, not yet visible
-    /// tx.commit()?; // the invoice and the order's events, together
+    /// tx.commit()?; // the label and the parcel's events, together
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "sqlite")]
