@@ -4,7 +4,9 @@
 //! store reads on a multi-threaded runtime; `spawn_blocking` costs more, see the store's
 //! `readers.rs`). Same
 //! schema (`raw_` prefix, from `annals::migrations`, its own file), same pragmas, same SQL text
-//! as the store, cached prepared statements.
+//! as the store, cached prepared statements. A load reads every column its statements select
+//! and checks that versions follow each other, then decodes each payload in place (borrowed
+//! from the row, with no copy): the least a correct loader does.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -220,12 +222,20 @@ impl RawRusqlite {
                 .prepare_cached("SELECT sequence, position, event_type_id, schema_version, payload FROM raw_events WHERE aggregate_id = ?1 AND sequence > ?2 AND sequence <= ?3 ORDER BY sequence")
                 .unwrap();
             let mut rows = stmt.query((id, from, version)).unwrap();
+            let mut at = from;
             while let Some(row) = rows.next().unwrap() {
+                // Every column it selects is read, as a loader that reports positions, checks
+                // that versions follow each other and picks an upcaster by schema version must.
+                let sequence: i64 = row.get(0).unwrap();
+                let position: i64 = row.get(1).unwrap();
                 let type_id: i64 = row.get(2).unwrap();
-                assert_eq!(type_id, moved_type);
+                let schema_version: i64 = row.get(3).unwrap();
+                assert_eq!(sequence, at + 1, "gap before position {position}");
+                assert_eq!((type_id, schema_version), (moved_type, 1));
                 let event: Moved =
                     serde_json::from_slice(row.get_ref(4).unwrap().as_blob().unwrap()).unwrap();
                 state.apply(&event);
+                at = sequence;
             }
             (state, version)
         })

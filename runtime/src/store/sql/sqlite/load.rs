@@ -142,16 +142,22 @@ pub(super) fn load(
         .map_err(backend_error)?;
     let expected = usize::try_from(up_to.saturating_sub(from)).unwrap_or(0);
     let mut stream = Vec::with_capacity(expected.min(1 << 16));
+    // The distinct type ids, to check against the cache once each: runs of one type are common.
+    let mut type_ids: Vec<i64> = Vec::new();
     while let Some(r) = rows.next().map_err(backend_error)? {
+        let event_type_id = r.get(2).map_err(backend_error)?;
+        if type_ids.last() != Some(&event_type_id) && !type_ids.contains(&event_type_id) {
+            type_ids.push(event_type_id);
+        }
         stream.push(StreamRow {
             version: r.get(0).map_err(backend_error)?,
             position: r.get(1).map_err(backend_error)?,
-            event_type_id: r.get(2).map_err(backend_error)?,
+            event_type_id,
             schema_version: r.get(3).map_err(backend_error)?,
             payload: r.get(4).map_err(backend_error)?,
         });
     }
-    let events = types.map_with(TypeKind::Event, StreamRow::type_ids(&stream))?;
+    let events = types.map_with(TypeKind::Event, type_ids.into_iter())?;
     Ok(Some(LoadedStream {
         row,
         snapshot,
