@@ -393,3 +393,157 @@ async fn a_contexts_events_follow_every_event_it_loaded() {
     );
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_cluster_behind_hides_and_reorders_nothing() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let y = open_account(&store, "y").await;
+    deposit(&store, x, 1).await;
+    deposit(&store, y, 2).await;
+    let before = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(before.len(), 4);
+
+    // The store moves to a cluster whose transaction counter is 10^8 behind the stored ids, as
+    // after a restore or a logical-replication switch-over to a younger cluster.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE {} SET tx_id = (tx_id::text::int8 + 100000000)::text::xid8",
+        schema.table("events")
+    )))
+    .execute(&raw)
+    .await
+    .unwrap();
+
+    // Every old event is still read, in the same order, with cursors as the old cluster gave.
+    let moved = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(ids(&moved), ids(&before));
+    let saved = moved[3].cursor;
+    assert!(saved.tx > 100_000_000, "{saved:?}");
+    // A cursor saved in the middle reads on exactly.
+    assert_eq!(
+        ids(&read_all(&store, moved[1].cursor, 100).await),
+        ids(&moved[2..])
+    );
+
+    // New commits sort after every old event: a reader at the saved cursor sees them.
+    let first = deposit(&store, x, 3).await;
+    let second = deposit(&store, y, 4).await;
+    let after = read_all(&store, saved, 100).await;
+    assert_eq!(ids(&after), [first, second]);
+    assert_eq!(
+        after[0].cursor.epoch,
+        saved.epoch + 1,
+        "{:?}",
+        after[0].cursor
+    );
+    let everything = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(everything.len(), 6);
+    assert!(everything.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert_eq!(conformance::versions(&store, x).await, [1, 2, 3]);
+
+    // A cursor whose event was lost (a failover that lost the last transactions) is refused,
+    // never read past in silence.
+    let lost = FeedCursor {
+        position: saved.position + 1_000,
+        ..saved
+    };
+    match store.read_feed(lost, 10).await {
+        Err(Error::CursorNotFound { cursor }) => assert_eq!(cursor, lost),
+        other => panic!("expected CursorNotFound, got {other:?}"),
+    }
+    store.close().await;
+}
+
+/// The warnings logged in this test binary: (schema field, message).
+type Warnings = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// Collects every warning of the process, installed once as the global subscriber (a
+/// thread-local one misses events whose callsite another test's thread registered first).
+struct WarningLog(Warnings);
+
+impl tracing::Subscriber for WarningLog {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        #[derive(Default)]
+        struct Fields {
+            schema: String,
+            message: String,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                match field.name() {
+                    "message" => self.message = format!("{value:?}"),
+                    "schema" => self.schema = format!("{value:?}"),
+                    _ => {}
+                }
+            }
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if let Ok(mut log) = self.0.lock() {
+            log.push((fields.schema, fields.message));
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn warnings() -> Warnings {
+    static LOG: std::sync::OnceLock<Warnings> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Warnings::default();
+        tracing::subscriber::set_global_default(WarningLog(log.clone()))
+            .expect("the only global subscriber of this binary");
+        log
+    })
+    .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_hold_back_is_logged_once_a_minute() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let log = warnings();
+    let store = schema
+        .open_with(schema.options().hold_back_warning(Duration::ZERO))
+        .await;
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let cursor = read_all(&store, FeedCursor::START, 10).await[0].cursor;
+    let mut holder = raw.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::int8")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    deposit(&store, x, 1).await;
+
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let page = store.read_feed(cursor, 10).await.unwrap();
+        assert!(page.is_empty());
+        seen.push(page.held_back.expect("held back").to_string());
+    }
+    let ours: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, m)| *s == schema.name && m.contains("the feed is held back by"))
+        .map(|(_, m)| m.clone())
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:?} after {seen:?}");
+
+    holder.rollback().await.unwrap();
+    assert_eq!(read_all(&store, cursor, 10).await.len(), 1);
+    store.close().await;
+}

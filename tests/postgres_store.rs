@@ -80,10 +80,8 @@ async fn commit_in_user_transaction_rolled_back_writes_nothing() {
     ));
     assert!(store.history(id).await.unwrap().is_empty());
     assert!(
-        store
-            .read_feed(FeedCursor::START, 10)
+        conformance::read_feed_to_end(&store, FeedCursor::START, 10)
             .await
-            .unwrap()
             .is_empty()
     );
     // The key is free again.
@@ -455,7 +453,7 @@ async fn instances_starting_at_once_migrate_once() {
         );
     }
     let raw = schema.raw_pool().await;
-    assert_eq!(migration_rows(&raw, &schema).await, [1]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2]);
     let types: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {}",
         schema.table("event_types")
@@ -488,12 +486,12 @@ async fn newer_schema_is_refused_untouched() {
         let result = Store::open_with(&schema.url, schema.options().migrate(migrate)).await;
         match result {
             Err(Error::SchemaTooNew { found, supported }) => {
-                assert_eq!((found, supported), (99, 1));
+                assert_eq!((found, supported), (99, 2));
             }
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
     }
-    assert_eq!(migration_rows(&raw, &schema).await, [1, 99]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 99]);
     let events: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {}",
         schema.table("events")
@@ -535,7 +533,7 @@ async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
     }
     let store = Store::open_with(&schema.url, options).await.unwrap();
     store_account(&store).await;
-    assert_eq!(migration_rows(&raw, &schema).await, [1]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2]);
     store.close().await;
 }
 
@@ -835,7 +833,7 @@ async fn reserved_words_work_as_schema_names_and_pg_names_are_refused() {
         let store = schema.open().await;
         let id = conformance::open_account(&store, &format!("acct-{name}"), "ann", 5).await;
         assert_eq!(conformance::versions(&store, id).await, [1, 2]);
-        let feed = store.read_feed(FeedCursor::START, 10).await.unwrap();
+        let feed = conformance::read_feed_to_end(&store, FeedCursor::START, 10).await;
         assert!(
             feed.iter().any(|e| e.aggregate_id == id),
             "{name}: {feed:?}"
@@ -990,4 +988,31 @@ async fn a_select_only_role_opens_the_store_read_only() {
     )))
     .execute(&raw)
     .await;
+}
+
+#[tokio::test]
+async fn a_store_at_schema_version_1_is_migrated_to_feed_epochs() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    // The schema as the first release left it: version 1 only.
+    let first = migrations(Dialect::Postgres, &schema.options())
+        .unwrap()
+        .remove(0);
+    assert_eq!(first.version, 1);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(first.sql))
+        .execute(&raw)
+        .await
+        .unwrap();
+    let store = schema.open().await;
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2]);
+    let id = conformance::open_account(&store, "alice", "Alice", 3).await;
+    let feed = conformance::read_feed_to_end(&store, FeedCursor::START, 10).await;
+    assert_eq!(feed.len(), 2);
+    assert!(
+        feed.iter()
+            .all(|e| e.aggregate_id == id && e.cursor.epoch == 0)
+    );
+    store.close().await;
 }

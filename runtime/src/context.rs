@@ -275,11 +275,7 @@ impl Context {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
-        let span = tracing::debug_span!(
-            "annals.commit",
-            aggregates = batch.changes.len(),
-            events = batch.event_count(),
-        );
+        let span = commit_span(&batch, false);
         store.inner.backend.commit(&batch).instrument(span).await
     }
 
@@ -460,13 +456,7 @@ impl Context {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
-        let span = tracing::debug_span!(
-            "annals.commit",
-            aggregates = batch.changes.len(),
-            events = batch.event_count(),
-            in_caller_tx = true,
-        );
-        let _entered = span.enter();
+        let _entered = commit_span(&batch, true).entered();
         crate::store::sql::sqlite::commit_in(&store, tx, &batch)
     }
 
@@ -687,14 +677,19 @@ impl Context {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
-        let span = tracing::debug_span!(
-            "annals.commit",
-            aggregates = batch.changes.len(),
-            events = batch.event_count(),
-            in_caller_tx = true,
-        );
+        let span = commit_span(&batch, true);
         crate::store::sql::postgres::commit_in(&store, conn, &batch)
             .instrument(span)
             .await
     }
+}
+
+/// The span of one commit: `annals.commit`, with the aggregates and events it writes.
+fn commit_span(batch: &CommitBatch, in_caller_tx: bool) -> tracing::Span {
+    tracing::debug_span!(
+        "annals.commit",
+        aggregates = batch.changes.len(),
+        events = batch.event_count(),
+        in_caller_tx,
+    )
 }

@@ -50,6 +50,21 @@ pub enum Error {
         loaded: u64,
     },
 
+    /// The feed has no event at this cursor, so the events after it cannot be found. A cursor
+    /// always names an event read before: this one was lost (an asynchronous failover or a
+    /// restore that lost the last transactions) or did not come from this store. Nothing was
+    /// read; restart the reader from a cursor it read after the loss, or from
+    /// [`FeedCursor::START`](crate::FeedCursor::START) to read everything again (handlers must
+    /// then tolerate events they saw before).
+    #[error(
+        "the feed has no event at cursor {cursor:?}: it was lost (a failover or restore) or is \
+         from another store; restart the reader from an earlier cursor or from the start"
+    )]
+    CursorNotFound {
+        /// The cursor asked for.
+        cursor: crate::FeedCursor,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {

@@ -85,12 +85,17 @@ impl StoredPayload<'_> {
 /// Where a reader of the global feed stands. Pass the cursor of the last event handled to read
 /// on from there; [`FeedCursor::START`] reads from the beginning.
 ///
-/// On PostgreSQL the feed is ordered by the writing transaction first, so the cursor carries the
-/// transaction id beside the position; on other stores `tx` is always 0.
+/// On PostgreSQL the feed is ordered by epoch, then by the writing transaction, so the cursor
+/// carries both beside the position; on other stores `epoch` and `tx` are always 0. The epoch
+/// changes only when the store moves to another cluster whose transaction ids are behind the
+/// stored ones (see the README's PostgreSQL section).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 pub struct FeedCursor {
+    /// The feed epoch (PostgreSQL), or 0. Cursors saved before epochs existed read as 0.
+    #[serde(default)]
+    pub epoch: u32,
     /// The writing transaction's id (PostgreSQL), or 0.
     pub tx: u64,
     /// The global position of the last event read.
@@ -99,7 +104,22 @@ pub struct FeedCursor {
 
 impl FeedCursor {
     /// Before the first event.
-    pub const START: FeedCursor = FeedCursor { tx: 0, position: 0 };
+    pub const START: FeedCursor = FeedCursor {
+        epoch: 0,
+        tx: 0,
+        position: 0,
+    };
+
+    /// The cursor of an event at `position` on a store ordered by position alone (memory,
+    /// SQLite).
+    // SQLite's cursors come from the shared row decoding; memory builds its own.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub(crate) fn at_position(position: u64) -> FeedCursor {
+        FeedCursor {
+            position,
+            ..FeedCursor::START
+        }
+    }
 }
 
 /// An event as read back from the store: where it stands, what it is, and its payload.

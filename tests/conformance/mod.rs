@@ -269,11 +269,7 @@ pub async fn transfer_commits_both(store: &Store) {
 pub async fn failed_closure_commits_nothing(store: &Store) {
     open_account(store, "alice", "Alice", 100).await;
     open_account(store, "bob", "Bob", 0).await;
-    let feed_before = store
-        .read_feed(FeedCursor::START, 1000)
-        .await
-        .unwrap()
-        .len();
+    let feed_before = read_feed_to_end(store, FeedCursor::START, 1000).await.len();
 
     // Both aggregates get an event, a new one is created, then the domain refuses.
     let result = store
@@ -309,11 +305,7 @@ pub async fn failed_closure_commits_nothing(store: &Store) {
         .await
         .unwrap();
     assert!(carol.is_none());
-    let feed_after = store
-        .read_feed(FeedCursor::START, 1000)
-        .await
-        .unwrap()
-        .len();
+    let feed_after = read_feed_to_end(store, FeedCursor::START, 1000).await.len();
     assert_eq!(feed_before, feed_after);
 }
 
@@ -351,10 +343,8 @@ pub async fn created_without_events_writes_nothing(store: &Store) {
         Err(Error::NotFound { .. })
     ));
     assert!(
-        store
-            .read_feed(FeedCursor::START, 10)
+        read_feed_to_end(store, FeedCursor::START, 10)
             .await
-            .unwrap()
             .is_empty()
     );
 }
@@ -475,7 +465,7 @@ pub async fn natural_key_unique_under_concurrency(store: &Store) {
         }
     }
     assert_eq!(ok, 1, "exactly one creator wins the key");
-    let feed = store.read_feed(FeedCursor::START, 100).await.unwrap();
+    let feed = read_feed_to_end(store, FeedCursor::START, 100).await;
     assert_eq!(feed.len(), 1, "the losers wrote nothing");
     let (_, version) = balance(store, "shared").await;
     assert_eq!(version, 1);

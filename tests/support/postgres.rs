@@ -80,34 +80,40 @@ impl Schema {
 
 impl Drop for Schema {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let sql = format!(
-            "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
-            self.name
+        clean_up(
+            &self.url,
+            format!(
+                "SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                self.name
+            ),
         );
-        // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own
-        // does the clean-up. Failing to clean up never fails the test.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                use sqlx::Connection;
-                let work = async {
-                    let mut conn = sqlx::PgConnection::connect(&url).await?;
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await?;
-                    conn.close().await
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(15), work).await;
-            });
-        });
-        let _ = cleanup.join();
     }
+}
+
+/// Runs `sql` on a connection of its own, from a thread of its own: a `Drop` runs inside the
+/// test's runtime, which cannot be blocked on. Failing to clean up never fails the test.
+fn clean_up(url: &str, sql: String) {
+    let url = url.to_owned();
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            use sqlx::Connection;
+            let work = async {
+                let mut conn = sqlx::PgConnection::connect(&url).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(15), work).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// A fresh store on a schema of its own, or `None` when no server is configured.
@@ -193,28 +199,10 @@ impl Database {
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let url = self.admin_url.clone();
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                use sqlx::Connection;
-                let work = async {
-                    let mut conn = sqlx::PgConnection::connect(&url).await?;
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await?;
-                    conn.close().await
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(15), work).await;
-            });
-        });
-        let _ = cleanup.join();
+        clean_up(
+            &self.admin_url,
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
 }
 

@@ -87,7 +87,7 @@ impl State {
             .ok_or_else(|| Error::Corrupt(format!("no event at index {index}")))?;
         let position = index as u64 + 1;
         Ok(RecordedEvent {
-            cursor: FeedCursor { tx: 0, position },
+            cursor: FeedCursor::at_position(position),
             aggregate_id: e.aggregate_id,
             aggregate_type: e.aggregate_type.clone(),
             version: e.version,

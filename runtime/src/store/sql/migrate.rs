@@ -42,11 +42,18 @@ const SQLITE_MIGRATIONS: &[MigrationSource] = &[MigrationSource {
     sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
 }];
 
-const POSTGRES_MIGRATIONS: &[MigrationSource] = &[MigrationSource {
-    version: 1,
-    name: "initial schema",
-    sql: include_str!("../../migrations/postgres/0001_initial.sql"),
-}];
+const POSTGRES_MIGRATIONS: &[MigrationSource] = &[
+    MigrationSource {
+        version: 1,
+        name: "initial schema",
+        sql: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    MigrationSource {
+        version: 2,
+        name: "feed epochs",
+        sql: include_str!("../../migrations/postgres/0002_feed_epochs.sql"),
+    },
+];
 
 /// Every migration for `dialect`, oldest first, rendered for `options` (table prefix, schema):
 /// for users who apply migrations by hand and open the store with

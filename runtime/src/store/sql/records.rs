@@ -13,6 +13,8 @@ use crate::store::{AggregateRow, StoredSnapshot, StreamEvent, from_micros, to_u6
 /// The columns of one event as the history and the feed read them.
 #[derive(Debug)]
 pub(crate) struct RecordRow<'r> {
+    /// The feed epoch (PostgreSQL), or 0.
+    pub epoch: i64,
     /// The writing transaction's id (PostgreSQL), or 0.
     pub tx: i64,
     pub position: i64,
@@ -35,6 +37,7 @@ impl RecordRow<'_> {
         let position = to_u64(self.position, "event position")?;
         Ok(RecordedEvent {
             cursor: FeedCursor {
+                epoch: epoch(self.epoch)?,
                 tx: to_u64(self.tx, "transaction id")?,
                 position,
             },
@@ -117,6 +120,8 @@ pub(crate) fn stream_events(rows: Vec<StreamRow>, events: &TypeMap) -> Result<Ve
 
 impl StreamRow {
     /// The event type ids of `rows`.
+    // SQLite collects the distinct ids while it reads the rows.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub fn type_ids(rows: &[StreamRow]) -> impl Iterator<Item = i64> + '_ {
         rows.iter().map(|r| r.event_type_id)
     }
@@ -158,6 +163,11 @@ pub(crate) fn uuid_from_bytes(bytes: &[u8], what: &str) -> Result<uuid::Uuid> {
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn aggregate_id(bytes: &[u8]) -> Result<AggregateId> {
     uuid_from_bytes(bytes, "aggregate id").map(AggregateId::from)
+}
+
+/// A stored feed epoch, checked to fit.
+pub(crate) fn epoch(value: i64) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::Corrupt(format!("feed epoch {value} is out of range")))
 }
 
 /// A stored schema version, checked to fit.
@@ -217,6 +227,7 @@ mod tests {
     fn record_rows_name_their_types() {
         let aggregates = TypeMap::from_rows([(1, "account".to_owned())]);
         let record = RecordRow {
+            epoch: 0,
             tx: 0,
             position: 5,
             aggregate_id: uuid::Uuid::nil(),
@@ -237,6 +248,6 @@ mod tests {
         assert_eq!(record.event_type, "deposited");
         assert_eq!(record.aggregate_type, "account");
         assert_eq!((record.version, record.schema_version), (3, 2));
-        assert_eq!(record.cursor, FeedCursor { tx: 0, position: 5 });
+        assert_eq!(record.cursor, FeedCursor::at_position(5));
     }
 }

@@ -12,11 +12,11 @@ use sqlx::postgres::{PgConnection, PgRow};
 
 use super::{PostgresBackend, get, query};
 use crate::aggregate::AggregateId;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::{FeedPage, HeldBack};
 use crate::store::sql::backend_error;
-use crate::store::sql::records::{RecordRow, records_need_refresh};
+use crate::store::sql::records::{RecordRow, epoch, records_need_refresh};
 use crate::store::sql::types::TypeKind;
 use crate::store::{to_i64, to_u64};
 
@@ -46,24 +46,27 @@ impl PostgresBackend {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let mut rows = query(&self.sql.read_feed)
+            .bind(i32::try_from(after.epoch).map_err(|_| cursor_out_of_range(after))?)
             .bind(to_i64(after.tx, "feed cursor transaction")?)
             .bind(to_i64(after.position, "feed cursor position")?)
             .bind(limit)
             .fetch_all(&mut *conn)
             .await
             .map_err(backend_error)?;
-        let mut held_back = None;
-        if let Some(last) = rows.last()
-            && get::<Option<uuid::Uuid>>(last, 2)?.is_none()
-        {
-            held_back = Some(held_back_from(last)?);
-            rows.pop();
-        }
-        let events = if limit == 0 {
-            Vec::new()
-        } else {
-            self.records(&mut conn, &rows).await?
+        // The last row is the status row (see `render::feed_sql`).
+        let status = match rows.pop() {
+            Some(row) if get::<Option<uuid::Uuid>>(&row, 2)?.is_none() => row,
+            _ => {
+                return Err(Error::Corrupt(
+                    "the feed statement returned no status row".to_owned(),
+                ));
+            }
         };
+        if get::<i32>(&status, 6)? != 1 {
+            return Err(Error::CursorNotFound { cursor: after });
+        }
+        let held_back = held_back_from(&status)?;
+        let events = self.records(&mut conn, &rows).await?;
         if let Some(held) = &held_back {
             self.warn_if_held_long(held);
         }
@@ -88,6 +91,8 @@ impl PostgresBackend {
         }
         *last = Some(now);
         tracing::warn!(
+            schema = %self.names.schema,
+            prefix = %self.names.prefix,
             xid = held.xid,
             pid = held.pid,
             database = held.database.as_deref(),
@@ -131,22 +136,33 @@ fn record_row(row: &PgRow) -> Result<RecordRow<'_>> {
         metadata: get(row, 8)?,
         recorded_at: get(row, 9)?,
         event_id: get(row, 10)?,
+        epoch: get(row, 11)?,
     })
 }
 
-/// The hold-back row of the feed statement (see `render::feed_sql` for its columns).
-fn held_back_from(row: &PgRow) -> Result<HeldBack> {
+/// What the status row of the feed statement says is held back, if anything (see
+/// `render::feed_sql` for its columns).
+fn held_back_from(row: &PgRow) -> Result<Option<HeldBack>> {
+    let (Some(tx), Some(position)) = (get::<Option<i64>>(row, 0)?, get::<Option<i64>>(row, 1)?)
+    else {
+        return Ok(None);
+    };
     let database: Option<Vec<u8>> = get(row, 7)?;
     let age: Option<i64> = get(row, 9)?;
-    Ok(HeldBack {
+    Ok(Some(HeldBack {
         xid: to_u64(get(row, 4)?, "transaction id")?,
         pid: get(row, 3)?,
         database: database.map(|d| String::from_utf8_lossy(&d).into_owned()),
         age: age.map(|micros| Duration::from_micros(micros.unsigned_abs())),
         prepared: get::<Option<i32>>(row, 5)? == Some(1),
         newest_waiting: FeedCursor {
-            tx: to_u64(get(row, 0)?, "transaction id")?,
-            position: to_u64(get(row, 1)?, "event position")?,
+            epoch: epoch(get(row, 11)?)?,
+            tx: to_u64(tx, "transaction id")?,
+            position: to_u64(position, "event position")?,
         },
-    })
+    }))
+}
+
+fn cursor_out_of_range(cursor: FeedCursor) -> Error {
+    Error::Config(format!("feed cursor {cursor:?} has an epoch out of range"))
 }

@@ -2,6 +2,7 @@
 //! start together migrate once) and the warm-up that writes every registered type name.
 
 use sqlx::AssertSqlSafe;
+use sqlx::postgres::PgConnection;
 
 use super::PostgresBackend;
 use crate::error::Error;
@@ -22,20 +23,7 @@ impl PostgresBackend {
             .execute(&mut *tx)
             .await
             .map_err(backend_error)?;
-        let table = self.names.table("schema_migrations");
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
-            .bind(&table)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend_error)?;
-        let current: i64 = if exists {
-            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(backend_error)?
-        } else {
-            0
-        };
+        let (table, current) = self.schema_version(&mut tx).await?;
         let pending = plan_migrations(Dialect::Postgres, current, &self.options, &table)?;
         if pending.is_empty() {
             return Ok(());
@@ -60,6 +48,19 @@ impl PostgresBackend {
         let aggregates: Vec<&str> = registry.aggregates().iter().map(|a| a.name).collect();
         let events: Vec<&str> = registry.events().iter().map(|e| e.name).collect();
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let moved: Option<bool> = sqlx::query_scalar(AssertSqlSafe(self.sql.moved.clone()))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        if moved == Some(true) {
+            tracing::warn!(
+                schema = %self.names.schema,
+                prefix = %self.names.prefix,
+                "the stored transaction ids are ahead of this cluster's (a restore or a move to \
+                 another cluster): the next commit starts a new feed epoch, after every stored \
+                 event; saved feed cursors keep working"
+            );
+        }
         self.ensure_types(&mut conn, TypeKind::Aggregate, &aggregates)
             .await?;
         self.ensure_types(&mut conn, TypeKind::Event, &events)
@@ -72,20 +73,7 @@ impl PostgresBackend {
     /// standby refuses exclusive locks).
     pub(super) async fn open_read_only(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        let table = self.names.table("schema_migrations");
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
-            .bind(&table)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(backend_error)?;
-        let current: i64 = if exists {
-            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(backend_error)?
-        } else {
-            0
-        };
+        let (table, current) = self.schema_version(&mut conn).await?;
         let latest = latest_version(Dialect::Postgres);
         if current > latest {
             return Err(Error::SchemaTooNew {
@@ -103,5 +91,24 @@ impl PostgresBackend {
         self.refresh_types(&mut conn, TypeKind::Aggregate).await?;
         self.refresh_types(&mut conn, TypeKind::Event).await?;
         Ok(())
+    }
+
+    /// The migrations table's name, and the highest version it records (0 without the table).
+    async fn schema_version(&self, conn: &mut PgConnection) -> Result<(String, i64)> {
+        let table = self.names.table("schema_migrations");
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        let current: i64 = if exists {
+            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend_error)?
+        } else {
+            0
+        };
+        Ok((table, current))
     }
 }

@@ -81,6 +81,8 @@ pub(super) struct Statements {
     pub read_stream: Arc<str>,
     pub read_feed: Arc<str>,
     pub schema_version: Arc<str>,
+    /// Whether the newest stored event's transaction id is ahead of this cluster's next one.
+    pub moved: Arc<str>,
     pub notify: Arc<str>,
     ensure_aggregate_types: Arc<str>,
     ensure_event_types: Arc<str>,
@@ -91,7 +93,7 @@ pub(super) struct Statements {
 /// The columns of a [`RecordedEvent`], in the order `record` reads them.
 pub(super) const RECORD_COLUMNS: &str = "e.tx_id::text::int8, e.position, e.aggregate_id, a.type_id, \
      e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, \
-     (EXTRACT(EPOCH FROM e.recorded_at) * 1000000)::int8, e.event_id";
+     (EXTRACT(EPOCH FROM e.recorded_at) * 1000000)::int8, e.event_id, e.epoch::int8";
 
 impl Statements {
     pub fn new(names: &Names) -> Statements {
@@ -140,6 +142,11 @@ impl Statements {
             )
             .into(),
             read_feed: feed_sql(&events, &aggregates).into(),
+            moved: format!(
+                "SELECT (SELECT tx_id FROM {events} ORDER BY epoch DESC, tx_id DESC LIMIT 1) \
+                        >= pg_snapshot_xmax(pg_current_snapshot())"
+            )
+            .into(),
             schema_version: format!(
                 "SELECT COALESCE(MAX(version), 0) FROM {}",
                 names.table("schema_migrations")
@@ -207,37 +214,62 @@ const FEED_HORIZON: &str = "\
              WHERE (x::text::int8 & 4294967295) NOT IN (SELECT x FROM other_databases)), \
             (SELECT pg_snapshot_xmax(s) FROM snap)) AS horizon)";
 
-/// The feed statement. Parameters: the cursor's transaction id and position, and the page's
-/// size. It returns the page, events in `(tx_id, position)` order below the horizon; then, when
-/// events committed above the horizon wait, one more row whose aggregate id is NULL: the newest
-/// waiting event's transaction id and position, with (in the columns of a record, by position)
-/// 3: the holder's pid, 4: the horizon, 5: 1 for a prepared transaction (NULL when the holder is
-/// gone), 7: its database's name, 9: its age in microseconds.
+/// The feed's newest epoch and the one still open, as CTEs after [`FEED_HORIZON`]. `head` is the
+/// newest event; when its transaction id is ahead of the cluster's next one (`xmax`), the store
+/// was moved from another cluster: every stored epoch is then complete, and the open epoch is
+/// the next one, where the first commit after the move writes. Events of epochs before the open
+/// one are read without waiting: no commit writes to them any more.
+const FEED_EPOCH: &str = "\
+    head AS MATERIALIZED (SELECT epoch, tx_id FROM {events} \
+                          ORDER BY epoch DESC, tx_id DESC LIMIT 1), \
+    g AS MATERIALIZED ( \
+        SELECT COALESCE((SELECT epoch FROM head), 0) \
+             + CASE WHEN (SELECT tx_id FROM head) >= (SELECT pg_snapshot_xmax(s) FROM snap) \
+                    THEN 1 ELSE 0 END AS open_epoch)";
+
+/// The feed statement. Parameters: the cursor's epoch, transaction id and position, and the
+/// page's size. It returns the page, events in `(epoch, tx_id, position)` order that nothing
+/// holds back; then one status row, whose aggregate id is NULL, with (in the columns of a
+/// record, by index) 0, 1: the newest event held back (transaction id and position, NULL when
+/// none is), 3: the pid of the transaction holding it back, 4: the horizon, 5: 1 for a prepared
+/// holder (NULL when the holder is gone), 6: 1 when the cursor's own event exists (or the cursor
+/// is the start), 7: the holder's database's name, 9: its age in microseconds, 11: the open
+/// epoch.
 fn feed_sql(events: &str, aggregates: &str) -> String {
-    let after = "(e.tx_id, e.position) > ($1::int8::text::xid8, $2::int8)";
+    let after = "(e.epoch, e.tx_id, e.position) > ($1::int4, $2::int8::text::xid8, $3::int8)";
     let horizon = "(SELECT horizon FROM h)";
+    let open = "(SELECT open_epoch FROM g)";
     let low32 = "((SELECT horizon FROM h)::text::int8 & 4294967295)";
+    let epoch = FEED_EPOCH.replace("{events}", events);
     format!(
-        "WITH {FEED_HORIZON} \
+        "WITH {FEED_HORIZON}, {epoch} \
          (SELECT {RECORD_COLUMNS} \
           FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
-          WHERE {after} AND e.tx_id < {horizon} \
-          ORDER BY e.tx_id, e.position LIMIT $3::int8) \
+          WHERE {after} AND (e.epoch < {open} OR e.tx_id < {horizon}) \
+          ORDER BY e.epoch, e.tx_id, e.position LIMIT $4::int8) \
          UNION ALL \
          (SELECT w.tx_id::text::int8, w.position, NULL::uuid, hb.pid, \
-                 {horizon}::text::int8, hb.prepared::int4, NULL::int4, \
-                 convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid \
-          FROM (SELECT e.tx_id, e.position FROM {events} e \
-                WHERE {after} AND e.tx_id >= {horizon} \
-                ORDER BY e.tx_id DESC, e.position DESC LIMIT 1) w \
+                 {horizon}::text::int8, hb.prepared::int4, \
+                 CASE WHEN $3::int8 = 0 OR EXISTS ( \
+                     SELECT 1 FROM {events} c WHERE c.position = $3::int8 \
+                       AND c.epoch = $1::int4 AND c.tx_id = $2::int8::text::xid8) \
+                 THEN 1 ELSE 0 END, \
+                 convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid, {open}::int8 \
+          FROM (SELECT 1) AS one \
+          LEFT JOIN LATERAL ( \
+              SELECT e.tx_id, e.position FROM {events} e \
+              WHERE {after} AND e.epoch = {open} AND e.tx_id >= {horizon} \
+              ORDER BY e.tx_id DESC, e.position DESC LIMIT 1) w ON true \
           LEFT JOIN LATERAL ( \
               SELECT a.pid, a.datname::text AS datname, false AS prepared, \
                      (EXTRACT(EPOCH FROM now() - a.xact_start) * 1000000)::int8 AS age \
-              FROM pg_stat_activity a WHERE a.backend_xid::text::int8 = {low32} \
+              FROM pg_stat_activity a \
+              WHERE w.tx_id IS NOT NULL AND a.backend_xid::text::int8 = {low32} \
               UNION ALL \
               SELECT NULL::int4, p.database::text, true, \
                      (EXTRACT(EPOCH FROM now() - p.prepared) * 1000000)::int8 \
-              FROM pg_prepared_xacts p WHERE p.transaction::text::int8 = {low32} \
+              FROM pg_prepared_xacts p \
+              WHERE w.tx_id IS NOT NULL AND p.transaction::text::int8 = {low32} \
               LIMIT 1) hb ON true)"
     )
 }
@@ -383,6 +415,16 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
              ON CONFLICT DO NOTHING)"
         ));
     }
+    // The epoch: the newest event's, or the next one when that event's transaction id is ahead
+    // of this cluster's next one (the store was moved from another cluster), so that new events
+    // sort after every old one.
+    ctes.push(format!(
+        "head AS (SELECT epoch, tx_id FROM {events} ORDER BY epoch DESC, tx_id DESC LIMIT 1), \
+         ep AS (SELECT COALESCE((SELECT epoch FROM head), 0) \
+                     + CASE WHEN (SELECT tx_id FROM head) \
+                                 >= pg_snapshot_xmax(pg_current_snapshot()) \
+                            THEN 1 ELSE 0 END AS epoch)"
+    ));
     // In a caller's transaction the transaction id may be older than a commit this context
     // loaded from (the caller's transaction can have written before this context loaded):
     // events are then stamped with the newest id among the events the context loaded (the last
@@ -393,7 +435,8 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
         format!(
             "floor AS (SELECT max(e.tx_id) AS tx_id FROM {events} e \
              JOIN UNNEST({ids}::uuid[], {versions}::int8[]) AS r (id, version) \
-               ON e.aggregate_id = r.id AND e.sequence = r.version)"
+               ON e.aggregate_id = r.id AND e.sequence = r.version \
+             WHERE e.epoch = (SELECT epoch FROM ep))"
         )
     });
     let (tx_column, tx_value) = match floor {
@@ -406,16 +449,12 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
         }
         None => ("", ""),
     };
-    let with = if ctes.is_empty() {
-        String::new()
-    } else {
-        format!("WITH {} ", ctes.join(", "))
-    };
+    let with = format!("WITH {} ", ctes.join(", "));
     // WITH ORDINALITY and ORDER BY: positions follow the order the events were applied in.
     format!(
-        "{with}INSERT INTO {events} ({tx_column}aggregate_id, sequence, event_type_id, \
+        "{with}INSERT INTO {events} (epoch, {tx_column}aggregate_id, sequence, event_type_id, \
              schema_version, payload, metadata, recorded_at, event_id) \
-         SELECT {tx_value}e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, \
+         SELECT (SELECT epoch FROM ep), {tx_value}e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, \
                 e.metadata, {recorded}, e.event_id \
          FROM UNNEST({aggregate_ids}::uuid[], {sequences}::int8[], {types}::int4[], \
                      {schema_versions}::int4[], {payloads}::bytea[], {metadata}::bytea[], \
@@ -459,10 +498,16 @@ mod tests {
     fn one_existing_aggregate_is_a_conditional_update_gating_the_insert() {
         let expected = "
             WITH cas AS (UPDATE \"shop\".es_aggregates SET version = $3::int8
-                         WHERE id = $1::uuid AND version = $2::int8 RETURNING id)
-            INSERT INTO \"shop\".es_events (aggregate_id, sequence, event_type_id, schema_version,
-                                        payload, metadata, recorded_at, event_id)
-            SELECT e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
+                         WHERE id = $1::uuid AND version = $2::int8 RETURNING id),
+            head AS (SELECT epoch, tx_id FROM \"shop\".es_events
+                     ORDER BY epoch DESC, tx_id DESC LIMIT 1),
+            ep AS (SELECT COALESCE((SELECT epoch FROM head), 0)
+                        + CASE WHEN (SELECT tx_id FROM head)
+                                    >= pg_snapshot_xmax(pg_current_snapshot())
+                               THEN 1 ELSE 0 END AS epoch)
+            INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
+                                        schema_version, payload, metadata, recorded_at, event_id)
+            SELECT (SELECT epoch FROM ep), e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
                    TIMESTAMPTZ 'epoch' + $11::int8 * INTERVAL '1 microsecond', e.event_id
             FROM UNNEST($4::uuid[], $5::int8[], $6::int4[], $7::int4[], $8::bytea[], $9::bytea[],
                         $10::uuid[]) WITH ORDINALITY
@@ -479,10 +524,16 @@ mod tests {
                 INSERT INTO \"shop\".es_aggregates (id, type_id, natural_key, version)
                 SELECT n.id, n.type_id, n.natural_key, n.version
                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int8[])
-                     AS n (id, type_id, natural_key, version))
-            INSERT INTO \"shop\".es_events (aggregate_id, sequence, event_type_id, schema_version,
-                                        payload, metadata, recorded_at, event_id)
-            SELECT e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
+                     AS n (id, type_id, natural_key, version)),
+            head AS (SELECT epoch, tx_id FROM \"shop\".es_events
+                     ORDER BY epoch DESC, tx_id DESC LIMIT 1),
+            ep AS (SELECT COALESCE((SELECT epoch FROM head), 0)
+                        + CASE WHEN (SELECT tx_id FROM head)
+                                    >= pg_snapshot_xmax(pg_current_snapshot())
+                               THEN 1 ELSE 0 END AS epoch)
+            INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
+                                        schema_version, payload, metadata, recorded_at, event_id)
+            SELECT (SELECT epoch FROM ep), e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
                    TIMESTAMPTZ 'epoch' + $12::int8 * INTERVAL '1 microsecond', e.event_id
             FROM UNNEST($5::uuid[], $6::int8[], $7::int4[], $8::int4[], $9::bytea[], $10::bytea[],
                         $11::uuid[]) WITH ORDINALITY
@@ -517,12 +568,19 @@ mod tests {
                 FROM UNNEST($16::uuid[], $17::int4[], $18::int8[], $19::bytea[])
                      AS s (aggregate_id, snapshot_version, version, payload), ok
                 ON CONFLICT DO NOTHING),
+            head AS (SELECT epoch, tx_id FROM \"shop\".es_events
+                     ORDER BY epoch DESC, tx_id DESC LIMIT 1),
+            ep AS (SELECT COALESCE((SELECT epoch FROM head), 0)
+                        + CASE WHEN (SELECT tx_id FROM head)
+                                    >= pg_snapshot_xmax(pg_current_snapshot())
+                               THEN 1 ELSE 0 END AS epoch),
             floor AS (SELECT max(e.tx_id) AS tx_id FROM \"shop\".es_events e
                       JOIN UNNEST($20::uuid[], $21::int8[]) AS r (id, version)
-                        ON e.aggregate_id = r.id AND e.sequence = r.version)
-            INSERT INTO \"shop\".es_events (tx_id, aggregate_id, sequence, event_type_id,
+                        ON e.aggregate_id = r.id AND e.sequence = r.version
+                      WHERE e.epoch = (SELECT epoch FROM ep))
+            INSERT INTO \"shop\".es_events (epoch, tx_id, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
-            SELECT GREATEST(pg_current_xact_id(), (SELECT tx_id FROM floor)),
+            SELECT (SELECT epoch FROM ep), GREATEST(pg_current_xact_id(), (SELECT tx_id FROM floor)),
                    e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
                    TIMESTAMPTZ 'epoch' + $15::int8 * INTERVAL '1 microsecond', e.event_id
             FROM UNNEST($8::uuid[], $9::int8[], $10::int4[], $11::int4[], $12::bytea[],

@@ -84,6 +84,7 @@ fn record_row<'r>(r: &'r Row<'_>) -> Result<RecordRow<'r>> {
             })
     };
     Ok(RecordRow {
+        epoch: 0,
         tx: 0,
         position,
         aggregate_id: uuid_from_bytes(blob(1)?, "aggregate id")?,
