@@ -301,7 +301,15 @@ async fn connection_lost_mid_commit_leaves_nothing() {
         .await
         .expect("the commit returned")
         .expect("no panic");
-    assert!(matches!(outcome, Err(Error::Backend(_))), "got {outcome:?}");
+    // The session ended before the commit's answer: to the caller its outcome is unknown (here
+    // the server had not committed, as the history below shows), and never a conflict.
+    match &outcome {
+        Err(e @ Error::CommitOutcomeUnknown { aggregates, .. }) => {
+            assert!(!e.is_conflict());
+            assert_eq!(aggregates.as_slice(), [(id, 3)]);
+        }
+        other => panic!("expected CommitOutcomeUnknown, got {other:?}"),
+    }
     holder.rollback().await.unwrap();
 
     let history = store.history(id).await.unwrap();
@@ -1015,4 +1023,153 @@ async fn a_store_at_schema_version_1_is_migrated_to_feed_epochs() {
             .all(|e| e.aggregate_id == id && e.cursor.epoch == 0)
     );
     store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_unknown_and_not_retried() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let id = conformance::open_account(&store, "alice", "Alice", 10).await;
+    // Through the proxy, the commit's parameters (which hold the payload) reach the server,
+    // which commits them, and the answer never comes back.
+    let proxy = support::CuttingProxy::start(&schema.url, b"987654321").await;
+    let through = Store::open_with(
+        &proxy.url,
+        schema.options().pool_size(1).listen(annals::Listen::Off),
+    )
+    .await
+    .unwrap();
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    let outcome = through
+        .transact_with_retry(Retry::attempts(5), async |ctx| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut account = ctx.load::<Account>(id).await?;
+            ctx.apply(
+                &mut account,
+                Deposited {
+                    amount: 987_654_321,
+                },
+            )?;
+            Ok::<_, Error>(())
+        })
+        .await;
+    match &outcome {
+        Err(e @ Error::CommitOutcomeUnknown { aggregates, .. }) => {
+            assert!(!e.is_conflict());
+            assert_eq!(aggregates.as_slice(), [(id, 3)]);
+        }
+        other => panic!("expected CommitOutcomeUnknown, got {other:?}"),
+    }
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the retry helper does not re-run a commit of unknown outcome"
+    );
+    // The way to resolve it: read the version. Here the server had committed.
+    assert_eq!(conformance::versions(&store, id).await, [1, 2, 3]);
+    through.close().await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_opens_on_the_applications_pool_or_connect_options() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    // The application's own pool: the store runs on its connections.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&schema.url)
+        .await
+        .unwrap();
+    let store = Store::open_postgres_pool(pool.clone(), schema.options())
+        .await
+        .unwrap();
+    let id = conformance::open_account(&store, "alice", "Alice", 4).await;
+    assert_eq!(conformance::versions(&store, id).await, [1, 2]);
+    assert!(pool.size() >= 1 && pool.size() <= 2, "{}", pool.size());
+
+    // Connection options built in code, and pool options from StoreOptions.
+    let connect: sqlx::postgres::PgConnectOptions = schema.url.parse().unwrap();
+    let options = schema
+        .options()
+        .min_connections(2)
+        .acquire_timeout(Duration::from_secs(10));
+    let other = Store::open_postgres(connect.application_name("annals-test"), options)
+        .await
+        .unwrap();
+    let alice = other
+        .begin_read_only()
+        .load_by_key::<Account>("alice")
+        .await
+        .unwrap();
+    assert_eq!(alice.balance, 4);
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity WHERE application_name = 'annals-test'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        !names.is_empty(),
+        "the store connected with the given options"
+    );
+
+    // Pool options are checked.
+    match Store::open_postgres(
+        schema.url.parse().unwrap(),
+        schema.options().pool_size(2).min_connections(3),
+    )
+    .await
+    {
+        Err(Error::Config(message)) => assert!(message.contains("min connections"), "{message}"),
+        other => panic!("expected Config, got {other:?}"),
+    }
+    other.close().await;
+    store.close().await;
+    // Closing the store leaves the application's pool open.
+    sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn another_applications_table_is_never_adopted() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA \"{s}\"; CREATE TABLE \"{s}\".annals_events (note text); \
+         INSERT INTO \"{s}\".annals_events VALUES ('theirs');",
+        s = schema.name
+    )))
+    .execute(&raw)
+    .await
+    .unwrap();
+    for migrate in [true, false] {
+        match Store::open_with(&schema.url, schema.options().migrate(migrate)).await {
+            Err(Error::ForeignTable { table }) => {
+                assert_eq!(table, format!("{}.annals_events", schema.name))
+            }
+            other => panic!("migrate({migrate}): expected ForeignTable, got {other:?}"),
+        }
+    }
+    // Untouched: their table as it was, no table of annals beside it.
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1",
+    )
+    .bind(&schema.name)
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert_eq!(tables, ["annals_events"]);
+    let notes: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT note FROM {}",
+        schema.table("events")
+    )))
+    .fetch_all(&raw)
+    .await
+    .unwrap();
+    assert_eq!(notes, ["theirs"]);
 }

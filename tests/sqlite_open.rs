@@ -103,6 +103,18 @@ async fn foreign_tables_under_annals_names_are_refused() {
     }
     assert_eq!(tables(&path), before, "nothing created or changed");
 
+    // An index under one of annals' table names is refused the same way.
+    let indexed = dir.path().join("indexed.db");
+    Connection::open(&indexed)
+        .unwrap()
+        .execute_batch("CREATE TABLE other (x); CREATE INDEX annals_snapshots ON other (x);")
+        .unwrap();
+    match Store::open(&url(&indexed)).await {
+        Err(Error::ForeignTable { table }) => assert_eq!(table, "annals_snapshots"),
+        other => panic!("expected ForeignTable, got {other:?}"),
+    }
+    assert_eq!(tables(&indexed), [("other".to_owned(), 0)]);
+
     // Under another prefix, the same file holds an annals store beside the foreign table.
     let store = Store::open_with(&url(&path), StoreOptions::new().table_prefix("shop_"))
         .await

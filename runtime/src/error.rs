@@ -65,6 +65,35 @@ pub enum Error {
         cursor: crate::FeedCursor,
     },
 
+    /// The connection failed after a commit was sent and before its answer came: the commit
+    /// may have been written, or not. It is not a conflict, and the retry helper does not
+    /// re-run it (that could apply the work twice). To resolve it, read the aggregates'
+    /// versions: each was written when it stands at (or past) the version given here, and the
+    /// ids [`Context::apply`](crate::Context::apply) returned find the events in its history.
+    #[error(
+        "the connection failed after the commit was sent, before its answer came: it may or may \
+         not have been written ({source}); read the aggregates' versions to know"
+    )]
+    CommitOutcomeUnknown {
+        /// Every aggregate of the commit, with the version it has if the commit was written.
+        aggregates: Vec<(AggregateId, u64)>,
+        /// What the driver said.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The database already holds a table (or index, or sequence) under one of annals' names,
+    /// but no record of annals' migrations: it belongs to another application, and annals will
+    /// not adopt it. Nothing was written. Choose another table prefix (or schema).
+    #[error(
+        "{table} exists but was not created by annals (there is no annals migrations table); \
+         nothing was written: use another table prefix or schema"
+    )]
+    ForeignTable {
+        /// The relation found, with its schema where the database has schemas.
+        table: String,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {
@@ -210,17 +239,6 @@ pub enum Error {
     /// `apply` was called on a read-only context.
     #[error("this context is read-only: it cannot stage events")]
     ReadOnly,
-
-    /// The database holds a table under one of annals' names but no annals schema version: it
-    /// belongs to another application. Nothing was changed; choose another table prefix.
-    #[error(
-        "table {table} exists but was not created by annals (no schema version is recorded): \
-         refusing to use it; choose another table prefix"
-    )]
-    ForeignTable {
-        /// The table's name.
-        table: String,
-    },
 
     /// A root was used with a context that did not load or create it.
     #[error("aggregate {aggregate} was not loaded or created in this context")]

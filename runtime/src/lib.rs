@@ -78,7 +78,7 @@ pub use rusqlite;
 /// the store (see `Context::commit_in`) without pinning a second copy of it.
 #[cfg(feature = "postgres")]
 pub use sqlx;
-pub use store::{Store, StoreOptions, Synchronous};
+pub use store::{Listen, Store, StoreOptions, Synchronous};
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {

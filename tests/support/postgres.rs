@@ -232,3 +232,98 @@ pub fn with_user(url: &str, user: &str) -> String {
     let host = rest.split_once('@').map_or(rest, |(_, host)| host);
     format!("{}{user}@{host}", url.get(..scheme_end).unwrap_or_default())
 }
+
+/// A TCP proxy in front of the server that cuts one connection at the worst moment: when a
+/// client sends bytes containing `marker`, it marks the connection cut, forwards those bytes,
+/// waits for the server's answer (so the server has done what it was sent), and closes both
+/// sides without passing the answer on. Later connections are forwarded untouched.
+pub struct CuttingProxy {
+    /// The server's URL, through the proxy.
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl CuttingProxy {
+    pub async fn start(url: &str, marker: &'static [u8]) -> CuttingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (before, after) = url.split_once('@').expect("a URL with a user");
+        let (server, path) = after.split_once('/').expect("a URL with a database");
+        let server = server.to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let armed = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(&server).await else {
+                    continue;
+                };
+                let armed = armed.clone();
+                tokio::spawn(async move {
+                    let cut = Arc::new(AtomicBool::new(false));
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = upstream.into_split();
+                    let to_server = {
+                        let cut = cut.clone();
+                        async move {
+                            let mut buf = vec![0u8; 64 << 10];
+                            loop {
+                                let n = match client_read.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                let chunk = &buf[..n];
+                                let hit = chunk.windows(marker.len()).any(|w| w == marker);
+                                if hit && armed.swap(false, Ordering::SeqCst) {
+                                    cut.store(true, Ordering::SeqCst);
+                                }
+                                if server_write.write_all(chunk).await.is_err() {
+                                    return;
+                                }
+                                if cut.load(Ordering::SeqCst) {
+                                    // Keep the server side open until its answer came.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                        }
+                    };
+                    let to_client = async move {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match server_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if cut.load(Ordering::SeqCst) {
+                                // The server answered: drop everything, answer unsent.
+                                return;
+                            }
+                            if client_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Whichever direction ends, the connection ends.
+                    tokio::select! {
+                        () = to_server => {}
+                        () = to_client => {}
+                    }
+                });
+            }
+        });
+        CuttingProxy {
+            url: format!("{before}@127.0.0.1:{port}/{path}"),
+            task,
+        }
+    }
+}

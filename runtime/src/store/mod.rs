@@ -20,7 +20,7 @@ mod options;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql;
 
-pub use options::{StoreOptions, Synchronous};
+pub use options::{Listen, StoreOptions, Synchronous};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql::{Dialect, Migration, migrations};
 
@@ -308,6 +308,55 @@ impl Store {
         let registry = registry();
         registry.validate()?;
         let backend = open_backend(url, &options).await?;
+        Store::prepared(backend, registry, options).await
+    }
+
+    /// Opens a PostgreSQL store with connection options built by the caller (TLS settings, a
+    /// password from a secret store, an application name, …). `options` sizes the pool.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), annals::Error> {
+    /// use annals::sqlx::postgres::PgConnectOptions;
+    /// let connect = PgConnectOptions::new()
+    ///     .host("db.internal")
+    ///     .username("shop")
+    ///     .database("shop")
+    ///     .application_name("shop-api");
+    /// let store = annals::Store::open_postgres(connect, annals::StoreOptions::new()).await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub async fn open_postgres(
+        connect: sqlx::postgres::PgConnectOptions,
+        options: StoreOptions,
+    ) -> Result<Store> {
+        options.validate()?;
+        let registry = registry();
+        registry.validate()?;
+        let backend = sql::postgres::PostgresBackend::connect(connect, &options).await?;
+        Store::prepared(Box::new(backend), registry, options).await
+    }
+
+    /// Opens a PostgreSQL store on a pool the application already has: the store runs its
+    /// queries on the pool's connections (its size and timeouts are the pool's; the pool
+    /// options of `options` are not used), and listens for other processes' commits on a
+    /// connection of its own made with the pool's connection settings (see
+    /// [`StoreOptions::listen`]). [`Store::close`] leaves the pool open.
+    #[cfg(feature = "postgres")]
+    pub async fn open_postgres_pool(pool: sqlx::PgPool, options: StoreOptions) -> Result<Store> {
+        options.validate()?;
+        let registry = registry();
+        registry.validate()?;
+        let backend = sql::postgres::PostgresBackend::on_pool(pool, &options)?;
+        Store::prepared(Box::new(backend), registry, options).await
+    }
+
+    /// Creates or migrates the schema and warms up the type tables, then hands out the store.
+    async fn prepared(
+        backend: Box<dyn Backend>,
+        registry: &'static Registry,
+        options: StoreOptions,
+    ) -> Result<Store> {
         backend.prepare(registry).await?;
         Ok(Store {
             inner: Arc::new(StoreInner {

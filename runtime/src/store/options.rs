@@ -17,6 +17,21 @@ pub enum Synchronous {
     Normal,
 }
 
+/// Where a PostgreSQL store listens for the commits of other processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Listen {
+    /// On a connection of its own, made with the store's connection settings. The default.
+    #[default]
+    Store,
+    /// On a connection to this URL: the server itself or a session-mode pool, when the store
+    /// connects through a transaction-mode pooler (pgbouncer, RDS Proxy, Supavisor), where a
+    /// `LISTEN` would stay on a server connection that other clients' queries then use.
+    Url(String),
+    /// Not at all: waiters poll every [`StoreOptions::poll_interval`].
+    Off,
+}
+
 /// How a store is opened. Every field has a default; set the ones you need.
 ///
 /// ```
@@ -47,6 +62,13 @@ pub struct StoreOptions {
     /// It must match `[a-z_][a-z0-9_]{0,40}` and not begin with `pg_`; it is always quoted, so
     /// reserved words such as `user` or `order` work.
     pub schema: Option<String>,
+    /// SQL stores: connections the pool keeps open even when idle. Default 0.
+    pub min_connections: u32,
+    /// SQL stores: how long an operation waits for a free connection before it fails. Default
+    /// 30 s.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL: where to `LISTEN` for other processes' commits. Default [`Listen::Store`].
+    pub listen: Listen,
     /// How often [`Store::wait_for_events`](crate::Store::wait_for_events) polls when no wake-up
     /// arrives. Default 500 ms.
     pub poll_interval: Duration,
@@ -73,6 +95,9 @@ impl Default for StoreOptions {
             busy_timeout: Duration::from_secs(5),
             pool_size: 10,
             schema: None,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(30),
+            listen: Listen::Store,
             poll_interval: Duration::from_millis(500),
             hold_back_warning: Duration::from_secs(30),
             migrate: true,
@@ -129,6 +154,24 @@ impl StoreOptions {
         self
     }
 
+    /// Sets how many connections the pool keeps open when idle.
+    pub fn min_connections(mut self, min: u32) -> Self {
+        self.min_connections = min;
+        self
+    }
+
+    /// Sets how long an operation waits for a free connection.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Sets where a PostgreSQL store listens for other processes' commits.
+    pub fn listen(mut self, listen: Listen) -> Self {
+        self.listen = listen;
+        self
+    }
+
     /// Sets the fallback poll interval of [`Store::wait_for_events`](crate::Store::wait_for_events).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
@@ -166,6 +209,12 @@ impl StoreOptions {
         }
         if self.pool_size == 0 {
             return Err(Error::Config("pool size must be at least 1".to_owned()));
+        }
+        if self.min_connections > self.pool_size {
+            return Err(Error::Config(format!(
+                "min connections ({}) must not exceed the pool size ({})",
+                self.min_connections, self.pool_size
+            )));
         }
         if self.max_commit_bytes == 0 {
             return Err(Error::Config(

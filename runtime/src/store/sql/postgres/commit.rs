@@ -51,6 +51,20 @@ fn check_message(batch: &CommitBatch, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// True for a failure of the connection itself, after which the server may have committed
+/// what was sent: the socket broke, the protocol lost its footing, or the session was ended by
+/// the server (57P: shut down or terminated; 08: connection exception). A statement timeout
+/// (57014) is not one: the server rolled the statement back and said so.
+fn outcome_unknown(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
+        _ => false,
+    }
+}
+
 impl PostgresBackend {
     /// Runs the commit statement of `batch` on `executor`: the pool (autocommit) or a caller's
     /// connection inside its transaction.
@@ -136,6 +150,17 @@ impl PostgresBackend {
             }
             Ok(_) if in_caller_tx => Err(self.conflict_in_caller_tx(batch).await),
             Ok(_) => Err(self.conflict(batch, None).await),
+            // In autocommit the statement is the whole transaction: once it was sent, a lost
+            // connection leaves its outcome unknown. In a caller's transaction nothing is
+            // committed yet, and the caller's own commit will fail.
+            Err(e) if !in_caller_tx && outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
+                aggregates: batch
+                    .changes
+                    .iter()
+                    .map(|c| (c.id, c.new_version()))
+                    .collect(),
+                source: Box::new(e),
+            }),
             Err(e) => Err(self.commit_error(batch, e).await),
         }
     }

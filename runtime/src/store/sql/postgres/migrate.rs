@@ -24,6 +24,9 @@ impl PostgresBackend {
             .await
             .map_err(backend_error)?;
         let (table, current) = self.schema_version(&mut tx).await?;
+        if current == 0 {
+            self.refuse_foreign_relations(&mut tx).await?;
+        }
         let pending = plan_migrations(Dialect::Postgres, current, &self.options, &table)?;
         if pending.is_empty() {
             return Ok(());
@@ -110,5 +113,27 @@ impl PostgresBackend {
             0
         };
         Ok((table, current))
+    }
+
+    /// Refuses a schema without annals' migrations table that already holds a relation under
+    /// one of annals' names: another application's table is never adopted.
+    async fn refuse_foreign_relations(&self, conn: &mut PgConnection) -> Result<()> {
+        let found: Option<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = ANY($2::text[]) \
+             ORDER BY c.relname LIMIT 1",
+        )
+        .bind(&self.names.schema)
+        .bind(self.names.relations())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(backend_error)?;
+        match found {
+            Some(name) => Err(Error::ForeignTable {
+                table: format!("{}.{name}", self.names.schema),
+            }),
+            None => Ok(()),
+        }
     }
 }

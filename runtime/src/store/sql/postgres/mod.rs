@@ -43,8 +43,8 @@ use crate::registry::Registry;
 use crate::store::sql::backend_error;
 use crate::store::sql::types::TypeCache;
 use crate::store::{
-    AggregateRow, Backend, BoxFuture, CommitBatch, LoadRequest, LoadedStream, Locate, Store,
-    StoreOptions,
+    AggregateRow, Backend, BoxFuture, CommitBatch, Listen, LoadRequest, LoadedStream, Locate,
+    Store, StoreOptions,
 };
 
 /// How long a connection may sit idle before it is pinged on checkout: a hot connection is
@@ -54,8 +54,11 @@ const PING_AFTER_IDLE: Duration = Duration::from_secs(30);
 /// The PostgreSQL backend.
 pub(crate) struct PostgresBackend {
     pool: PgPool,
-    /// One connection for `LISTEN`, apart from the pool so it never takes a worker's place.
-    listener_pool: PgPool,
+    /// False for a pool the application gave: closing the store leaves it open.
+    owns_pool: bool,
+    /// One connection for `LISTEN`, apart from the pool so it never takes a worker's place and
+    /// never runs a query; `None` when notifications are off.
+    listener_pool: Option<PgPool>,
     names: Names,
     sql: Statements,
     options: StoreOptions,
@@ -80,14 +83,22 @@ pub(super) fn query(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, PgA
 }
 
 impl PostgresBackend {
-    /// Connects (one connection at once, so a wrong URL fails here) and renders the statements.
+    /// Connects to `url` (one connection at once, so a wrong URL fails here).
     pub(crate) async fn open(url: &str, options: &StoreOptions) -> Result<Self> {
-        let names = Names::new(options)?;
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| Error::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        PostgresBackend::connect(connect, options).await
+    }
+
+    /// Connects with the caller's connection options, on a pool built from `options`.
+    pub(crate) async fn connect(connect: PgConnectOptions, options: &StoreOptions) -> Result<Self> {
+        // annals reads typed integers, never text floats: it sends no `extra_float_digits`,
+        // a startup parameter poolers such as pgbouncer refuse.
+        let connect = connect.extra_float_digits(None);
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size)
-            .min_connections(0)
+            .min_connections(options.min_connections)
+            .acquire_timeout(options.acquire_timeout)
             // A ping on every checkout costs a round trip per operation; only connections that
             // sat idle long enough to have been dropped are checked.
             .test_before_acquire(false)
@@ -99,15 +110,35 @@ impl PostgresBackend {
                     Ok(true)
                 })
             })
-            .connect_with(connect.clone())
+            .connect_with(connect)
             .await
             .map_err(backend_error)?;
+        let mut backend = PostgresBackend::on_pool(pool, options)?;
+        backend.owns_pool = true;
+        Ok(backend)
+    }
+
+    /// Uses `pool`, the caller's or one built above, for every query; `LISTEN` gets a
+    /// connection of its own (see [`Listen`]).
+    pub(crate) fn on_pool(pool: PgPool, options: &StoreOptions) -> Result<Self> {
+        let names = Names::new(options)?;
+        let listen = match &options.listen {
+            Listen::Store => Some(pool.connect_options().as_ref().clone()),
+            Listen::Url(url) => Some(
+                PgConnectOptions::from_str(url)
+                    .map_err(|e| Error::Config(format!("invalid PostgreSQL URL to LISTEN: {e}")))?
+                    .extra_float_digits(None),
+            ),
+            Listen::Off => None,
+        };
         // Acquired only to (re)connect the listener: the ping on checkout costs nothing there,
         // and keeps a connection that died with an error from being handed back.
-        let listener_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(true)
-            .connect_lazy_with(connect);
+        let listener_pool = listen.map(|connect| {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .test_before_acquire(true)
+                .connect_lazy_with(connect)
+        });
         let sql = Statements::new(&names);
         let wake = Arc::new(Wake::default());
         let notifier = tokio::spawn(notify_commits(
@@ -118,6 +149,7 @@ impl PostgresBackend {
         ));
         Ok(PostgresBackend {
             pool,
+            owns_pool: false,
             listener_pool,
             sql,
             names,
@@ -130,6 +162,29 @@ impl PostgresBackend {
             }),
             last_hold_back_warning: Mutex::new(None),
         })
+    }
+}
+
+impl PostgresBackend {
+    /// Runs one prepared statement on two connections at once, before anything is written. On
+    /// the server itself, each connection prepares its own; behind a transaction-mode pooler
+    /// that does not keep prepared statements, the second lands on the server connection of
+    /// the first and finds the name taken, and the open is refused (see [`open_error`]).
+    async fn probe_prepared_statements(&self) -> Result<()> {
+        let mut first = self.pool.acquire().await.map_err(backend_error)?;
+        sqlx::query("SELECT 1::int4")
+            .execute(&mut *first)
+            .await
+            .map_err(backend_error)?;
+        if self.pool.options().get_max_connections() < 2 {
+            return Ok(());
+        }
+        let mut second = self.pool.acquire().await.map_err(backend_error)?;
+        sqlx::query("SELECT 1::int4")
+            .execute(&mut *second)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
     }
 }
 
@@ -151,11 +206,14 @@ impl Backend for PostgresBackend {
             if self.options.read_only {
                 return self.open_read_only().await;
             }
-            let prepared = match self.migrate().await {
-                Ok(()) => self.warm_up(registry).await,
+            let prepared = match self.probe_prepared_statements().await {
+                Ok(()) => match self.migrate().await {
+                    Ok(()) => self.warm_up(registry).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
-            prepared.map_err(writes_refused)
+            prepared.map_err(open_error)
         })
     }
 
@@ -208,8 +266,12 @@ impl Backend for PostgresBackend {
                 task.abort();
                 let _ = task.await;
             }
-            self.listener_pool.close().await;
-            self.pool.close().await;
+            if let Some(listener_pool) = &self.listener_pool {
+                listener_pool.close().await;
+            }
+            if self.owns_pool {
+                self.pool.close().await;
+            }
         })
     }
 
@@ -256,24 +318,38 @@ pub(crate) async fn commit_in(
     backend.commit_in(conn, batch).await
 }
 
-/// An open that failed because the server refused a write (a role without `INSERT` rights, or
-/// a hot standby) becomes [`Error::Config`] that says how to open the store instead.
-fn writes_refused(e: Error) -> Error {
-    let code = match &e {
-        Error::Backend(source) => source
+/// An open that failed for a reason the operator must fix becomes [`Error::Config`] that says
+/// how: the server refused a write (a role without `INSERT` rights, or a hot standby), or a
+/// connection pooler cannot keep prepared statements.
+fn open_error(e: Error) -> Error {
+    let (code, message) = match &e {
+        Error::Backend(source) => match source
             .downcast_ref::<sqlx::Error>()
             .and_then(|e| e.as_database_error())
-            .and_then(|db| db.code())
-            .map(|code| code.into_owned()),
-        _ => None,
-    };
-    let why = match code.as_deref() {
-        Some("42501") => "this role may not write to the store's tables",
-        Some("25006") => "the server is read-only (a hot standby)",
+        {
+            Some(db) => (db.code().map(|c| c.into_owned()), db.message().to_owned()),
+            None => return e,
+        },
         _ => return e,
     };
-    Error::Config(format!(
-        "cannot open the store read-write: {why} ({e}); open it with \
-         StoreOptions::read_only(true) to load, read histories and the feed"
-    ))
+    match code.as_deref() {
+        Some("42501") => Error::Config(format!(
+            "cannot open the store read-write: this role may not write to the store's tables \
+             ({e}); open it with StoreOptions::read_only(true) to load, read histories and the \
+             feed"
+        )),
+        Some("25006") => Error::Config(format!(
+            "cannot open the store read-write: the server is read-only, a hot standby ({e}); \
+             open it with StoreOptions::read_only(true) to load, read histories and the feed"
+        )),
+        // A transaction-mode pooler that hands each transaction another server connection
+        // loses the statements this connection prepared, or finds one prepared by another.
+        Some("42P05" | "26000") if message.contains("sqlx_s_") => Error::Config(format!(
+            "the server connection lost or mixed up prepared statements ({e}): a connection \
+             pooler in transaction mode is between annals and PostgreSQL and does not keep \
+             prepared statements. Use pgbouncer 1.21 or newer with max_prepared_statements \
+             above 0, or the pooler's session mode, or connect to the server directly"
+        )),
+        _ => e,
+    }
 }

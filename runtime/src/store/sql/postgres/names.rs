@@ -57,6 +57,17 @@ impl Names {
         })
     }
 
+    /// Every relation the migrations create (tables, indexes, sequences), without the schema.
+    pub fn relations(&self) -> Vec<String> {
+        let mut names: Vec<String> = templates(Dialect::Postgres)
+            .flat_map(prefixed_names)
+            .map(|suffix| format!("{}{suffix}", self.prefix))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// `"{schema}".{prefix}{table}`: the schema is quoted, since a valid identifier may be a
     /// reserved word; the prefixed table names never are.
     pub fn table(&self, table: &str) -> String {

@@ -47,8 +47,12 @@ impl PostgresBackend {
         if tasks.closed || tasks.listener.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
+        // Notifications off: waiters poll.
+        let Some(listener_pool) = &self.listener_pool else {
+            return;
+        };
         tasks.listener = Some(tokio::spawn(listen(
-            self.listener_pool.clone(),
+            listener_pool.clone(),
             self.names.channel.clone(),
             self.wake.clone(),
         )));

@@ -64,7 +64,7 @@ fn current_version(conn: &Connection, table: &str) -> Result<i64> {
     if !table_exists(conn, table)? {
         let prefix = table.strip_suffix("schema_migrations").unwrap_or_default();
         for name in annals_tables(prefix).filter(|name| name != table) {
-            if table_exists(conn, &name)? {
+            if name_taken(conn, &name)? {
                 return Err(Error::ForeignTable { table: name });
             }
         }
@@ -79,7 +79,20 @@ fn current_version(conn: &Connection, table: &str) -> Result<i64> {
 }
 
 fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+    named(
+        conn,
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        name,
+    )
+}
+
+/// True when anything (table, index, view, trigger) has this name.
+fn name_taken(conn: &Connection, name: &str) -> Result<bool> {
+    named(conn, "SELECT 1 FROM sqlite_master WHERE name = ?1", name)
+}
+
+fn named(conn: &Connection, sql: &str, name: &str) -> Result<bool> {
+    conn.prepare_cached(sql)
         .map_err(backend_error)?
         .query_row([name], |_| Ok(()))
         .optional()

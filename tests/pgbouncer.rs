@@ -1,0 +1,197 @@
+//! annals behind pgbouncer in transaction mode (`.ci/pgbouncer` installs the binaries): a
+//! pgbouncer that keeps prepared statements (1.21 or newer) works, with `LISTEN` at the server
+//! or polling; one that does not (Debian's 1.18) is refused at open with an error that says
+//! what to do.
+
+#![cfg(feature = "postgres")]
+
+mod conformance;
+#[path = "support/pgbouncer.rs"]
+mod pgbouncer;
+#[path = "support/postgres.rs"]
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use annals::prelude::*;
+use annals::{Error, Listen};
+use conformance::domain::*;
+use pgbouncer::Pgbouncer;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A fresh schema and a pgbouncer 1.21+ in transaction mode with 4 server connections that
+/// keeps prepared statements; `None` when either is not configured.
+fn bouncer() -> Option<(support::Schema, Pgbouncer)> {
+    let schema = support::fresh_schema()?;
+    let binary = pgbouncer::binary("ANNALS_PGBOUNCER")?;
+    let bouncer = Pgbouncer::start(&binary, &schema.url, 4, "max_prepared_statements = 100");
+    Some((schema, bouncer))
+}
+
+async fn transfer(store: &Store, from: AggregateId, to: AggregateId) -> Result<(), Error> {
+    store
+        .transact_with_retry(Retry::attempts(10_000), async move |ctx| {
+            let mut a = ctx.load::<Account>(from).await?;
+            let mut b = ctx.load::<Account>(to).await?;
+            ctx.apply(&mut a, Withdrawn { amount: 1 })?;
+            ctx.apply(&mut b, Deposited { amount: 1 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn contended_commits_and_the_feed_through_pgbouncer() {
+    const TASKS: usize = 8;
+    const TRANSFERS: usize = 25;
+    let Some((schema, bouncer)) = bouncer() else {
+        return;
+    };
+    // More client connections than pgbouncer has server connections; no LISTEN through it.
+    let options = schema.options().pool_size(8).listen(Listen::Off);
+    let store = Store::open_with(&bouncer.url, options).await.unwrap();
+    let mut accounts = Vec::new();
+    for i in 0..4 {
+        accounts.push(conformance::open_account(&store, &format!("a{i}"), "owner", 100).await);
+    }
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = store.clone();
+            let accounts = accounts.clone();
+            tokio::spawn(async move {
+                for i in 0..TRANSFERS {
+                    let from = accounts[(t + i) % 4];
+                    let to = accounts[(t + i + 1) % 4];
+                    transfer(&store, from, to).await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(LIMIT, task)
+            .await
+            .expect("finished in time")
+            .expect("no panic")
+            .expect("every transfer committed");
+    }
+    let mut total = 0;
+    let mut versions = 0;
+    for id in &accounts {
+        let account = store.begin_read_only().load::<Account>(*id).await.unwrap();
+        total += account.balance;
+        versions += account.version();
+    }
+    assert_eq!(total, 400);
+    assert_eq!(versions, 4 * 2 + 2 * (TASKS * TRANSFERS) as u64);
+
+    // The feed gives every event once.
+    let feed = conformance::read_feed_to_end(&store, FeedCursor::START, 64).await;
+    assert_eq!(feed.len() as u64, versions);
+    let unique: HashSet<_> = feed.iter().map(|e| e.event_id).collect();
+    assert_eq!(unique.len(), feed.len());
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_wake_through_a_listen_at_the_server_or_by_polling() {
+    let Some((schema, bouncer)) = bouncer() else {
+        return;
+    };
+    let writer = Store::open_with(&bouncer.url, schema.options().listen(Listen::Off))
+        .await
+        .unwrap();
+    // One waiter listens at the server itself, and would poll only once a minute; the other
+    // does not listen and polls every 50 ms.
+    let listening = Store::open_with(
+        &bouncer.url,
+        schema
+            .options()
+            .listen(Listen::Url(schema.url.clone()))
+            .poll_interval(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    let polling = Store::open_with(
+        &bouncer.url,
+        schema
+            .options()
+            .listen(Listen::Off)
+            .poll_interval(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    let id = conformance::open_account(&writer, "w", "w", 0).await;
+    let cursor = conformance::read_feed_to_end(&writer, FeedCursor::START, 10)
+        .await
+        .last()
+        .unwrap()
+        .cursor;
+    // The listener is started by a first wait.
+    assert!(
+        !listening
+            .wait_for_events(cursor, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    let waiters: Vec<_> = [listening.clone(), polling.clone()]
+        .into_iter()
+        .map(|store| {
+            tokio::spawn(
+                async move { store.wait_for_events(cursor, Duration::from_secs(50)).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount: 1 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    for waiter in waiters {
+        // Well before the listening waiter's one-minute poll: only its notification, or the
+        // other's polling, ends the wait in time.
+        let woken = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("woken in time")
+            .expect("no panic")
+            .unwrap();
+        assert!(woken);
+    }
+    for store in [writer, listening, polling] {
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgbouncer_that_loses_prepared_statements_is_refused_at_open() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    let Some(binary) = pgbouncer::binary("ANNALS_PGBOUNCER_OLD") else {
+        return;
+    };
+    // Debian's 1.18 in transaction mode, defaults otherwise: it accepts the connection (annals
+    // sends no startup parameter it refuses) but cannot keep prepared statements.
+    let bouncer = Pgbouncer::start(&binary, &schema.url, 1, "");
+    match Store::open_with(&bouncer.url, schema.options()).await {
+        Err(Error::Config(message)) => {
+            assert!(message.contains("max_prepared_statements"), "{message}");
+            assert!(message.contains("session mode"), "{message}");
+        }
+        other => panic!("expected Config, got {other:?}"),
+    }
+    // Nothing was written: the refusal came before the migrations.
+    let raw = schema.raw_pool().await;
+    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace($1) IS NOT NULL")
+        .bind(&schema.name)
+        .fetch_one(&raw)
+        .await
+        .unwrap();
+    assert!(!exists);
+}
