@@ -187,11 +187,6 @@ async fn a_pgbouncer_that_loses_prepared_statements_is_refused_at_open() {
         other => panic!("expected Config, got {other:?}"),
     }
     // Nothing was written: the refusal came before the migrations.
-    let raw = schema.raw_pool().await;
-    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace($1) IS NOT NULL")
-        .bind(&schema.name)
-        .fetch_one(&raw)
-        .await
-        .unwrap();
+    let exists = schema.exists().await;
     assert!(!exists);
 }

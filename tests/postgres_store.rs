@@ -526,11 +526,7 @@ async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
         other => panic!("expected a configuration error, got {other:?}"),
     }
     let raw = schema.raw_pool().await;
-    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace($1) IS NOT NULL")
-        .bind(&schema.name)
-        .fetch_one(&raw)
-        .await
-        .unwrap();
+    let exists = schema.exists().await;
     assert!(!exists, "nothing was created");
 
     for migration in annals::migrations(Dialect::Postgres, &options).unwrap() {

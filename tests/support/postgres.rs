@@ -72,6 +72,18 @@ impl Schema {
             .expect("connect a raw pool")
     }
 
+    /// Whether the schema exists on the server.
+    pub async fn exists(&self) -> bool {
+        let raw = self.raw_pool().await;
+        let exists = sqlx::query_scalar("SELECT to_regnamespace($1) IS NOT NULL")
+            .bind(&self.name)
+            .fetch_one(&raw)
+            .await
+            .expect("look the schema up");
+        raw.close().await;
+        exists
+    }
+
     /// `"{schema}".annals_{table}`.
     pub fn table(&self, table: &str) -> String {
         format!("\"{}\".annals_{table}", self.name)
