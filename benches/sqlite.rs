@@ -1,11 +1,14 @@
-//! annals on SQLite against the same work written by hand with raw sqlx, in one process.
+//! annals on SQLite against the same work written by hand, in one process: with raw rusqlite
+//! (the limit: the driver annals runs on, through the cheapest async bridge) and with raw sqlx
+//! (the level of the store before it moved to rusqlite).
 //!
 //! `cargo bench --bench sqlite` (add `ANNALS_BENCH_QUICK=1` for a smoke run).
 //!
-//! Both sides use the same schema (the raw side creates it from `annals::migrations` with its
-//! own table prefix, in its own file), the same pragmas (WAL, `synchronous=FULL`), one writer
-//! connection in `BEGIN IMMEDIATE` transactions and a pool of readers, the same payloads
-//! (serde JSON), the same type ids, event ids and timestamps.
+//! All three use the same schema (the raw sides create it from `annals::migrations` with the
+//! prefix `raw_`, each in its own file), the same pragmas (WAL, `synchronous` FULL, then the
+//! whole run again with NORMAL), one writer connection in `BEGIN IMMEDIATE` transactions and
+//! read-only connections for loads, the same payloads (serde JSON), type ids, event ids and
+//! timestamps.
 //!
 //! - W1: sequential commits, each creating an aggregate with one event.
 //! - W3: sequential commits, each creating an aggregate with 100 events.
@@ -14,241 +17,59 @@
 
 #[path = "harness/mod.rs"]
 mod harness;
+#[path = "sqlite_raw/rusqlite.rs"]
+mod raw_rusqlite;
+#[path = "sqlite_raw/sqlx.rs"]
+mod raw_sqlx;
 
-use std::str::FromStr;
+use std::future::Future;
 use std::time::Duration;
 
+use annals::Synchronous;
 use annals::prelude::*;
-use annals::{Dialect, migrations};
-use harness::{Measure, Row, compare, size, timed};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, Connection, Row as _};
+use harness::{Measure, Row, size, timed};
+use raw_rusqlite::RawRusqlite;
+use raw_sqlx::RawSqlx;
 
 use harness::ledger::*;
 
-/// The hand-written side: the annals schema under the prefix `raw_`, its own file.
-struct Raw {
-    writer: SqlitePool,
-    readers: SqlitePool,
-    ledger_type: i64,
-    snapped_type: i64,
-    moved_type: i64,
+/// One workload's medians on the three sides.
+struct Line {
+    row: Row,
+    sqlx: Duration,
 }
 
-impl Raw {
-    async fn open(path: &std::path::Path) -> Raw {
-        let connect = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .unwrap()
-            .create_if_missing(true)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5))
-            .synchronous(SqliteSynchronous::Full)
-            .journal_mode(SqliteJournalMode::Wal);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(connect.clone())
-            .await
-            .unwrap();
-        let readers = SqlitePoolOptions::new()
-            .max_connections(10)
-            .connect_with(connect.read_only(true))
-            .await
-            .unwrap();
-        let options = StoreOptions::new().table_prefix("raw_");
-        for m in migrations(Dialect::Sqlite, &options).unwrap() {
-            sqlx::raw_sql(AssertSqlSafe(m.sql))
-                .execute(&writer)
-                .await
-                .unwrap();
-        }
-        let type_id = async |table: &str, name: &str| -> i64 {
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO raw_{table} (name) VALUES (?1)"
-            )))
-            .bind(name)
-            .execute(&writer)
-            .await
-            .unwrap()
-            .last_insert_rowid()
-        };
-        Raw {
-            ledger_type: type_id("aggregate_types", "bench.ledger").await,
-            snapped_type: type_id("aggregate_types", "bench.snapped_ledger").await,
-            moved_type: type_id("event_types", "bench.moved").await,
-            writer,
-            readers,
-        }
-    }
-
-    /// One commit: a new aggregate with `events`, by hand.
-    async fn create(
-        &self,
-        type_id: i64,
-        events: &[Moved],
-        snapshot_every: Option<usize>,
-    ) -> uuid::Uuid {
-        let id = uuid::Uuid::now_v7();
-        let mut conn = self.writer.acquire().await.unwrap();
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.unwrap();
-        sqlx::query("INSERT INTO raw_aggregates (id, type_id, natural_key, version) VALUES (?1, ?2, NULL, ?3)")
-            .bind(id.as_bytes().as_slice())
-            .bind(type_id)
-            .bind(events.len() as i64)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        let recorded_at = micros_now();
-        for (chunk_index, chunk) in events.chunks(500).enumerate() {
-            let mut sql = String::from(
-                "INSERT INTO raw_events (aggregate_id, sequence, event_type_id, schema_version, payload, metadata, recorded_at, event_id) VALUES ",
-            );
-            for row in 0..chunk.len() {
-                let b = row * 8;
-                if row > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(?{},?{},?{},?{},?{},?{},?{},?{})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8
-                ));
-            }
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (i, event) in chunk.iter().enumerate() {
-                let sequence = (chunk_index * 500 + i + 1) as i64;
-                query = query
-                    .bind(id.as_bytes().as_slice())
-                    .bind(sequence)
-                    .bind(self.moved_type)
-                    .bind(1i64)
-                    .bind(serde_json::to_vec(event).unwrap())
-                    .bind(None::<Vec<u8>>)
-                    .bind(recorded_at)
-                    .bind(uuid::Uuid::now_v7().as_bytes().to_vec());
-            }
-            query.execute(&mut *tx).await.unwrap();
-        }
-        if let Some(every) = snapshot_every {
-            let at = events.len() / every * every;
-            if at > 0 {
-                let mut state = Totals::default();
-                for e in &events[..at] {
-                    state.fold(e);
-                }
-                sqlx::query("INSERT OR REPLACE INTO raw_snapshots (aggregate_id, snapshot_version, version, payload, recorded_at) VALUES (?1, 1, ?2, ?3, ?4)")
-                    .bind(id.as_bytes().as_slice())
-                    .bind(at as i64)
-                    .bind(serde_json::to_vec(&state).unwrap())
-                    .bind(recorded_at)
-                    .execute(&mut *tx)
-                    .await
-                    .unwrap();
-            }
-        }
-        tx.commit().await.unwrap();
-        id
-    }
-
-    /// One load by hand: the row, the newest snapshot (if asked), the events after it.
-    async fn load<S: Default + Apply<Moved> + serde::de::DeserializeOwned>(
-        &self,
-        id: uuid::Uuid,
-        with_snapshot: bool,
-    ) -> (S, i64) {
-        let mut conn = self.readers.acquire().await.unwrap();
-        let version: i64 = sqlx::query_scalar("SELECT version FROM raw_aggregates WHERE id = ?1")
-            .bind(id.as_bytes().as_slice())
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        let (mut state, from) = if with_snapshot {
-            let row = sqlx::query("SELECT version, payload FROM raw_snapshots WHERE aggregate_id = ?1 AND snapshot_version = 1 AND version <= ?2 ORDER BY version DESC LIMIT 1")
-                .bind(id.as_bytes().as_slice())
-                .bind(version)
-                .fetch_optional(&mut *conn)
-                .await
-                .unwrap();
-            match row {
-                Some(row) => {
-                    let payload: Vec<u8> = row.get(1);
-                    (
-                        serde_json::from_slice(&payload).unwrap(),
-                        row.get::<i64, _>(0),
-                    )
-                }
-                None => (S::default(), 0),
-            }
-        } else {
-            (S::default(), 0)
-        };
-        let rows = sqlx::query("SELECT sequence, position, event_type_id, schema_version, payload FROM raw_events WHERE aggregate_id = ?1 AND sequence > ?2 AND sequence <= ?3 ORDER BY sequence")
-            .bind(id.as_bytes().as_slice())
-            .bind(from)
-            .bind(version)
-            .fetch_all(&mut *conn)
-            .await
-            .unwrap();
-        for row in rows {
-            let type_id: i64 = row.get(2);
-            assert_eq!(type_id, self.moved_type);
-            let payload: Vec<u8> = row.get(4);
-            let event: Moved = serde_json::from_slice(&payload).unwrap();
-            state.apply(&event);
-        }
-        (state, version)
-    }
-}
-
-/// Writes one aggregate of `events` events on both sides, checks that both rebuild the same
-/// state, then times `loads` loads of it per round on each side.
-async fn compare_loads<L: LedgerAggregate>(
-    raw: &Raw,
-    store: &Store,
-    events: usize,
-    loads: usize,
+/// Runs the three sides in turn for `rounds` rounds, rotating which goes first, and keeps each
+/// side's median time: (rusqlite, annals, sqlx).
+async fn compare3<R, A, S, RF, AF, SF>(
     rounds: usize,
-) -> (Duration, Duration) {
-    let snapshots = L::SNAPSHOT_EVERY.map(|n| n as usize);
-    let type_id = if snapshots.is_some() {
-        raw.snapped_type
-    } else {
-        raw.ledger_type
-    };
-    let all: Vec<Moved> = (0..events).map(moved).collect();
-    let raw_id = raw.create(type_id, &all, snapshots).await;
-    let annals_id = annals_create::<L>(store, &all).await;
-    let (state, version) = raw.load::<L>(raw_id, snapshots.is_some()).await;
-    let loaded = store.begin_read_only().load::<L>(annals_id).await.unwrap();
-    assert_eq!(loaded.totals(), state.totals());
-    assert_eq!((loaded.version(), version), (events as u64, events as i64));
-    compare(
-        rounds,
-        |_| {
-            timed(async {
-                for _ in 0..loads {
-                    std::hint::black_box(raw.load::<L>(raw_id, snapshots.is_some()).await);
-                }
-            })
-        },
-        |_| {
-            timed(async {
-                for _ in 0..loads {
-                    std::hint::black_box(
-                        store.begin_read_only().load::<L>(annals_id).await.unwrap(),
-                    );
-                }
-            })
-        },
-    )
-    .await
+    mut rusqlite: R,
+    mut annals: A,
+    mut sqlx: S,
+) -> (Duration, Duration, Duration)
+where
+    R: FnMut() -> RF,
+    A: FnMut() -> AF,
+    S: FnMut() -> SF,
+    RF: Future<Output = Duration>,
+    AF: Future<Output = Duration>,
+    SF: Future<Output = Duration>,
+{
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for turn in 0..3 {
+            match (round + turn) % 3 {
+                0 => times[0].push(rusqlite().await),
+                1 => times[1].push(annals().await),
+                _ => times[2].push(sqlx().await),
+            }
+        }
+    }
+    let [r, a, s] = times.map(|mut t| {
+        t.sort();
+        t.get(t.len() / 2).copied().unwrap_or_default()
+    });
+    (r, a, s)
 }
 
 async fn annals_create<A: Aggregate + annals::Handles<Moved> + Apply<Moved>>(
@@ -267,108 +88,251 @@ async fn annals_create<A: Aggregate + annals::Handles<Moved> + Apply<Moved>>(
         .unwrap()
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+struct Sides {
+    store: Store,
+    rusqlite: RawRusqlite,
+    sqlx: RawSqlx,
+}
+
+/// `commits` sequential commits of `events` on each side.
+async fn commits(sides: &Sides, rounds: usize, commits: usize, events: &[Moved]) -> [Duration; 3] {
+    let (r, a, s) = compare3(
+        rounds,
+        || {
+            timed(async {
+                for _ in 0..commits {
+                    let t = sides.rusqlite.ledger_type;
+                    sides.rusqlite.create(t, events, None).await;
+                }
+            })
+        },
+        || {
+            timed(async {
+                for _ in 0..commits {
+                    annals_create::<Ledger>(&sides.store, events).await;
+                }
+            })
+        },
+        || {
+            timed(async {
+                for _ in 0..commits {
+                    sides
+                        .sqlx
+                        .create(sides.sqlx.ledger_type, events, None)
+                        .await;
+                }
+            })
+        },
+    )
+    .await;
+    [r, a, s]
+}
+
+/// Writes one aggregate of `events` events on each side, checks that all rebuild the same
+/// state, then times `loads` loads of it per round on each side.
+async fn loads<L: LedgerAggregate + Send + 'static>(
+    sides: &Sides,
+    rounds: usize,
+    events: usize,
+    loads: usize,
+) -> [Duration; 3] {
+    let snapshots = L::SNAPSHOT_EVERY.map(|n| n as usize);
+    let with_snapshot = snapshots.is_some();
+    let (rusqlite_type, sqlx_type) = if with_snapshot {
+        (sides.rusqlite.snapped_type, sides.sqlx.snapped_type)
+    } else {
+        (sides.rusqlite.ledger_type, sides.sqlx.ledger_type)
+    };
+    let all: Vec<Moved> = (0..events).map(moved).collect();
+    let rusqlite_id = sides.rusqlite.create(rusqlite_type, &all, snapshots).await;
+    let sqlx_id = sides.sqlx.create(sqlx_type, &all, snapshots).await;
+    let annals_id = annals_create::<L>(&sides.store, &all).await;
+    let (by_rusqlite, v1) = sides.rusqlite.load::<L>(rusqlite_id, with_snapshot).await;
+    let (by_sqlx, v2) = sides.sqlx.load::<L>(sqlx_id, with_snapshot).await;
+    let loaded = sides
+        .store
+        .begin_read_only()
+        .load::<L>(annals_id)
+        .await
+        .unwrap();
+    assert_eq!(loaded.totals(), by_rusqlite.totals());
+    assert_eq!(loaded.totals(), by_sqlx.totals());
+    assert_eq!(
+        (loaded.version(), v1, v2),
+        (events as u64, events as i64, events as i64)
+    );
+    let (r, a, s) = compare3(
+        rounds,
+        || {
+            timed(async {
+                for _ in 0..loads {
+                    std::hint::black_box(
+                        sides.rusqlite.load::<L>(rusqlite_id, with_snapshot).await,
+                    );
+                }
+            })
+        },
+        || {
+            timed(async {
+                for _ in 0..loads {
+                    std::hint::black_box(
+                        sides
+                            .store
+                            .begin_read_only()
+                            .load::<L>(annals_id)
+                            .await
+                            .unwrap(),
+                    );
+                }
+            })
+        },
+        || {
+            timed(async {
+                for _ in 0..loads {
+                    std::hint::black_box(sides.sqlx.load::<L>(sqlx_id, with_snapshot).await);
+                }
+            })
+        },
+    )
+    .await;
+    [r, a, s]
+}
+
+fn line(
+    name: &'static str,
+    what: String,
+    measure: Measure,
+    [raw, annals, sqlx]: [Duration; 3],
+    goal: &'static str,
+) -> Line {
+    Line {
+        row: Row {
+            name,
+            what,
+            measure,
+            raw,
+            annals,
+            goal,
+        },
+        sqlx,
+    }
+}
+
+async fn run(synchronous: Synchronous) -> Vec<Line> {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&format!(
-        "sqlite://{}",
-        dir.path().join("annals.db").display()
-    ))
+    let store = Store::open_with(
+        &format!("sqlite://{}", dir.path().join("annals.db").display()),
+        StoreOptions::new().synchronous(synchronous),
+    )
     .await
     .unwrap();
-    let raw = Raw::open(&dir.path().join("raw.db")).await;
+    let sides = Sides {
+        store,
+        rusqlite: RawRusqlite::open(&dir.path().join("rusqlite.db"), synchronous).await,
+        sqlx: RawSqlx::open(&dir.path().join("sqlx.db"), synchronous).await,
+    };
     let rounds = size(9, 1);
-    let mut rows = Vec::new();
+    let mut lines = Vec::new();
 
-    // W1: sequential one-event commits.
-    let commits = size(400, 5);
-    let one = [moved(1)];
-    let (r, a) = compare(
-        rounds,
-        |_| {
-            timed(async {
-                for _ in 0..commits {
-                    raw.create(raw.ledger_type, &one, None).await;
-                }
-            })
-        },
-        |_| {
-            timed(async {
-                for _ in 0..commits {
-                    annals_create::<Ledger>(&store, &one).await;
-                }
-            })
-        },
-    )
-    .await;
-    rows.push(Row {
-        name: "W1",
-        what: "one-event commits, sequential".into(),
-        measure: Measure::Throughput { ops: commits },
-        raw: r,
-        annals: a,
-        goal: ">= 0.9x",
-    });
+    let n = size(400, 5);
+    let times = commits(&sides, rounds, n, &[moved(1)]).await;
+    let measure = Measure::Throughput { ops: n };
+    lines.push(line(
+        "W1",
+        "one-event commits, sequential".into(),
+        measure,
+        times,
+        ">= 0.9x",
+    ));
 
-    // W3: commits of 100 events.
-    let commits = size(100, 3);
+    let n = size(100, 3);
     let hundred: Vec<Moved> = (0..100).map(moved).collect();
-    let (r, a) = compare(
-        rounds,
-        |_| {
-            timed(async {
-                for _ in 0..commits {
-                    raw.create(raw.ledger_type, &hundred, None).await;
-                }
-            })
-        },
-        |_| {
-            timed(async {
-                for _ in 0..commits {
-                    annals_create::<Ledger>(&store, &hundred).await;
-                }
-            })
-        },
-    )
-    .await;
-    rows.push(Row {
-        name: "W3",
-        what: "100-event commits, sequential".into(),
-        measure: Measure::Throughput { ops: commits },
-        raw: r,
-        annals: a,
-        goal: ">= 0.8x",
-    });
+    let times = commits(&sides, rounds, n, &hundred).await;
+    let measure = Measure::Throughput { ops: n };
+    lines.push(line(
+        "W3",
+        "100-event commits, sequential".into(),
+        measure,
+        times,
+        ">= 0.9x",
+    ));
 
-    // W4: loading a 10,000-event aggregate.
     let events = size(10_000, 300);
-    let loads = size(30, 2);
-    let (r, a) = compare_loads::<Ledger>(&raw, &store, events, loads, rounds).await;
-    rows.push(Row {
-        name: "W4",
-        what: format!("load a {events}-event aggregate"),
-        measure: Measure::Throughput { ops: loads },
-        raw: r,
-        annals: a,
-        goal: ">= 0.9x",
-    });
+    let n = size(30, 2);
+    let times = loads::<Ledger>(&sides, rounds, events, n).await;
+    let what = format!("load a {events}-event aggregate");
+    lines.push(line(
+        "W4",
+        what,
+        Measure::Throughput { ops: n },
+        times,
+        ">= 0.9x",
+    ));
 
-    // W5: the same with a snapshot every 100 events; 50 events after the newest snapshot.
     let events = size(10_050, 350);
-    let loads = size(2000, 5);
-    let (r, a) = compare_loads::<SnappedLedger>(&raw, &store, events, loads, rounds).await;
-    rows.push(Row {
-        name: "W5",
-        what: format!("load {events} events, snapshot every 100"),
-        measure: Measure::Time,
-        raw: r / loads as u32,
-        annals: a / loads as u32,
-        goal: "<= 1.2x",
-    });
+    let n = size(2000, 5);
+    let times = loads::<SnappedLedger>(&sides, rounds, events, n).await;
+    let per_load = times.map(|t| t / n as u32);
+    let what = format!("load {events} events, snapshot every 100");
+    lines.push(line("W5", what, Measure::Time, per_load, "<= 1.1x"));
 
-    harness::print_table(
-        "annals on SQLite against raw sqlx (same process, same schema and pragmas)",
-        &rows,
+    sides.store.close().await;
+    lines
+}
+
+fn print(synchronous: Synchronous, lines: &[Line]) {
+    println!("\nannals on SQLite, synchronous={synchronous:?} (same process, schema and pragmas)");
+    println!(
+        "{:<4} {:<40} {:>16} {:>16} {:>7}  {:<8} {:>16} {:>9}",
+        "", "workload", "raw rusqlite", "annals", "ratio", "goal", "raw sqlx", "vs sqlx"
     );
-    store.close().await;
+    for Line { row, sqlx } in lines {
+        let old = Row {
+            name: row.name,
+            what: String::new(),
+            measure: row.measure,
+            raw: *sqlx,
+            annals: row.annals,
+            goal: "",
+        };
+        println!(
+            "{:<4} {:<40} {:>16} {:>16} {:>6.2}x  {:<8} {:>16} {:>8.2}x",
+            row.name,
+            row.what,
+            figure(row.measure, row.raw),
+            figure(row.measure, row.annals),
+            row.ratio(),
+            row.goal,
+            figure(row.measure, *sqlx),
+            // annals against sqlx, in the direction where higher is better.
+            match row.measure {
+                Measure::Throughput { .. } => old.ratio(),
+                Measure::Time => 1.0 / old.ratio(),
+            },
+        );
+    }
+}
+
+fn figure(measure: Measure, d: Duration) -> String {
+    match measure {
+        Measure::Throughput { ops } => format!("{:>9.0} ops/s", ops as f64 / d.as_secs_f64()),
+        Measure::Time => format!("{:>9.3} ms   ", d.as_secs_f64() * 1e3),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut all = Vec::new();
+    for synchronous in [Synchronous::Full, Synchronous::Normal] {
+        all.push((synchronous, run(synchronous).await));
+    }
+    for (synchronous, lines) in &all {
+        print(*synchronous, lines);
+    }
+    println!(
+        "\nratio: annals against raw rusqlite, throughput annals/raw for commits and loads \
+         (higher is better), time annals/raw for W5 (lower is better); vs sqlx: annals' \
+         speed-up over the same work on raw sqlx (the old store's level). Medians of rotating \
+         rounds."
+    );
 }

@@ -73,6 +73,35 @@ impl ClashRules {
         }
     }
 
+    /// [`classify`](ClashRules::classify) for a commit that cannot read the store (the
+    /// synchronous `commit_in_sqlite`): a key clash on an aggregate from
+    /// `load_or_create_by_key` is a conflict whose `actual` version is not known (0); an id
+    /// clash is left as the store reported it.
+    pub(crate) fn classify_without_store(&self, error: Error) -> Error {
+        match error {
+            Error::KeyTaken {
+                aggregate_type,
+                key,
+            } => match self
+                .load_or_create
+                .iter()
+                .find(|(_, t, k)| *t == aggregate_type.as_str() && *k == key)
+            {
+                Some((id, _, _)) => Error::Conflict {
+                    aggregate_type,
+                    aggregate: *id,
+                    expected: 0,
+                    actual: 0,
+                },
+                None => Error::KeyTaken {
+                    aggregate_type,
+                    key,
+                },
+            },
+            other => other,
+        }
+    }
+
     /// After a failed commit: `IdTaken` when an id chosen with `create_with_id` is held in the
     /// store by an aggregate this commit did not write. Backends report such a clash in
     /// different ways (a conflict, a unique violation), so the context asks the store.

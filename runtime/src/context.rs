@@ -281,6 +281,60 @@ impl Context {
             Ok(())
         }
     }
+
+    /// Commits this context inside the caller's own SQLite transaction, so the events and the
+    /// caller's own table writes commit together, or roll back together. Nothing is visible to
+    /// others until the caller commits `tx`; if it rolls back, nothing of the context was written.
+    ///
+    /// `tx` must be on the store's own file (a `sqlite::memory:` store cannot share its
+    /// database). Begin it with [`TransactionBehavior::Immediate`](rusqlite::TransactionBehavior)
+    /// so that it holds the write lock from the start, as the store's own commits do. A version
+    /// check that fails is [`Error::Conflict`] or [`Error::KeyTaken`], and what the context
+    /// wrote before it is undone only when the caller rolls `tx` back (dropping it does). Fails
+    /// with [`Error::Config`] on a store that is not SQLite. Synchronous: rusqlite's connection
+    /// lives on the caller's thread.
+    ///
+    /// ```no_run
+    /// use annals::prelude::*;
+    /// use annals::rusqlite::{Connection, TransactionBehavior};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Event, Serialize, Deserialize)]
+    /// struct Shipped { weight: i64 }
+    ///
+    /// #[derive(Aggregate, Serialize, Deserialize, Default)]
+    /// #[aggregate(name = "parcel", events(Shipped))]
+    /// struct Parcel { weight: i64 }
+    ///
+    /// impl Apply<Shipped> for Parcel {
+    ///     fn apply(&mut self, e: &Shipped) { self.weight = e.weight }
+    /// }
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = Store::open("sqlite://shop.db").await?;
+    /// let mut conn = Connection::open("shop.db")?;
+    ///
+    /// let mut ctx = store.begin();
+    /// let mut parcel = ctx.create_with_key::<Parcel>("parcel-7").await?;
+    /// ctx.apply(&mut parcel, Shipped { weight: 120 })?;
+    ///
+    /// let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    /// tx.execute("INSERT INTO labels (parcel, carrier) VALUES (?1, ?2)", ("parcel-7", "post"))?;
+    /// ctx.commit_in_sqlite(&tx)?; // staged in `tx`, not yet visible
+    /// tx.commit()?; // the label and the parcel's events, together
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "sqlite")]
+    pub fn commit_in_sqlite(self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        let clashes = self.clash_rules();
+        let Some((store, batch)) = self.into_batch() else {
+            return Ok(());
+        };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
+        let _entered = commit_span(&batch, true).entered();
+        crate::store::sql::sqlite::commit_in(&store, tx, &batch)
+            .map_err(|e| clashes.classify_without_store(e))
+    }
 }
 
 fn check_size(what: &'static str, type_name: &str, size: usize, max: usize) -> Result<()> {

@@ -95,9 +95,13 @@ pub use store::{Dialect, Migration, migrations};
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+/// The rusqlite this annals is built with, for code that commits a context inside its own
+/// SQLite transaction (see `Context::commit_in_sqlite`) without pinning a second copy of it.
+#[cfg(feature = "sqlite")]
+pub use rusqlite;
 /// The sqlx this annals is built with, for code that shares a connection or a transaction with
 /// the store (see `Context::commit_in`) without pinning a second copy of it.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(feature = "postgres")]
 pub use sqlx;
 pub use store::{Listen, Store, StoreOptions, Synchronous};
 

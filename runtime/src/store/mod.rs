@@ -165,7 +165,9 @@ impl Change {
 pub(crate) struct CommitBatch {
     pub changes: Vec<Change>,
     /// Every aggregate the context loaded, changed or only read, at the version it loaded: the
-    /// events this commit's events may have been decided from.
+    /// events this commit's events may have been decided from. (SQLite needs no check of its
+    /// own: one write transaction at a time puts every loaded version before the commit.)
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub loaded: Vec<(AggregateId, u64)>,
     pub recorded_at: SystemTime,
 }
@@ -254,7 +256,7 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// The backend as `Any`, for features tied to one database (committing inside a caller's
     /// own transaction).
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     fn as_any(&self) -> &dyn std::any::Any;
 }
 

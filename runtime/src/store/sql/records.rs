@@ -61,6 +61,8 @@ impl RecordRow<'_> {
 
 /// Which type tables lack an id that `rows` refer to: those must be re-read before the rows
 /// become records.
+// SQLite checks row by row: its rows lend their metadata only until the next row is read.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn records_need_refresh(
     rows: &[RecordRow<'_>],
     aggregates: &TypeMap,
@@ -118,6 +120,8 @@ pub(crate) fn stream_events(rows: Vec<StreamRow>, events: &TypeMap) -> Result<Ve
 
 impl StreamRow {
     /// The event type ids of `rows`.
+    // SQLite collects the distinct ids while it reads the rows.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub fn type_ids(rows: &[StreamRow]) -> impl Iterator<Item = i64> + '_ {
         rows.iter().map(|r| r.event_type_id)
     }
@@ -150,11 +154,13 @@ pub(crate) fn snapshot(version: i64, payload: Vec<u8>) -> Result<StoredSnapshot>
 }
 
 /// A UUID stored as 16 bytes (SQLite keeps ids as blobs).
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn uuid_from_bytes(bytes: &[u8], what: &str) -> Result<uuid::Uuid> {
     uuid::Uuid::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{what}: {e}")))
 }
 
 /// An aggregate id stored as 16 bytes.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn aggregate_id(bytes: &[u8]) -> Result<AggregateId> {
     uuid_from_bytes(bytes, "aggregate id").map(AggregateId::from)
 }

@@ -1,0 +1,180 @@
+//! A commit on SQLite: the version checks (compare-and-set, or the insert of a new aggregate's
+//! row), the multi-row event inserts, the snapshots, and the diagnosis of a failed check as
+//! [`Error::Conflict`] or [`Error::KeyTaken`]. Runs whole on one connection: the writer
+//! thread's in its own `BEGIN IMMEDIATE` transaction, or a caller's inside theirs.
+
+use rusqlite::{Connection, Statement, TransactionBehavior};
+
+use super::Shared;
+use super::names::{self, Resolver};
+use super::render::EVENT_CHUNK;
+use crate::aggregate::AggregateId;
+use crate::error::{Error, Result};
+use crate::store::sql::backend_error;
+use crate::store::sql::types::{TypeKind, TypeMap};
+use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
+
+/// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction.
+pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+    // Type names first seen now are written outside the commit: a type name is harmless on its
+    // own, and the commit transaction stays short.
+    let (sql, cache) = (&shared.sql, &shared.types);
+    let aggregates = names::ensure(
+        conn,
+        sql,
+        cache,
+        TypeKind::Aggregate,
+        aggregate_names(batch),
+    )?;
+    let events = names::ensure(conn, sql, cache, TypeKind::Event, event_names(batch))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend_error)?;
+    write(&tx, shared, batch, &aggregates, &events)?;
+    // On an error above, dropping `tx` rolls back.
+    tx.commit().map_err(backend_error)
+}
+
+/// Writes `batch` on a caller's connection, inside the transaction it is in. Writes no type
+/// name (the store wrote every registered one at open): a name missing from the cache is
+/// looked up again on this connection.
+pub(super) fn commit_in(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+    let mut types = Resolver::new(conn, &shared.sql, &shared.types);
+    let aggregates = types.map_with_names(TypeKind::Aggregate, aggregate_names(batch))?;
+    let events = types.map_with_names(TypeKind::Event, event_names(batch))?;
+    write(conn, shared, batch, &aggregates, &events)
+}
+
+fn aggregate_names(batch: &CommitBatch) -> impl Iterator<Item = &str> {
+    batch.changes.iter().map(|c| c.aggregate_type)
+}
+
+fn event_names(batch: &CommitBatch) -> impl Iterator<Item = &str> {
+    batch
+        .changes
+        .iter()
+        .flat_map(|c| c.events.iter().map(|e| e.name))
+}
+
+/// Writes `batch` on `conn`, inside the transaction the connection is in, with type ids from
+/// `aggregates` and `events`.
+fn write(
+    conn: &Connection,
+    shared: &Shared,
+    batch: &CommitBatch,
+    aggregates: &TypeMap,
+    events: &TypeMap,
+) -> Result<()> {
+    let sql = &shared.sql;
+    let recorded_at = to_micros(batch.recorded_at);
+    for change in &batch.changes {
+        claim(
+            conn,
+            shared,
+            change,
+            aggregates.id_of(change.aggregate_type)?,
+        )?;
+    }
+    // All events of the batch, in apply order, in multi-row INSERTs.
+    let in_order = batch.events_in_order();
+    for chunk in in_order.chunks(EVENT_CHUNK) {
+        let mut stmt = conn
+            .prepare_cached(&sql.insert_events(chunk.len()))
+            .map_err(backend_error)?;
+        let mut index = 0;
+        for (change, event) in chunk {
+            bind(
+                &mut stmt,
+                &mut index,
+                change.id.as_uuid().as_bytes().as_slice(),
+            )?;
+            bind(&mut stmt, &mut index, to_i64(event.version, "version")?)?;
+            bind(&mut stmt, &mut index, events.id_of(event.name)?)?;
+            bind(&mut stmt, &mut index, i64::from(event.schema_version))?;
+            bind(&mut stmt, &mut index, event.payload.as_slice())?;
+            bind(&mut stmt, &mut index, event.metadata.as_deref())?;
+            bind(&mut stmt, &mut index, recorded_at)?;
+            bind(&mut stmt, &mut index, event.event_id.as_bytes().as_slice())?;
+        }
+        stmt.raw_execute().map_err(backend_error)?;
+    }
+    for change in &batch.changes {
+        if let Some(snapshot) = &change.snapshot {
+            conn.prepare_cached(&sql.insert_snapshot)
+                .map_err(backend_error)?
+                .execute((
+                    change.id.as_uuid().as_bytes().as_slice(),
+                    i64::from(snapshot.snapshot_version),
+                    to_i64(snapshot.version, "version")?,
+                    snapshot.payload.as_slice(),
+                    recorded_at,
+                ))
+                .map_err(backend_error)?;
+        }
+    }
+    Ok(())
+}
+
+fn bind(stmt: &mut Statement<'_>, index: &mut usize, value: impl rusqlite::ToSql) -> Result<()> {
+    *index += 1;
+    stmt.raw_bind_parameter(*index, value)
+        .map_err(backend_error)
+}
+
+/// Inserts a new aggregate's row, or moves an existing one's version from the expected one:
+/// the optimistic check.
+fn claim(conn: &Connection, shared: &Shared, change: &Change, type_id: i64) -> Result<()> {
+    let sql = &shared.sql;
+    let id = change.id.as_uuid().as_bytes().as_slice();
+    let new_version = to_i64(change.new_version(), "version")?;
+    if change.is_new {
+        let inserted = conn
+            .prepare_cached(&sql.insert_aggregate)
+            .map_err(backend_error)?
+            .execute((id, type_id, change.key.as_deref(), new_version))
+            .map_err(backend_error)?;
+        if inserted == 1 {
+            return Ok(());
+        }
+        return Err(match &change.key {
+            Some(key) => Error::KeyTaken {
+                aggregate_type: change.aggregate_type.to_owned(),
+                key: key.clone(),
+            },
+            None => Error::Conflict {
+                aggregate_type: change.aggregate_type.to_owned(),
+                aggregate: change.id,
+                expected: 0,
+                actual: current_version(conn, shared, change.id)?,
+            },
+        });
+    }
+    let updated = conn
+        .prepare_cached(&sql.cas_version)
+        .map_err(backend_error)?
+        .execute((new_version, id, to_i64(change.expected, "version")?))
+        .map_err(backend_error)?;
+    if updated == 1 {
+        Ok(())
+    } else {
+        Err(Error::Conflict {
+            aggregate_type: change.aggregate_type.to_owned(),
+            aggregate: change.id,
+            expected: change.expected,
+            actual: current_version(conn, shared, change.id)?,
+        })
+    }
+}
+
+fn current_version(conn: &Connection, shared: &Shared, id: AggregateId) -> Result<u64> {
+    let mut stmt = conn
+        .prepare_cached(&shared.sql.current_version)
+        .map_err(backend_error)?;
+    let mut rows = stmt
+        .query([id.as_uuid().as_bytes().as_slice()])
+        .map_err(backend_error)?;
+    match rows.next().map_err(backend_error)? {
+        Some(row) => to_u64(row.get(0).map_err(backend_error)?, "version"),
+        None => Ok(0),
+    }
+}

@@ -1,0 +1,103 @@
+//! The global feed and an aggregate's history on SQLite. SQLite runs one write transaction at a
+//! time and hands out `AUTOINCREMENT` positions inside it, so positions increase in commit
+//! order and the feed is read by position alone.
+
+use rusqlite::{Connection, Row};
+
+use super::Shared;
+use super::names::Resolver;
+use crate::aggregate::AggregateId;
+use crate::error::{Error, Result};
+use crate::event::{FeedCursor, RecordedEvent};
+use crate::feed::FeedPage;
+use crate::store::sql::backend_error;
+use crate::store::sql::records::{RecordRow, uuid_from_bytes};
+use crate::store::sql::types::TypeKind;
+use crate::store::to_i64;
+
+/// Every event of aggregate `id` after `after_version`.
+pub(super) fn read_stream(
+    conn: &Connection,
+    shared: &Shared,
+    id: AggregateId,
+    after_version: u64,
+) -> Result<Vec<RecordedEvent>> {
+    let mut stmt = conn
+        .prepare_cached(&shared.sql.read_stream)
+        .map_err(backend_error)?;
+    let rows = stmt
+        .query((
+            id.as_uuid().as_bytes().as_slice(),
+            to_i64(after_version, "version")?,
+        ))
+        .map_err(backend_error)?;
+    recorded(conn, shared, rows)
+}
+
+/// Up to `limit` events after `after`. Nothing ever holds the SQLite feed back.
+pub(super) fn read_feed(
+    conn: &Connection,
+    shared: &Shared,
+    after: FeedCursor,
+    limit: usize,
+) -> Result<FeedPage> {
+    let mut stmt = conn
+        .prepare_cached(&shared.sql.read_feed)
+        .map_err(backend_error)?;
+    let rows = stmt
+        .query((
+            to_i64(after.position, "position")?,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        ))
+        .map_err(backend_error)?;
+    Ok(FeedPage::new(recorded(conn, shared, rows)?, None))
+}
+
+fn recorded(
+    conn: &Connection,
+    shared: &Shared,
+    mut rows: rusqlite::Rows<'_>,
+) -> Result<Vec<RecordedEvent>> {
+    let mut types = Resolver::new(conn, &shared.sql, &shared.types);
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(backend_error)? {
+        let row = record_row(row)?;
+        let aggregates =
+            types.map_with(TypeKind::Aggregate, [row.aggregate_type_id].into_iter())?;
+        let events = types.map_with(TypeKind::Event, [row.event_type_id].into_iter())?;
+        out.push(row.into_record(&aggregates, &events)?);
+    }
+    Ok(out)
+}
+
+/// The columns of a feed row; the metadata stays borrowed from the row until it is decoded.
+fn record_row<'r>(r: &'r Row<'_>) -> Result<RecordRow<'r>> {
+    let int = |i: usize| r.get::<_, i64>(i).map_err(backend_error);
+    let position = int(0)?;
+    let blob = |i: usize| -> Result<&'r [u8]> {
+        r.get_ref(i)
+            .and_then(|v| v.as_blob().map_err(Into::into))
+            .map_err(|e| {
+                Error::Corrupt(format!(
+                    "column {i} of the event at position {position}: {e}"
+                ))
+            })
+    };
+    Ok(RecordRow {
+        epoch: 0,
+        tx: 0,
+        position,
+        aggregate_id: uuid_from_bytes(blob(1)?, "aggregate id")?,
+        aggregate_type_id: int(2)?,
+        version: int(3)?,
+        event_type_id: int(4)?,
+        schema_version: int(5)?,
+        payload: blob(6)?.to_vec(),
+        metadata: r
+            .get_ref(7)
+            .and_then(|v| v.as_blob_or_null().map_err(Into::into))
+            .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?,
+        recorded_at: int(8)?,
+        event_id: uuid_from_bytes(blob(9)?, &format!("event id at position {position}"))?,
+    })
+}
