@@ -51,17 +51,21 @@ impl PostgresBackend {
         let aggregates: Vec<&str> = registry.aggregates().iter().map(|a| a.name).collect();
         let events: Vec<&str> = registry.events().iter().map(|e| e.name).collect();
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        let moved: Option<bool> = sqlx::query_scalar(AssertSqlSafe(self.sql.moved.clone()))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(backend_error)?;
-        if moved == Some(true) {
+        let (before, after): (Option<i32>, Option<i32>) =
+            sqlx::query_as(AssertSqlSafe(self.sql.check_epoch.clone()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend_error)?;
+        if let (Some(before), Some(after)) = (before, after)
+            && after > before
+        {
             tracing::warn!(
                 schema = %self.names.schema,
                 prefix = %self.names.prefix,
+                epoch = after,
                 "the stored transaction ids are ahead of this cluster's (a restore or a move to \
-                 another cluster): the next commit starts a new feed epoch, after every stored \
-                 event; saved feed cursors keep working"
+                 another cluster): new events go to a new feed epoch, after every stored event; \
+                 saved feed cursors keep working"
             );
         }
         self.ensure_types(&mut conn, TypeKind::Aggregate, &aggregates)
