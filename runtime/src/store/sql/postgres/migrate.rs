@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::registry::Registry;
 use crate::store::sql::backend_error;
-use crate::store::sql::migrate::{Dialect, latest_version, plan_migrations};
+use crate::store::sql::migrate::{Dialect, check_read_only, plan_migrations};
 use crate::store::sql::types::TypeKind;
 
 impl PostgresBackend {
@@ -81,20 +81,7 @@ impl PostgresBackend {
     pub(super) async fn open_read_only(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let (table, current) = self.schema_version(&mut conn).await?;
-        let latest = latest_version(Dialect::Postgres);
-        if current > latest {
-            return Err(Error::SchemaTooNew {
-                found: current,
-                supported: latest,
-            });
-        }
-        if current < latest {
-            return Err(Error::Config(format!(
-                "the store's schema ({table}) is at version {current}, this annals needs \
-                 {latest}, and a read-only store cannot migrate it: open it read-write once, or \
-                 apply annals::migrations(Dialect::Postgres, &options)"
-            )));
-        }
+        check_read_only(Dialect::Postgres, current, &table)?;
         self.refresh_types(&mut conn, TypeKind::Aggregate).await?;
         self.refresh_types(&mut conn, TypeKind::Event).await?;
         Ok(())
