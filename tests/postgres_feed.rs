@@ -416,10 +416,13 @@ async fn a_move_to_a_cluster_behind_hides_and_reorders_nothing() {
     assert_eq!(before.len(), 4);
 
     // The store moves to a cluster whose transaction counter is 10^8 behind the stored ids, as
-    // after a restore or a logical-replication switch-over to a younger cluster.
+    // after a restore or a logical-replication switch-over to a younger cluster: another
+    // server, started at another time than the one that last checked the epoch.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "UPDATE {} SET tx_id = (tx_id::text::int8 + 100000000)::text::xid8",
-        schema.table("events")
+        "UPDATE {} SET tx_id = (tx_id::text::int8 + 100000000)::text::xid8; \
+         UPDATE {} SET server_started = server_started - INTERVAL '1 day';",
+        schema.table("events"),
+        schema.table("feed_epoch")
     )))
     .execute(&raw)
     .await

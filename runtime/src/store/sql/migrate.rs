@@ -133,6 +133,26 @@ pub(crate) fn plan_migrations(
         .collect())
 }
 
+/// Checks that a store opened read-only is at the schema version this library needs: it
+/// cannot migrate. `location` names its migrations table in messages.
+pub(crate) fn check_read_only(dialect: Dialect, current: i64, location: &str) -> Result<()> {
+    let latest = latest_version(dialect);
+    if current > latest {
+        return Err(Error::SchemaTooNew {
+            found: current,
+            supported: latest,
+        });
+    }
+    if current < latest {
+        return Err(Error::Config(format!(
+            "the store's schema ({location}) is at version {current}, this annals needs \
+             {latest}, and a read-only store cannot migrate it: open it read-write once, or \
+             apply annals::migrations(Dialect::{dialect:?}, &options)"
+        )));
+    }
+    Ok(())
+}
+
 /// Fills `{prefix}` and `{schema}` into SQL text. Both are validated identifiers
 /// ([`StoreOptions::validate`]); values are always bound as parameters, never rendered.
 pub(crate) fn render(sql: &str, prefix: &str, schema: &str) -> String {

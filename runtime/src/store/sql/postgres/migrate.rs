@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::registry::Registry;
 use crate::store::sql::backend_error;
-use crate::store::sql::migrate::{Dialect, latest_version, plan_migrations};
+use crate::store::sql::migrate::{Dialect, check_read_only, plan_migrations};
 use crate::store::sql::types::TypeKind;
 
 impl PostgresBackend {
@@ -51,17 +51,21 @@ impl PostgresBackend {
         let aggregates: Vec<&str> = registry.aggregates().iter().map(|a| a.name).collect();
         let events: Vec<&str> = registry.events().iter().map(|e| e.name).collect();
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        let moved: Option<bool> = sqlx::query_scalar(AssertSqlSafe(self.sql.moved.clone()))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(backend_error)?;
-        if moved == Some(true) {
+        let (before, after): (Option<i32>, Option<i32>) =
+            sqlx::query_as(AssertSqlSafe(self.sql.check_epoch.clone()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend_error)?;
+        if let (Some(before), Some(after)) = (before, after)
+            && after > before
+        {
             tracing::warn!(
                 schema = %self.names.schema,
                 prefix = %self.names.prefix,
+                epoch = after,
                 "the stored transaction ids are ahead of this cluster's (a restore or a move to \
-                 another cluster): the next commit starts a new feed epoch, after every stored \
-                 event; saved feed cursors keep working"
+                 another cluster): new events go to a new feed epoch, after every stored event; \
+                 saved feed cursors keep working"
             );
         }
         self.ensure_types(&mut conn, TypeKind::Aggregate, &aggregates)
@@ -77,20 +81,7 @@ impl PostgresBackend {
     pub(super) async fn open_read_only(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let (table, current) = self.schema_version(&mut conn).await?;
-        let latest = latest_version(Dialect::Postgres);
-        if current > latest {
-            return Err(Error::SchemaTooNew {
-                found: current,
-                supported: latest,
-            });
-        }
-        if current < latest {
-            return Err(Error::Config(format!(
-                "the store's schema ({table}) is at version {current}, this annals needs \
-                 {latest}, and a read-only store cannot migrate it: open it read-write once, or \
-                 apply annals::migrations(Dialect::Postgres, &options)"
-            )));
-        }
+        check_read_only(Dialect::Postgres, current, &table)?;
         self.refresh_types(&mut conn, TypeKind::Aggregate).await?;
         self.refresh_types(&mut conn, TypeKind::Event).await?;
         Ok(())

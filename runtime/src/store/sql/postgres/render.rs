@@ -81,8 +81,8 @@ pub(super) struct Statements {
     pub read_stream: Arc<str>,
     pub read_feed: Arc<str>,
     pub schema_version: Arc<str>,
-    /// Whether the newest stored event's transaction id is ahead of this cluster's next one.
-    pub moved: Arc<str>,
+    /// [`CHECK_EPOCH`] at open: the epoch before, and after when it ran.
+    pub check_epoch: Arc<str>,
     pub notify: Arc<str>,
     ensure_aggregate_types: Arc<str>,
     ensure_event_types: Arc<str>,
@@ -141,10 +141,15 @@ impl Statements {
                  WHERE e.aggregate_id = $1::uuid AND e.sequence > $2::int8 ORDER BY e.sequence"
             )
             .into(),
-            read_feed: feed_sql(&events, &aggregates).into(),
-            moved: format!(
-                "SELECT (SELECT tx_id FROM {events} ORDER BY epoch DESC, tx_id DESC LIMIT 1) \
-                        >= pg_snapshot_xmax(pg_current_snapshot())"
+            read_feed: feed_sql(&events, &aggregates, &names.table("feed_epoch")).into(),
+            check_epoch: format!(
+                "WITH before AS (SELECT epoch FROM {feed_epoch} WHERE id = 1), \
+                 checked AS ({check}) \
+                 SELECT (SELECT epoch FROM before), (SELECT epoch FROM checked)",
+                feed_epoch = names.table("feed_epoch"),
+                check = CHECK_EPOCH
+                    .replace("{feed_epoch}", &names.table("feed_epoch"))
+                    .replace("{events}", &events),
             )
             .into(),
             schema_version: format!(
@@ -214,18 +219,37 @@ const FEED_HORIZON: &str = "\
              WHERE (x::text::int8 & 4294967295) NOT IN (SELECT x FROM other_databases)), \
             (SELECT pg_snapshot_xmax(s) FROM snap)) AS horizon)";
 
-/// The feed's newest epoch and the one still open, as CTEs after [`FEED_HORIZON`]. `head` is the
-/// newest event; when its transaction id is ahead of the cluster's next one (`xmax`), the store
-/// was moved from another cluster: every stored epoch is then complete, and the open epoch is
-/// the next one, where the first commit after the move writes. Events of epochs before the open
+/// The check of the feed epoch after a server start: when the server is not the one that last
+/// checked (`pg_postmaster_start_time`), the first commit (or open) records it, and starts the
+/// next epoch when the newest event of the current one has a transaction id ahead of this
+/// cluster's next one: the store was moved (restored, failed over, switched over) to a cluster
+/// whose counter is behind. Every other time it matches no row: no lock, no look at the events.
+/// Returns the epoch and the one before it when it ran. Concurrent first commits check once:
+/// the others wait on the row, then find it checked.
+pub(super) const CHECK_EPOCH: &str = "\
+    UPDATE {feed_epoch} f \
+    SET server_started = pg_postmaster_start_time(), \
+        epoch = f.epoch + CASE \
+            WHEN (SELECT e.tx_id FROM {events} e WHERE e.epoch = f.epoch \
+                  ORDER BY e.tx_id DESC LIMIT 1) >= pg_snapshot_xmax(pg_current_snapshot()) \
+            THEN 1 ELSE 0 END \
+    WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time() \
+    RETURNING f.epoch";
+
+/// The feed's open epoch, as CTEs after [`FEED_HORIZON`]: the store's current one, or the next
+/// when the newest event's transaction id is ahead of the cluster's next one (`xmax`): the store
+/// was moved from another cluster and no commit has checked it yet; every stored epoch is then
+/// complete, and the first commit after the move writes into the next. Events of epochs before the open
 /// one are read without waiting: no commit writes to them any more.
 const FEED_EPOCH: &str = "\
     head AS MATERIALIZED (SELECT epoch, tx_id FROM {events} \
                           ORDER BY epoch DESC, tx_id DESC LIMIT 1), \
     g AS MATERIALIZED ( \
-        SELECT COALESCE((SELECT epoch FROM head), 0) \
-             + CASE WHEN (SELECT tx_id FROM head) >= (SELECT pg_snapshot_xmax(s) FROM snap) \
-                    THEN 1 ELSE 0 END AS open_epoch)";
+        SELECT GREATEST( \
+            (SELECT epoch FROM {feed_epoch} WHERE id = 1), \
+            COALESCE((SELECT epoch FROM head), 0) \
+              + CASE WHEN (SELECT tx_id FROM head) >= (SELECT pg_snapshot_xmax(s) FROM snap) \
+                     THEN 1 ELSE 0 END) AS open_epoch)";
 
 /// The feed statement. Parameters: the cursor's epoch, transaction id and position, and the
 /// page's size. It returns the page, events in `(epoch, tx_id, position)` order that nothing
@@ -235,12 +259,14 @@ const FEED_EPOCH: &str = "\
 /// holder (NULL when the holder is gone), 6: 1 when the cursor's own event exists (or the cursor
 /// is the start), 7: the holder's database's name, 9: its age in microseconds, 11: the open
 /// epoch.
-fn feed_sql(events: &str, aggregates: &str) -> String {
+fn feed_sql(events: &str, aggregates: &str, feed_epoch: &str) -> String {
     let after = "(e.epoch, e.tx_id, e.position) > ($1::int4, $2::int8::text::xid8, $3::int8)";
     let horizon = "(SELECT horizon FROM h)";
     let open = "(SELECT open_epoch FROM g)";
     let low32 = "((SELECT horizon FROM h)::text::int8 & 4294967295)";
-    let epoch = FEED_EPOCH.replace("{events}", events);
+    let epoch = FEED_EPOCH
+        .replace("{events}", events)
+        .replace("{feed_epoch}", feed_epoch);
     format!(
         "WITH {FEED_HORIZON}, {epoch} \
          (SELECT {RECORD_COLUMNS} \
@@ -415,15 +441,17 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
              ON CONFLICT DO NOTHING)"
         ));
     }
-    // The epoch: the newest event's, or the next one when that event's transaction id is ahead
-    // of this cluster's next one (the store was moved from another cluster), so that new events
-    // sort after every old one.
+    // The epoch: the store's current one, read by key; the first commit after a server start
+    // checks for a move to another cluster first (`CHECK_EPOCH`), so new events sort after
+    // every old one.
+    let check = CHECK_EPOCH
+        .replace("{feed_epoch}", &names.table("feed_epoch"))
+        .replace("{events}", &events);
     ctes.push(format!(
-        "head AS (SELECT epoch, tx_id FROM {events} ORDER BY epoch DESC, tx_id DESC LIMIT 1), \
-         ep AS (SELECT COALESCE((SELECT epoch FROM head), 0) \
-                     + CASE WHEN (SELECT tx_id FROM head) \
-                                 >= pg_snapshot_xmax(pg_current_snapshot()) \
-                            THEN 1 ELSE 0 END AS epoch)"
+        "checked AS ({check}), \
+         ep AS (SELECT COALESCE((SELECT epoch FROM checked), \
+                                (SELECT epoch FROM {} WHERE id = 1)) AS epoch)",
+        names.table("feed_epoch")
     ));
     // In a caller's transaction the transaction id may be older than a commit this context
     // loaded from (the caller's transaction can have written before this context loaded):
@@ -499,12 +527,19 @@ mod tests {
         let expected = "
             WITH cas AS (UPDATE \"shop\".es_aggregates SET version = $3::int8
                          WHERE id = $1::uuid AND version = $2::int8 RETURNING id),
-            head AS (SELECT epoch, tx_id FROM \"shop\".es_events
-                     ORDER BY epoch DESC, tx_id DESC LIMIT 1),
-            ep AS (SELECT COALESCE((SELECT epoch FROM head), 0)
-                        + CASE WHEN (SELECT tx_id FROM head)
-                                    >= pg_snapshot_xmax(pg_current_snapshot())
-                               THEN 1 ELSE 0 END AS epoch)
+            checked AS (
+                UPDATE \"shop\".es_feed_epoch f
+                SET server_started = pg_postmaster_start_time(),
+                    epoch = f.epoch + CASE
+                        WHEN (SELECT e.tx_id FROM \"shop\".es_events e WHERE e.epoch = f.epoch
+                              ORDER BY e.tx_id DESC LIMIT 1)
+                             >= pg_snapshot_xmax(pg_current_snapshot())
+                        THEN 1 ELSE 0 END
+                WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time()
+                RETURNING f.epoch),
+            ep AS (SELECT COALESCE((SELECT epoch FROM checked),
+                                   (SELECT epoch FROM \"shop\".es_feed_epoch WHERE id = 1))
+                   AS epoch)
             INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
             SELECT (SELECT epoch FROM ep), e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
@@ -525,12 +560,19 @@ mod tests {
                 SELECT n.id, n.type_id, n.natural_key, n.version
                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int8[])
                      AS n (id, type_id, natural_key, version)),
-            head AS (SELECT epoch, tx_id FROM \"shop\".es_events
-                     ORDER BY epoch DESC, tx_id DESC LIMIT 1),
-            ep AS (SELECT COALESCE((SELECT epoch FROM head), 0)
-                        + CASE WHEN (SELECT tx_id FROM head)
-                                    >= pg_snapshot_xmax(pg_current_snapshot())
-                               THEN 1 ELSE 0 END AS epoch)
+            checked AS (
+                UPDATE \"shop\".es_feed_epoch f
+                SET server_started = pg_postmaster_start_time(),
+                    epoch = f.epoch + CASE
+                        WHEN (SELECT e.tx_id FROM \"shop\".es_events e WHERE e.epoch = f.epoch
+                              ORDER BY e.tx_id DESC LIMIT 1)
+                             >= pg_snapshot_xmax(pg_current_snapshot())
+                        THEN 1 ELSE 0 END
+                WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time()
+                RETURNING f.epoch),
+            ep AS (SELECT COALESCE((SELECT epoch FROM checked),
+                                   (SELECT epoch FROM \"shop\".es_feed_epoch WHERE id = 1))
+                   AS epoch)
             INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
             SELECT (SELECT epoch FROM ep), e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
@@ -568,12 +610,19 @@ mod tests {
                 FROM UNNEST($16::uuid[], $17::int4[], $18::int8[], $19::bytea[])
                      AS s (aggregate_id, snapshot_version, version, payload), ok
                 ON CONFLICT DO NOTHING),
-            head AS (SELECT epoch, tx_id FROM \"shop\".es_events
-                     ORDER BY epoch DESC, tx_id DESC LIMIT 1),
-            ep AS (SELECT COALESCE((SELECT epoch FROM head), 0)
-                        + CASE WHEN (SELECT tx_id FROM head)
-                                    >= pg_snapshot_xmax(pg_current_snapshot())
-                               THEN 1 ELSE 0 END AS epoch),
+            checked AS (
+                UPDATE \"shop\".es_feed_epoch f
+                SET server_started = pg_postmaster_start_time(),
+                    epoch = f.epoch + CASE
+                        WHEN (SELECT e.tx_id FROM \"shop\".es_events e WHERE e.epoch = f.epoch
+                              ORDER BY e.tx_id DESC LIMIT 1)
+                             >= pg_snapshot_xmax(pg_current_snapshot())
+                        THEN 1 ELSE 0 END
+                WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time()
+                RETURNING f.epoch),
+            ep AS (SELECT COALESCE((SELECT epoch FROM checked),
+                                   (SELECT epoch FROM \"shop\".es_feed_epoch WHERE id = 1))
+                   AS epoch),
             floor AS (SELECT max(e.tx_id) AS tx_id FROM \"shop\".es_events e
                       JOIN UNNEST($20::uuid[], $21::int8[]) AS r (id, version)
                         ON e.aggregate_id = r.id AND e.sequence = r.version

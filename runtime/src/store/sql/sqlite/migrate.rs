@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::registry::Registry;
 use crate::store::StoreOptions;
 use crate::store::sql::backend_error;
-use crate::store::sql::migrate::{Dialect, latest_version, plan_migrations};
+use crate::store::sql::migrate::{Dialect, check_read_only, plan_migrations};
 use crate::store::sql::types::TypeKind;
 
 /// Brings the schema to this library's version, or refuses: a schema newer than this library
@@ -27,20 +27,7 @@ pub(super) fn migrate(
     let table = migrations_table(prefix);
     if read_only {
         let current = current_version(conn, &table)?;
-        let latest = latest_version(Dialect::Sqlite);
-        if current > latest {
-            return Err(Error::SchemaTooNew {
-                found: current,
-                supported: latest,
-            });
-        }
-        if current < latest {
-            return Err(Error::Config(format!(
-                "the read-only SQLite store's schema ({table}) is at version {current}, this \
-                 annals needs {latest}: open it once with write access to migrate it"
-            )));
-        }
-        return Ok(());
+        return check_read_only(Dialect::Sqlite, current, &table);
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
