@@ -1,7 +1,7 @@
 //! The derives work in a module that shadows the prelude's names: generated code names
 //! everything by absolute path.
 
-#![allow(dead_code, non_camel_case_types)]
+#![allow(dead_code, non_camel_case_types, non_upper_case_globals)]
 
 mod shadowing {
     use annals::{Aggregate, Apply, Event};
@@ -20,6 +20,19 @@ mod shadowing {
     pub struct serde_json;
     pub mod core {}
     pub mod std {}
+
+    // Constants named like the locals and parameters of generated code: a plain `payload` in
+    // a pattern position would match against these instead of binding.
+    pub const payload: u8 = 0;
+    pub const name: u8 = 0;
+    pub const version: u8 = 0;
+    pub const stored: u8 = 0;
+    pub const event: u8 = 0;
+    pub const value: u8 = 0;
+    pub const decoded: u8 = 0;
+    pub const index: u8 = 0;
+    pub const state: u8 = 0;
+    pub const n: u8 = 0;
 
     #[derive(Event, Serialize, Deserialize, Debug, PartialEq)]
     #[event(name = "hygiene.noted", version = 3)]

@@ -42,6 +42,10 @@ async fn transfer(store: &Store, from: AggregateId, to: AggregateId) -> Result<(
         .await
 }
 
+#[cfg_attr(
+    any(annals_skip_postgres, annals_skip_pgbouncer),
+    ignore = "DATABASE_URL or ANNALS_PGBOUNCER is not set"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn contended_commits_and_the_feed_through_pgbouncer() {
     const TASKS: usize = 8;
@@ -95,6 +99,10 @@ async fn contended_commits_and_the_feed_through_pgbouncer() {
     store.close().await;
 }
 
+#[cfg_attr(
+    any(annals_skip_postgres, annals_skip_pgbouncer),
+    ignore = "DATABASE_URL or ANNALS_PGBOUNCER is not set"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_wake_through_a_listen_at_the_server_or_by_polling() {
     let Some((schema, bouncer)) = bouncer() else {
@@ -168,6 +176,10 @@ async fn waiters_wake_through_a_listen_at_the_server_or_by_polling() {
     }
 }
 
+#[cfg_attr(
+    any(annals_skip_postgres, annals_skip_pgbouncer_old),
+    ignore = "DATABASE_URL or ANNALS_PGBOUNCER_OLD is not set"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pgbouncer_that_loses_prepared_statements_is_refused_at_open() {
     let Some(schema) = support::fresh_schema() else {

@@ -6,8 +6,12 @@ mod conformance;
 #[path = "support/postgres.rs"]
 mod support;
 
-conformance_suite!(support::open_fresh());
+conformance_suite!(
+    attributes = [#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]],
+    support::open_fresh()
+);
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test]
 async fn commit_too_large_is_refused() {
     let Some(schema) = support::fresh_schema() else {
@@ -18,4 +22,37 @@ async fn commit_too_large_is_refused() {
         .await;
     conformance::commit_too_large_is_refused(&store).await;
     store.close().await;
+}
+
+/// Every PostgreSQL test carries the `cfg_attr(annals_skip_postgres, ignore = ...)` line, so
+/// that without a server it is reported as ignored, not as passed.
+#[test]
+fn every_postgres_test_is_ignored_without_a_server() {
+    let files = [
+        ("tests/postgres.rs", include_str!("postgres.rs")),
+        ("tests/postgres_feed.rs", include_str!("postgres_feed.rs")),
+        ("tests/postgres_store.rs", include_str!("postgres_store.rs")),
+        ("tests/pgbouncer.rs", include_str!("pgbouncer.rs")),
+    ];
+    for (file, source) in files {
+        let lines: Vec<&str> = source.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.starts_with("#[tokio::test") {
+                // The attributes above the test, up to the blank line or item before them.
+                let above: Vec<&str> = lines[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|l| !l.trim().is_empty() && !l.starts_with('}'))
+                    .copied()
+                    .collect();
+                let above = above.concat();
+                assert!(
+                    above.contains("annals_skip_postgres") && above.contains("ignore = "),
+                    "{file}:{}: add #[cfg_attr(annals_skip_postgres, ignore = \"DATABASE_URL is \
+                     not set\")] above this test",
+                    i + 1
+                );
+            }
+        }
+    }
 }

@@ -62,6 +62,7 @@ async fn order_count(raw: &sqlx::PgPool, table: &str) -> i64 {
         .unwrap()
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_user_transaction_rolled_back_writes_nothing() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -90,6 +91,7 @@ async fn commit_in_user_transaction_rolled_back_writes_nothing() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_user_transaction_committed_writes_both() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -145,6 +147,7 @@ async fn commit_in_user_transaction_committed_writes_both() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_needs_a_postgres_store() {
     let Some(schema) = support::fresh_schema() else {
@@ -178,6 +181,7 @@ impl IsConflict for Retried {
     }
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn contention_on_one_aggregate_counts_to_1600() {
     const TASKS: u64 = 8;
@@ -224,6 +228,7 @@ async fn contention_on_one_aggregate_counts_to_1600() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_lost_mid_commit_leaves_nothing() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -418,11 +423,13 @@ async fn store_account(store: &Store) -> AggregateId {
         .unwrap()
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiter_is_woken_by_a_commit_of_another_instance() {
     woken_by_other_instance(false).await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiter_is_woken_after_the_listener_reconnects() {
     woken_by_other_instance(true).await;
@@ -438,6 +445,7 @@ async fn migration_rows(raw: &sqlx::PgPool, schema: &support::Schema) -> Vec<i64
     .unwrap()
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_starting_at_once_migrate_once() {
     let Some(schema) = support::fresh_schema() else {
@@ -475,6 +483,7 @@ async fn instances_starting_at_once_migrate_once() {
     }
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_schema_is_refused_untouched() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -510,6 +519,7 @@ async fn newer_schema_is_refused_untouched() {
     assert_eq!(events, 1);
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
     let Some(schema) = support::fresh_schema() else {
@@ -541,6 +551,7 @@ async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identifiers_over_63_bytes_are_refused() {
     let Some(url) = support::database_url() else {
@@ -587,6 +598,7 @@ async fn identifiers_over_63_bytes_are_refused() {
     assert!(!exists);
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn types_written_by_another_process_are_read() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -629,6 +641,7 @@ async fn types_written_by_another_process_are_read() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_aggregate_conflict_writes_nothing() {
     let Some((store, _schema)) = support::open_fresh().await else {
@@ -685,6 +698,7 @@ async fn multi_aggregate_conflict_writes_nothing() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transfers_in_opposite_orders_do_not_deadlock() {
     const TASKS: usize = 4;
@@ -741,6 +755,7 @@ async fn transfers_in_opposite_orders_do_not_deadlock() {
     assert_eq!(database.deadlocks().await, 0);
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn creating_keys_in_opposite_orders_does_not_deadlock() {
     const ROUNDS: usize = 100;
@@ -801,6 +816,7 @@ async fn creating_keys_in_opposite_orders_does_not_deadlock() {
     assert_eq!(database.deadlocks().await, 0);
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stores_of_other_prefixes_create_one_schema_at_once() {
     let Some(schema) = support::fresh_schema() else {
@@ -824,6 +840,7 @@ async fn stores_of_other_prefixes_create_one_schema_at_once() {
     }
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test]
 async fn reserved_words_work_as_schema_names_and_pg_names_are_refused() {
     let Some(url) = support::database_url() else {
@@ -871,6 +888,7 @@ async fn deposit_in(
     ctx.commit_in(tx).await
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_in_at_each_isolation_level() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -937,6 +955,7 @@ async fn commit_in_at_each_isolation_level() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_select_only_role_opens_the_store_read_only() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -994,6 +1013,7 @@ async fn a_select_only_role_opens_the_store_read_only() {
     .await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test]
 async fn a_store_at_schema_version_1_is_migrated_to_feed_epochs() {
     let Some(schema) = support::fresh_schema() else {
@@ -1021,6 +1041,7 @@ async fn a_store_at_schema_version_1_is_migrated_to_feed_epochs() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_is_lost_is_unknown_and_not_retried() {
     let Some((store, schema)) = support::open_fresh().await else {
@@ -1068,6 +1089,7 @@ async fn a_commit_whose_answer_is_lost_is_unknown_and_not_retried() {
     store.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_opens_on_the_applications_pool_or_connect_options() {
     let Some(schema) = support::fresh_schema() else {
@@ -1129,6 +1151,7 @@ async fn a_store_opens_on_the_applications_pool_or_connect_options() {
     pool.close().await;
 }
 
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test]
 async fn another_applications_table_is_never_adopted() {
     let Some(schema) = support::fresh_schema() else {

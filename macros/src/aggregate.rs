@@ -56,9 +56,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         .iter()
         .filter(|path| seen.insert(path.to_token_stream().to_string()))
         .map(|path| {
+            let krate = respan(&krate, path.span());
             quote_spanned! {path.span()=>
                 #[automatically_derived]
-                impl #krate::Handles<#path> for #ident {}
+                impl #krate::Handles<#path> for #ident {
+                    fn handle(&mut self, __event: &#path) {
+                        <Self as #krate::Apply<#path>>::apply(self, __event)
+                    }
+                }
             }
         })
         .collect();
@@ -71,14 +76,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     const NAME: &'static str = #name;
                     const SNAPSHOT_EVERY: ::core::option::Option<u64> = ::core::option::Option::None;
                     const SNAPSHOT_VERSION: u32 = 1;
-                    fn apply_stored(&mut self, stored: &#private::StoredPayload<'_>) -> #private::Result<()> {
-                        ::core::result::Result::Err(stored.unknown(#name))
+                    fn apply_stored(&mut self, __stored: &#private::StoredPayload<'_>) -> #private::Result<()> {
+                        ::core::result::Result::Err(__stored.unknown(#name))
                     }
                     fn encode_snapshot(&self) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
                         ::core::option::Option::None
                     }
-                    fn decode_snapshot(_: &[u8], version: u64) -> #private::Result<Self> {
-                        #private::no_snapshots(#name, version)
+                    fn decode_snapshot(_: &[u8], __version: u64) -> #private::Result<Self> {
+                        #private::no_snapshots(#name, __version)
                     }
                 }
                 #(#handles)*
@@ -89,12 +94,13 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     // The `Apply` call is spanned at the type in the user's list: a missing impl is reported
     // there, once.
     let dispatch = events.iter().map(|path| {
+        let krate = respan(&krate, path.span());
         let apply = quote_spanned! {path.span()=>
-            <Self as #krate::Apply<#path>>::apply(self, &event);
+            <Self as #krate::Apply<#path>>::apply(self, &__event);
         };
-        quote! {
-            if <#path as #krate::Event>::NAMES.iter().any(|n| *n == stored.name) {
-                let event = stored.decode::<#path>()?;
+        quote_spanned! {path.span()=>
+            if #private::lists(<#path as #krate::Event>::NAMES, __stored.name) {
+                let __event = __stored.decode::<#path>()?;
                 #apply
                 return ::core::result::Result::Ok(());
             }
@@ -109,18 +115,19 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     ::core::option::Option::Some(#private::encode_snapshot(self, #name))
                 },
                 quote_spanned! {ident.span()=>
-                    #private::decode_snapshot::<Self>(payload, version, #name, #snapshot_version)
+                    #private::decode_snapshot::<Self>(__payload, __version, #name, #snapshot_version)
                 },
             )
         }
         None => (
             quote!(::core::option::Option::None),
             quote!(::core::option::Option::None),
-            quote!(#private::no_snapshots(#name, version)),
+            quote!(#private::no_snapshots(#name, __version)),
         ),
     };
     let listed = events.iter().map(|path| {
-        quote! {
+        let krate = respan(&krate, path.span());
+        quote_spanned! {path.span()=>
             #private::ListedEvent {
                 names: <#path as #krate::Event>::NAMES,
                 rust_type: #private::type_name::<#path>,
@@ -138,10 +145,10 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
 
                 fn apply_stored(
                     &mut self,
-                    stored: &#private::StoredPayload<'_>,
+                    __stored: &#private::StoredPayload<'_>,
                 ) -> #private::Result<()> {
                     #(#dispatch)*
-                    ::core::result::Result::Err(stored.unknown(#name))
+                    ::core::result::Result::Err(__stored.unknown(#name))
                 }
 
                 fn encode_snapshot(
@@ -151,7 +158,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 }
 
                 #[allow(unused_variables)]
-                fn decode_snapshot(payload: &[u8], version: u64) -> #private::Result<Self> {
+                fn decode_snapshot(__payload: &[u8], __version: u64) -> #private::Result<Self> {
                     #decode_snapshot
                 }
             }
@@ -169,4 +176,24 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             }
         };
     }
+}
+
+/// `tokens` with every span set to `span`: the runtime path in code generated for one listed
+/// event, so that an error about that event points at the user's token, not at the derive.
+fn respan(tokens: &TokenStream, span: proc_macro2::Span) -> TokenStream {
+    tokens
+        .clone()
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(&group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }

@@ -73,33 +73,52 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         });
     }
 
-    let (names, name_body, decode_body) = match &cont.data {
+    let (names, name_body, encode_body, decode_body) = match &cont.data {
         Shape::Struct => (
             vec![type_name.clone()],
             quote!(#type_name),
-            quote_spanned!(ident.span()=> #private::decode_json::<Self>(payload)),
+            quote_spanned!(ident.span()=> #private::encode_json(self)),
+            quote_spanned!(ident.span()=> #private::decode_json::<Self>(__payload)),
         ),
         Shape::Enum(_) => {
+            let count = variants.len();
             let arms = variants
                 .iter()
                 .map(|(v, name, _)| quote!(Self::#v { .. } => #name,));
+            let indices = variants
+                .iter()
+                .enumerate()
+                .map(|(index, (_, name, _))| quote!(#name => #index,));
+            // Only the variant's content is stored; the registered name says which variant.
+            let encode = quote_spanned! {ident.span()=>
+                #private::encode_enum::<Self>(self, #count)
+            };
             let decode = quote_spanned! {ident.span()=>
-                let value = #private::decode_json::<Self>(payload)?;
-                let decoded = #krate::Event::name(&value);
-                if decoded == name {
-                    ::core::result::Result::Ok(value)
-                } else {
-                    ::core::result::Result::Err(#private::variant_mismatch(name, decoded))
-                }
+                let __index: usize = match __name {
+                    #(#indices)*
+                    _ => {
+                        return ::core::result::Result::Err(#private::unknown_variant(
+                            __name,
+                            #private::type_name::<Self>(),
+                        ));
+                    }
+                };
+                #private::decode_enum::<Self>(
+                    __payload,
+                    __name,
+                    __index,
+                    #count,
+                    <Self as #krate::Event>::name,
+                )
             };
             (
                 variants.iter().map(|(_, n, _)| n.clone()).collect(),
                 quote!(match self { #(#arms)* }),
+                encode,
                 decode,
             )
         }
     };
-    let encode_body = quote_spanned!(ident.span()=> #private::encode_json(self));
 
     quote! {
         const _: () = {
@@ -118,9 +137,9 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
 
                 #[allow(unused_variables)]
                 fn decode(
-                    name: &str,
-                    version: u32,
-                    payload: &[u8],
+                    __name: &str,
+                    __version: u32,
+                    __payload: &[u8],
                 ) -> ::core::result::Result<Self, #private::BoxError> {
                     #decode_body
                 }

@@ -11,7 +11,12 @@ use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};
 
 /// Derives `annals::Event` for a struct (one registered name) or an enum (one name per
-/// variant). See `annals::Event`.
+/// variant), beside serde's `Serialize` and `Deserialize`.
+///
+/// Keys of `#[event(...)]`: on the type, `name = "..."` (structs; default: the type's name),
+/// `version = N` (schema version, default 1) and `crate = "..."` (the path to annals, default
+/// `::annals`); on an enum variant, `name = "..."` (default: the variant's name). The trait
+/// `annals::Event` documents each with a compiled example.
 #[proc_macro_derive(Event, attributes(event))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
@@ -19,7 +24,12 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 }
 
 /// Derives `annals::Aggregate`: the dispatch from stored events to `Apply` impls, the snapshot
-/// codec and the registration. See `annals::Aggregate`.
+/// codec and the registration.
+///
+/// Keys of `#[aggregate(...)]`: `events(A, B, ...)` (required), `name = "..."` (default: the
+/// type's name), `snapshot_every = N`, `snapshot_version = N` (default 1; needs
+/// `snapshot_every`) and `crate = "..."` (default `::annals`). The trait `annals::Aggregate`
+/// documents each with a compiled example.
 #[proc_macro_derive(Aggregate, attributes(aggregate))]
 pub fn derive_aggregate(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);

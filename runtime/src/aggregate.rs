@@ -65,7 +65,7 @@ impl std::str::FromStr for AggregateId {
     }
 }
 
-/// A state rebuilt from its events. Derive it with `#[derive(Aggregate)]`:
+/// A state rebuilt from its events. Derive it with `#[derive(Aggregate)]`, with `Default`:
 ///
 /// ```
 /// use annals::prelude::*;
@@ -85,6 +85,40 @@ impl std::str::FromStr for AggregateId {
 ///
 /// The derive generates the dispatch from a stored event to the matching [`Apply`] impl, the
 /// snapshot codec and the registration; implementing this trait by hand is not supported.
+///
+/// # Attribute keys (`#[aggregate(...)]`)
+///
+/// | key | value | default |
+/// | --- | --- | --- |
+/// | `events(A, B, ...)` | every event type the aggregate applies (required); each needs `impl Apply<E>` | — |
+/// | `name = "..."` | the registered name, stored with every aggregate: keep it when renaming the type | the type's name |
+/// | `snapshot_every = N` | stage a snapshot with every Nth event (the state must derive `Serialize` and `Deserialize`) | no snapshots |
+/// | `snapshot_version = N` | the shape of the snapshots; bump it when the state changes shape, and older snapshots are ignored (needs `snapshot_every`) | `1` |
+/// | `crate = "..."` | the path generated code names annals by, for a renamed dependency | `::annals` |
+///
+/// ```
+/// # use annals::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Event, Serialize, Deserialize)]
+/// # struct Shelved { sku: String }
+/// # #[derive(Event, Serialize, Deserialize)]
+/// # struct Sold { sku: String }
+/// #[derive(Aggregate, Serialize, Deserialize, Default)]
+/// #[aggregate(
+///     name = "shop.stock",
+///     events(Shelved, Sold),
+///     snapshot_every = 500,
+///     snapshot_version = 2,
+/// )]
+/// struct Stock { skus: Vec<String> }
+/// # impl Apply<Shelved> for Stock { fn apply(&mut self, e: &Shelved) { self.skus.push(e.sku.clone()) } }
+/// # impl Apply<Sold> for Stock { fn apply(&mut self, e: &Sold) { self.skus.retain(|s| *s != e.sku) } }
+/// # assert_eq!(<Stock as Aggregate>::SNAPSHOT_EVERY, Some(500));
+/// ```
+///
+/// A snapshot must encode as JSON: a state that does not (a map with non-string keys, say)
+/// makes [`Context::apply`](crate::Context::apply) fail with [`Error::Encode`](crate::Error::Encode)
+/// when the snapshot is due.
 pub trait Aggregate: Default + Send + Sync + Sized + 'static {
     /// The registered name, stored with every aggregate of this type.
     const NAME: &'static str;
@@ -128,7 +162,44 @@ pub trait Apply<E> {
     label = "`{E}` is not one of `{Self}`'s events",
     note = "add `{E}` to `#[aggregate(events(...))]` on `{Self}` and implement `Apply<{E}>`"
 )]
-pub trait Handles<E: Event>: Aggregate {}
+pub trait Handles<E: Event>: Aggregate {
+    /// Applies the event through the aggregate's [`Apply`] impl.
+    #[doc(hidden)]
+    fn handle(&mut self, event: &E);
+}
+
+/// An event no aggregate lists; it has no values. Its blanket `Handles` impl gives every
+/// aggregate at least two, so that rustc does not infer the event type of
+/// [`Context::apply`](crate::Context::apply) from an aggregate's only listed event (and report
+/// an unlisted one as "mismatched types") but reports it with the message of [`Handles`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum NoEvent {}
+
+#[diagnostic::do_not_recommend]
+impl Event for NoEvent {
+    const NAMES: &'static [&'static str] = &[];
+    const VERSION: u32 = 1;
+
+    fn name(&self) -> &'static str {
+        match *self {}
+    }
+
+    fn encode(&self) -> std::result::Result<Vec<u8>, crate::error::BoxError> {
+        match *self {}
+    }
+
+    fn decode(_: &str, _: u32, _: &[u8]) -> std::result::Result<Self, crate::error::BoxError> {
+        Err("no event decodes as NoEvent".into())
+    }
+}
+
+#[diagnostic::do_not_recommend]
+impl<A: Aggregate> Handles<NoEvent> for A {
+    fn handle(&mut self, event: &NoEvent) {
+        match *event {}
+    }
+}
 
 /// One aggregate loaded into (or created in) a context: its id, natural key, version and state.
 ///

@@ -6,25 +6,39 @@ use std::time::SystemTime;
 
 use tracing::Instrument;
 
-use crate::aggregate::{Aggregate, AggregateId, Handles, Root};
-use crate::error::{Error, Result, Target};
-use crate::event::{Event, StoredPayload};
+use crate::aggregate::{AggregateId, Handles, Root};
+use crate::clash::ClashRules;
+use crate::error::{Error, Result};
+use crate::event::Event;
 use crate::metadata::Metadata;
-use crate::store::{
-    Change, CommitBatch, LoadRequest, LoadedStream, Locate, StagedEvent, StagedSnapshot, Store,
-};
+use crate::rebuild::snapshot_due;
+use crate::store::{Change, CommitBatch, StagedEvent, StagedSnapshot, Store};
 
 /// What a context knows of one aggregate it loaded or created.
 #[derive(Debug)]
-struct Tracked {
-    id: AggregateId,
-    aggregate_type: &'static str,
-    key: Option<String>,
-    is_new: bool,
+pub(crate) struct Tracked {
+    pub(crate) id: AggregateId,
+    pub(crate) aggregate_type: &'static str,
+    pub(crate) key: Option<String>,
+    pub(crate) is_new: bool,
+    /// How a new aggregate was created, which decides what a clash at commit means.
+    pub(crate) origin: Origin,
     /// The committed version the context started from.
-    base: u64,
-    events: Vec<StagedEvent>,
-    snapshot: Option<StagedSnapshot>,
+    pub(crate) base: u64,
+    pub(crate) events: Vec<StagedEvent>,
+    pub(crate) snapshot: Option<StagedSnapshot>,
+}
+
+/// How the context came to track an aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Loaded from the store, or created with a fresh id (and maybe a key).
+    Plain,
+    /// Created by [`Context::load_or_create_by_key`]: a key clash at commit means another context
+    /// created it first, which a retry resolves by loading it.
+    LoadOrCreate,
+    /// Created by [`Context::create_with_id`]: an id clash at commit means the id is taken.
+    ChosenId,
 }
 
 impl Tracked {
@@ -48,11 +62,11 @@ impl Tracked {
 /// older one fails with [`Error::StaleRoot`].
 #[derive(Debug)]
 pub struct Context {
-    store: Store,
-    read_only: bool,
-    tracked: Vec<Tracked>,
-    by_id: HashMap<AggregateId, usize>,
-    by_key: HashMap<(&'static str, String), usize>,
+    pub(crate) store: Store,
+    pub(crate) read_only: bool,
+    pub(crate) tracked: Vec<Tracked>,
+    pub(crate) by_id: HashMap<AggregateId, usize>,
+    pub(crate) by_key: HashMap<(&'static str, String), usize>,
     metadata: Metadata,
     /// Events applied so far: orders staged events across aggregates.
     applied: u64,
@@ -97,107 +111,22 @@ impl Context {
         self.tracked.iter().map(|t| t.events.len()).sum()
     }
 
-    /// A new aggregate with a fresh id and no natural key. It exists in the store once this
-    /// context commits an event for it.
-    pub fn create<A: Aggregate>(&mut self) -> Result<Root<A>> {
-        self.writable()?;
-        Ok(self.track_new::<A>(None))
-    }
-
-    /// A new aggregate with the natural key `key`, unique among aggregates of type `A`.
-    ///
-    /// Fails with [`Error::KeyTaken`] when the key is already committed or created in this
-    /// context; a concurrent context that commits the same key first makes this context's
-    /// commit fail with `KeyTaken`.
-    pub async fn create_with_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
-        self.writable()?;
-        check_key(key)?;
-        let taken = self.by_key.contains_key(&(A::NAME, key.to_owned()))
-            || self
-                .store
-                .inner
-                .backend
-                .locate(Locate::Key {
-                    aggregate_type: A::NAME,
-                    key,
-                })
-                .await?
-                .is_some();
-        if taken {
-            return Err(Error::KeyTaken {
-                aggregate_type: A::NAME.to_owned(),
-                key: key.to_owned(),
-            });
-        }
-        Ok(self.track_new::<A>(Some(key.to_owned())))
-    }
-
-    /// Loads the aggregate `id`: the newest snapshot of the current shape, if any, then the
-    /// events after it.
-    pub async fn load<A: Aggregate>(&mut self, id: AggregateId) -> Result<Root<A>> {
-        if let Some(&index) = self.by_id.get(&id) {
-            return self.reload::<A>(index).await;
-        }
-        match self.fetch::<A>(Locate::Id(id), None).await? {
-            Some(loaded) => self.track_loaded(loaded),
-            None => Err(Error::NotFound {
-                aggregate_type: A::NAME.to_owned(),
-                target: Target::Id(id),
-            }),
-        }
-    }
-
-    /// Loads the aggregate of type `A` with the natural key `key`.
-    pub async fn load_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
-        match self.find_by_key::<A>(key).await? {
-            Some(root) => Ok(root),
-            None => Err(Error::NotFound {
-                aggregate_type: A::NAME.to_owned(),
-                target: Target::Key(key.to_owned()),
-            }),
-        }
-    }
-
-    /// Loads the aggregate of type `A` with the natural key `key`, or `None` when there is none.
-    pub async fn find_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Option<Root<A>>> {
-        check_key(key)?;
-        if let Some(&index) = self.by_key.get(&(A::NAME, key.to_owned())) {
-            return self.reload::<A>(index).await.map(Some);
-        }
-        let locate = Locate::Key {
-            aggregate_type: A::NAME,
-            key,
-        };
-        match self.fetch::<A>(locate, None).await? {
-            Some(loaded) => match self.by_id.get(&loaded.id) {
-                // Loaded by id earlier in this context: keep that view.
-                Some(&index) => self.reload::<A>(index).await.map(Some),
-                None => self.track_loaded(loaded).map(Some),
-            },
-            None => Ok(None),
-        }
-    }
-
-    /// Loads the aggregate of type `A` with the natural key `key`, or creates it when there is
-    /// none (see [`create_with_key`](Context::create_with_key) for what happens when two
-    /// contexts create one key at once).
-    pub async fn load_or_create_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
-        match self.find_by_key::<A>(key).await? {
-            Some(root) => Ok(root),
-            None => {
-                self.writable()?;
-                Ok(self.track_new::<A>(Some(key.to_owned())))
-            }
-        }
-    }
-
     /// Applies `event` to `root` now and stages it for commit. Returns the event's id.
     ///
-    /// If the aggregate's snapshot policy fires at the new version, a snapshot is staged too.
-    /// Nothing is staged, and the root is unchanged, when this fails.
+    /// What is applied is the event as it will be read back: `event` is encoded, the encoding
+    /// decoded again, and the decoded value applied, so the state in memory is the state a load
+    /// rebuilds. An event whose encoding does not decode ([`Error::RoundTrip`]), or is too large
+    /// ([`Error::PayloadTooLarge`]), is refused: nothing is staged and the root is unchanged.
+    ///
+    /// If the aggregate's snapshot policy fires at the new version, a snapshot is staged too. A
+    /// state that cannot be encoded as a snapshot fails with [`Error::Encode`] (`what:
+    /// "snapshot"`), staging nothing; the event has then been applied to the root's state, so
+    /// the root is left ahead of the context and refused with [`Error::StaleRoot`] from then
+    /// on: load the aggregate again. (A snapshot over the size limit is skipped, with a
+    /// warning: snapshots only speed up loading.)
     pub fn apply<A, E>(&mut self, root: &mut Root<A>, event: E) -> Result<uuid::Uuid>
     where
-        A: Handles<E> + crate::Apply<E>,
+        A: Handles<E>,
         E: Event,
     {
         self.apply_with(root, event, Metadata::default())
@@ -211,7 +140,7 @@ impl Context {
         metadata: Metadata,
     ) -> Result<uuid::Uuid>
     where
-        A: Handles<E> + crate::Apply<E>,
+        A: Handles<E>,
         E: Event,
     {
         self.writable()?;
@@ -242,10 +171,16 @@ impl Context {
         };
         check_size("metadata", name, metadata.as_ref().map_or(0, Vec::len), max)?;
 
-        <A as crate::Apply<E>>::apply(&mut root.state, &event);
+        // Apply what a load will read back, not the value in hand: the two differ when the
+        // encoding loses something, and a load must rebuild the state seen here.
+        let event = E::decode(name, E::VERSION, &payload).map_err(|source| Error::RoundTrip {
+            type_name: name.to_owned(),
+            source,
+        })?;
+        root.state.handle(&event);
         root.version += 1;
         let event_id = uuid::Uuid::now_v7();
-        let snapshot = snapshot_due::<A>(root, max);
+        let snapshot = snapshot_due::<A>(root, max)?;
         self.applied += 1;
         if let Some(tracked) = self.tracked.get_mut(index) {
             tracked.events.push(StagedEvent {
@@ -271,12 +206,39 @@ impl Context {
     /// first; nothing of this context is written then. A context with nothing staged (and every
     /// read-only context) commits without touching the store.
     pub async fn commit(self) -> Result<()> {
+        let clashes = self.clash_rules();
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = commit_span(&batch, false);
-        store.inner.backend.commit(&batch).instrument(span).await
+        match store.inner.backend.commit(&batch).instrument(span).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(clashes.classify(&store, e).await),
+        }
+    }
+
+    /// What a key or id clash at commit means for the aggregates this context created.
+    pub(crate) fn clash_rules(&self) -> ClashRules {
+        let mut rules = ClashRules::default();
+        for t in self
+            .tracked
+            .iter()
+            .filter(|t| t.is_new && !t.events.is_empty())
+        {
+            match t.origin {
+                Origin::LoadOrCreate => {
+                    if let Some(key) = &t.key {
+                        rules.load_or_create(t.id, t.aggregate_type, key);
+                    }
+                }
+                Origin::ChosenId => {
+                    rules.chosen_id(t.id, t.events.first().map(|e| e.event_id));
+                }
+                Origin::Plain => {}
+            }
+        }
+        rules
     }
 
     /// The store and what to write, or `None` when nothing is staged.
@@ -312,100 +274,12 @@ impl Context {
         Some((self.store, batch))
     }
 
-    fn writable(&self) -> Result<()> {
+    pub(crate) fn writable(&self) -> Result<()> {
         if self.read_only {
             Err(Error::ReadOnly)
         } else {
             Ok(())
         }
-    }
-
-    fn track_new<A: Aggregate>(&mut self, key: Option<String>) -> Root<A> {
-        let id = AggregateId::new();
-        let index = self.tracked.len();
-        if let Some(key) = &key {
-            self.by_key.insert((A::NAME, key.clone()), index);
-        }
-        self.by_id.insert(id, index);
-        self.tracked.push(Tracked {
-            id,
-            aggregate_type: A::NAME,
-            key: key.clone(),
-            is_new: true,
-            base: 0,
-            events: Vec::new(),
-            snapshot: None,
-        });
-        Root {
-            id,
-            key,
-            version: 0,
-            state: A::default(),
-        }
-    }
-
-    fn track_loaded<A: Aggregate>(&mut self, root: Root<A>) -> Result<Root<A>> {
-        let index = self.tracked.len();
-        if let Some(key) = &root.key {
-            self.by_key.insert((A::NAME, key.clone()), index);
-        }
-        self.by_id.insert(root.id, index);
-        self.tracked.push(Tracked {
-            id: root.id,
-            aggregate_type: A::NAME,
-            key: root.key.clone(),
-            is_new: false,
-            base: root.version,
-            events: Vec::new(),
-            snapshot: None,
-        });
-        Ok(root)
-    }
-
-    /// A fresh root for an aggregate this context already tracks: the committed state it
-    /// started from, plus the events it staged since.
-    async fn reload<A: Aggregate>(&mut self, index: usize) -> Result<Root<A>> {
-        let (id, aggregate_type, is_new, base) = match self.tracked.get(index) {
-            Some(t) => (t.id, t.aggregate_type, t.is_new, t.base),
-            None => return Err(Error::Corrupt("context index out of range".to_owned())),
-        };
-        if aggregate_type != A::NAME {
-            return Err(Error::WrongAggregateType {
-                aggregate: id,
-                expected: A::NAME.to_owned(),
-                found: aggregate_type.to_owned(),
-            });
-        }
-        let mut root = if is_new {
-            Root {
-                id,
-                key: self.tracked.get(index).and_then(|t| t.key.clone()),
-                version: 0,
-                state: A::default(),
-            }
-        } else {
-            match self.fetch::<A>(Locate::Id(id), Some(base)).await? {
-                Some(root) => root,
-                None => {
-                    return Err(Error::NotFound {
-                        aggregate_type: A::NAME.to_owned(),
-                        target: Target::Id(id),
-                    });
-                }
-            }
-        };
-        if let Some(tracked) = self.tracked.get(index) {
-            for staged in &tracked.events {
-                root.state.apply_stored(&StoredPayload {
-                    name: staged.name,
-                    schema_version: staged.schema_version,
-                    payload: &staged.payload,
-                    position: 0,
-                })?;
-                root.version = staged.version;
-            }
-        }
-        Ok(root)
     }
 
     /// Commits this context inside the caller's own SQLite transaction, so the events and the
@@ -452,156 +326,15 @@ impl Context {
     /// ```
     #[cfg(feature = "sqlite")]
     pub fn commit_in_sqlite(self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        let clashes = self.clash_rules();
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
         let _entered = commit_span(&batch, true).entered();
         crate::store::sql::sqlite::commit_in(&store, tx, &batch)
+            .map_err(|e| clashes.classify_without_store(e))
     }
-
-    /// Reads and rebuilds one aggregate from the store.
-    async fn fetch<A: Aggregate>(
-        &self,
-        locate: Locate<'_>,
-        up_to: Option<u64>,
-    ) -> Result<Option<Root<A>>> {
-        let span = tracing::debug_span!(
-            "annals.load",
-            aggregate_type = A::NAME,
-            aggregate = tracing::field::Empty,
-            version = tracing::field::Empty,
-            events = tracing::field::Empty,
-        );
-        async {
-            let backend = &self.store.inner.backend;
-            let request = LoadRequest {
-                locate,
-                snapshot_version: A::SNAPSHOT_EVERY.map(|_| A::SNAPSHOT_VERSION),
-                up_to,
-            };
-            let Some(stream) = backend.load(request).await? else {
-                return Ok(None);
-            };
-            let span = tracing::Span::current();
-            span.record("aggregate", tracing::field::display(stream.row.id));
-            match rebuild::<A>(&stream) {
-                Ok(root) => {
-                    span.record("version", root.version);
-                    span.record("events", stream.events.len());
-                    Ok(Some(root))
-                }
-                Err(Error::Decode {
-                    what: "snapshot",
-                    source,
-                    ..
-                }) => {
-                    tracing::warn!(
-                        aggregate = %stream.row.id,
-                        error = %source,
-                        "snapshot does not decode; rebuilding from events"
-                    );
-                    let request = LoadRequest {
-                        snapshot_version: None,
-                        ..request
-                    };
-                    match backend.load(request).await? {
-                        Some(stream) => rebuild::<A>(&stream).map(Some),
-                        None => Ok(None),
-                    }
-                }
-                Err(e) => Err(e),
-            }
-        }
-        .instrument(span)
-        .await
-    }
-}
-
-/// Folds a loaded stream into a root, checking that versions follow each other with no gap.
-fn rebuild<A: Aggregate>(stream: &LoadedStream) -> Result<Root<A>> {
-    let row = &stream.row;
-    if row.aggregate_type != A::NAME {
-        return Err(Error::WrongAggregateType {
-            aggregate: row.id,
-            expected: A::NAME.to_owned(),
-            found: row.aggregate_type.clone(),
-        });
-    }
-    let (mut state, mut version) = match &stream.snapshot {
-        Some(snapshot) => (
-            A::decode_snapshot(&snapshot.payload, snapshot.version)?,
-            snapshot.version,
-        ),
-        None => (A::default(), 0),
-    };
-    for event in &stream.events {
-        if event.version != version + 1 {
-            return Err(Error::Corrupt(format!(
-                "aggregate {} jumps from version {version} to {} at position {}",
-                row.id, event.version, event.position
-            )));
-        }
-        state.apply_stored(&StoredPayload {
-            name: &event.name,
-            schema_version: event.schema_version,
-            payload: &event.payload,
-            position: event.position,
-        })?;
-        version = event.version;
-    }
-    Ok(Root {
-        id: row.id,
-        key: row.key.clone(),
-        version,
-        state,
-    })
-}
-
-/// The snapshot to stage after `root` reached its current version, if the policy fires. A
-/// snapshot that cannot be encoded or is too large is skipped: snapshots only speed up loading.
-fn snapshot_due<A: Aggregate>(root: &Root<A>, max: usize) -> Option<StagedSnapshot> {
-    let every = A::SNAPSHOT_EVERY?;
-    if every == 0 || !root.version.is_multiple_of(every) {
-        return None;
-    }
-    match root.state.encode_snapshot()? {
-        Ok(payload) if payload.len() <= max => Some(StagedSnapshot {
-            version: root.version,
-            snapshot_version: A::SNAPSHOT_VERSION,
-            payload,
-        }),
-        Ok(payload) => {
-            tracing::warn!(
-                aggregate = %root.id,
-                size = payload.len(),
-                max,
-                "snapshot over the payload limit; not staged"
-            );
-            None
-        }
-        Err(error) => {
-            tracing::warn!(aggregate = %root.id, %error, "snapshot does not encode; not staged");
-            None
-        }
-    }
-}
-
-/// Natural keys are non-empty text of at most 1,024 bytes without NUL, on every store.
-fn check_key(key: &str) -> Result<()> {
-    let reason = if key.is_empty() {
-        "it is empty"
-    } else if key.len() > 1024 {
-        "it is longer than 1,024 bytes"
-    } else if key.contains('\0') {
-        "it contains a NUL character"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidKey {
-        key: key.to_owned(),
-        reason,
-    })
 }
 
 fn check_size(what: &'static str, type_name: &str, size: usize, max: usize) -> Result<()> {
@@ -673,14 +406,19 @@ impl Context {
     /// # Ok(()) }
     /// ```
     pub async fn commit_in(self, conn: &mut sqlx::PgConnection) -> Result<()> {
+        let clashes = self.clash_rules();
         let Some((store, batch)) = self.into_batch() else {
             return Ok(());
         };
         batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = commit_span(&batch, true);
-        crate::store::sql::postgres::commit_in(&store, conn, &batch)
+        match crate::store::sql::postgres::commit_in(&store, conn, &batch)
             .instrument(span)
             .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err(clashes.classify(&store, e).await),
+        }
     }
 }
 

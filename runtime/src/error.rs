@@ -113,6 +113,16 @@ pub enum Error {
         key: String,
     },
 
+    /// An aggregate with this id already exists (given to `Context::create_with_id`); nothing
+    /// of the context was written.
+    #[error("aggregate id {aggregate} is already taken by a {found_type}")]
+    IdTaken {
+        /// The id.
+        aggregate: AggregateId,
+        /// The registered name of the aggregate type that holds it.
+        found_type: String,
+    },
+
     /// A natural key is empty, longer than 1,024 bytes, or contains a NUL character.
     #[error("invalid natural key {key:?}: {reason}")]
     InvalidKey {
@@ -173,6 +183,19 @@ pub enum Error {
         /// The event or aggregate type's name.
         type_name: String,
         /// What the encoder said.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An event's encoding does not decode back into the event (a float NaN encoded as `null`,
+    /// a `skip_serializing` field without a default, an untagged enum or a custom serde impl that
+    /// reads something else than it writes): stored, it would make its aggregate unloadable.
+    /// Nothing was staged.
+    #[error("event {type_name:?} does not decode from its own encoding: {source}")]
+    RoundTrip {
+        /// The event's registered name.
+        type_name: String,
+        /// What the decoder said.
         #[source]
         source: BoxError,
     },
@@ -318,6 +341,19 @@ impl Error {
 
 /// Recognises a concurrency conflict inside an error type, so the retry helper can re-run work
 /// whose error type is the user's own.
+///
+/// For [`Error`], two variants count. [`Error::Conflict`]: a commit reports it when an aggregate
+/// moved since this context loaded it, when another context created the natural key of an
+/// aggregate this one got from `load_or_create_by_key` (the retry then loads it), and when
+/// PostgreSQL aborts a commit with a serialization failure or a deadlock.
+/// [`Error::StaleTransaction`]: `commit_in` inside a `REPEATABLE READ` or `SERIALIZABLE`
+/// transaction whose snapshot predates what the context loaded. Re-running the work reads
+/// fresh state, so it may succeed.
+///
+/// Not conflicts, because re-running the same work gives the same answer: `KeyTaken`
+/// (`create_with_key` on a taken key), `IdTaken`, `StaleRoot` (a bug in the work itself),
+/// `NotFound`, `RoundTrip`, `Encode`, `PayloadTooLarge`; nor `Backend`: a lost connection is
+/// not retried by the helper, retry it in your own code if that suits you.
 ///
 /// Implement it for your error type by asking the `annals::Error` it wraps:
 ///

@@ -8,15 +8,16 @@ use crate::aggregate::AggregateId;
 use crate::error::{BoxError, Error, Result};
 use crate::metadata::Metadata;
 
-/// A fact that happened to an aggregate. Derive it with `#[derive(Event)]`:
+/// A fact that happened to an aggregate. Derive it with `#[derive(Event)]`, beside serde's
+/// `Serialize` and `Deserialize`:
 ///
 /// ```
 /// use annals::prelude::*;
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Event, Serialize, Deserialize)]
-/// #[event(name = "account.opened", version = 2)]
-/// struct Opened { owner: String }
+/// #[event(name = "door.opened", version = 2)]
+/// struct Opened { by: String }
 ///
 /// #[derive(Event, Serialize, Deserialize)]
 /// enum Moved {
@@ -25,12 +26,51 @@ use crate::metadata::Metadata;
 ///     Out { amount: i64 },
 /// }
 ///
-/// assert_eq!(<Opened as Event>::NAMES, ["account.opened"]);
+/// assert_eq!(<Opened as Event>::NAMES, ["door.opened"]);
+/// assert_eq!(<Opened as Event>::VERSION, 2);
 /// assert_eq!(<Moved as Event>::NAMES, ["money.in", "Out"]);
 /// ```
 ///
 /// A struct is registered under one name (default: the type's name); an enum under one name per
-/// variant (default: the variant's name). The payload is the value's serde JSON form.
+/// variant (default: the variant's name). Generic types and unions are refused.
+///
+/// # Attribute keys
+///
+/// | where | key | value | default |
+/// | --- | --- | --- | --- |
+/// | the struct | `name = "..."` | the registered name, stored with every event: keep it when renaming the type | the type's name |
+/// | the struct or enum | `version = N` | the schema version stored with every event (at least 1) | `1` |
+/// | the struct or enum | `crate = "..."` | the path generated code names annals by, for a renamed dependency | `::annals` |
+/// | an enum variant | `name = "..."` | the variant's registered name | the variant's name |
+///
+/// `name` on an enum itself is an error: each variant has its own. Names are at most 200 bytes,
+/// without control characters, and unique across the program (checked at [`Store::open`]).
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// use annals as ledger; // a renamed dependency
+///
+/// #[derive(ledger::Event, Serialize, Deserialize)]
+/// #[event(crate = "ledger", name = "ledger.posted", version = 3)]
+/// struct Posted { cents: i64 }
+/// # assert_eq!(<Posted as ledger::Event>::NAMES, ["ledger.posted"]);
+/// ```
+///
+/// # Payloads
+///
+/// The payload is the value's serde JSON. For an enum serde tags externally (the default),
+/// only the variant's content is stored, and the registered name says which variant it is: a
+/// variant can be renamed in Rust as long as its `name` stays. [`Context::apply`] applies the
+/// payload as it will be read back, and refuses an event whose JSON does not decode into it
+/// ([`Error::RoundTrip`]).
+///
+/// [`Store::open`]: crate::Store::open
+/// [`Context::apply`]: crate::Context::apply
+#[diagnostic::on_unimplemented(
+    message = "derive `Event` on `{Self}`: it is used as an annals event but does not implement `annals::Event`",
+    label = "`{Self}` is not an event",
+    note = "add `#[derive(annals::Event, serde::Serialize, serde::Deserialize)]` to `{Self}`"
+)]
 pub trait Event: Send + Sync + Sized + 'static {
     /// Every name values of this type are stored under: one for a struct, one per variant for an
     /// enum.
@@ -137,7 +177,7 @@ pub struct RecordedEvent {
     pub event_type: String,
     /// The schema version it was written with.
     pub schema_version: u32,
-    /// The encoded payload (JSON).
+    /// The encoded payload (JSON; for an enum event, the content of its variant).
     pub payload: Vec<u8>,
     /// The event's unique id.
     pub event_id: uuid::Uuid,
@@ -161,7 +201,8 @@ impl RecordedEvent {
         self.stored().decode().map(Some)
     }
 
-    /// The payload as a JSON value, whatever its Rust type.
+    /// The payload as a JSON value, whatever its Rust type (for an enum event, the variant's
+    /// content: `event_type` says which variant).
     pub fn payload_json(&self) -> Result<serde_json::Value> {
         serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
             what: "event",

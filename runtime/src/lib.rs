@@ -12,10 +12,10 @@
 //! struct Deposited { amount: i64 }
 //!
 //! #[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
-//! #[aggregate(name = "account", events(Deposited))]
-//! struct Account { balance: i64 }
+//! #[aggregate(name = "wallet", events(Deposited))]
+//! struct Wallet { balance: i64 }
 //!
-//! impl Apply<Deposited> for Account {
+//! impl Apply<Deposited> for Wallet {
 //!     fn apply(&mut self, e: &Deposited) { self.balance += e.amount }
 //! }
 //!
@@ -23,12 +23,12 @@
 //! # async fn main() -> Result<(), annals::Error> {
 //! let store = Store::open("memory:").await?;
 //! store.transact(async |ctx| {
-//!     let mut alice = ctx.load_or_create_by_key::<Account>("alice").await?;
+//!     let mut alice = ctx.load_or_create_by_key::<Wallet>("alice").await?;
 //!     ctx.apply(&mut alice, Deposited { amount: 30 })?;
 //!     Ok::<_, annals::Error>(())
 //! }).await?;
 //!
-//! let alice = store.begin_read_only().load_by_key::<Account>("alice").await?;
+//! let alice = store.begin_read_only().load_by_key::<Wallet>("alice").await?;
 //! assert_eq!((alice.balance, alice.version()), (30, 1));
 //! # Ok(()) }
 //! ```
@@ -44,19 +44,39 @@
 //!
 //! `memory:` (feature `memory`) for tests; `sqlite://…` (feature `sqlite`, the default);
 //! `postgres://…` (feature `postgres`). See [`Store::open`].
+//!
+//! ## Tracing
+//!
+//! annals logs through [`tracing`](https://docs.rs/tracing); no `println!`. The spans, at
+//! `DEBUG` level:
+//!
+//! | span | when | fields |
+//! | --- | --- | --- |
+//! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot) |
+//! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, `in_caller_tx` (true for `commit_in`) |
+//!
+//! Events: `DEBUG` "conflict, retrying" with `attempt` from the retry helper; `WARN` when a stored
+//! snapshot does not decode (the load rebuilds from events) or a snapshot is over the size limit
+//! (not staged); `INFO` for each migration applied at open; on PostgreSQL, `WARN` when the
+//! `LISTEN` connection is lost (waiters poll until it is back).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod aggregate;
+mod clash;
+mod codec;
 mod context;
 mod error;
 mod event;
 mod feed;
+mod load;
 mod metadata;
+mod rebuild;
 pub mod registry;
 mod retry;
 mod store;
+mod transact;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 pub use annals_macros::{Aggregate, Event};
@@ -69,6 +89,11 @@ pub use registry::{Registry, registry};
 pub use retry::Retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::{Dialect, Migration, migrations};
+
+/// The README's code, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 /// The rusqlite this annals is built with, for code that commits a context inside its own
 /// SQLite transaction (see `Context::commit_in_sqlite`) without pinning a second copy of it.
@@ -97,24 +122,16 @@ pub mod __private {
     pub use core::any::type_name;
     pub use inventory;
 
-    /// Encodes an event payload.
-    pub fn encode_json<T: serde::Serialize + ?Sized>(
-        value: &T,
-    ) -> core::result::Result<Vec<u8>, BoxError> {
-        serde_json::to_vec(value).map_err(Into::into)
+    pub use crate::codec::{decode_enum, decode_json, encode_enum, encode_json, variant_mismatch};
+
+    /// True when `name` is one of `names`.
+    pub fn lists(names: &[&str], name: &str) -> bool {
+        names.contains(&name)
     }
 
-    /// Decodes an event payload.
-    pub fn decode_json<T: serde::de::DeserializeOwned>(
-        payload: &[u8],
-    ) -> core::result::Result<T, BoxError> {
-        serde_json::from_slice(payload).map_err(Into::into)
-    }
-
-    /// The error for an enum payload that decodes to another variant than the stored name.
-    pub fn variant_mismatch(stored: &str, decoded: &str) -> BoxError {
-        format!("the payload holds variant {decoded:?}, but the event is stored as {stored:?}")
-            .into()
+    /// The error for a name that no variant of an event enum is registered under.
+    pub fn unknown_variant(name: &str, rust_type: &str) -> BoxError {
+        format!("no variant of `{rust_type}` is registered as {name:?}").into()
     }
 
     /// Encodes an aggregate's state as a snapshot.

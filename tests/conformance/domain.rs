@@ -174,7 +174,11 @@ impl Apply<Ticked> for MeterNextRelease {
     }
 }
 
-impl annals::Handles<Ticked> for MeterNextRelease {}
+impl annals::Handles<Ticked> for MeterNextRelease {
+    fn handle(&mut self, e: &Ticked) {
+        self.apply(e)
+    }
+}
 
 /// A payload with room for arbitrary bytes, for size limits and odd characters.
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -192,5 +196,74 @@ pub struct Blob {
 impl Apply<BlobWritten> for Blob {
     fn apply(&mut self, e: &BlobWritten) {
         self.data = e.data.clone();
+    }
+}
+
+/// Payloads that do not all survive their own encoding.
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(name = "rating.rated")]
+pub struct Rated {
+    pub rate: f64,
+}
+
+/// A field left out of the payload, read back as its default.
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(name = "rating.noted")]
+pub struct Noted {
+    pub text: String,
+    #[serde(skip_serializing, default)]
+    pub draft: String,
+}
+
+/// A field left out of the payload with no default: it never reads back.
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(name = "rating.hidden")]
+pub struct Hidden {
+    #[serde(skip_serializing)]
+    pub secret: String,
+}
+
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug, PartialEq)]
+#[aggregate(name = "rating", events(Rated, Noted, Hidden))]
+pub struct Rating {
+    pub rates: Vec<f64>,
+    pub notes: Vec<(String, String)>,
+}
+
+impl Apply<Rated> for Rating {
+    fn apply(&mut self, e: &Rated) {
+        self.rates.push(e.rate);
+    }
+}
+
+impl Apply<Noted> for Rating {
+    fn apply(&mut self, e: &Noted) {
+        self.notes.push((e.text.clone(), e.draft.clone()));
+    }
+}
+
+impl Apply<Hidden> for Rating {
+    fn apply(&mut self, e: &Hidden) {
+        self.notes.push((e.secret.clone(), String::new()));
+    }
+}
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(name = "grid.marked")]
+pub struct Marked {
+    pub x: i64,
+    pub y: i64,
+}
+
+/// A state whose snapshot cannot be JSON: a map with tuple keys.
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+#[aggregate(name = "grid", events(Marked), snapshot_every = 2)]
+pub struct Grid {
+    pub cells: std::collections::HashMap<(i64, i64), u32>,
+}
+
+impl Apply<Marked> for Grid {
+    fn apply(&mut self, e: &Marked) {
+        *self.cells.entry((e.x, e.y)).or_default() += 1;
     }
 }

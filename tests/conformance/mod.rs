@@ -5,6 +5,7 @@
 
 pub mod domain;
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +16,15 @@ use tokio::sync::Barrier;
 
 use domain::*;
 
-/// Generates one `#[tokio::test]` per conformance case. `$open` is an async expression that
-/// yields `(Store, guard)`: a fresh, empty store for that test, and whatever must stay alive
-/// while it is used (a temp dir, a schema); or an `Option` of that, `None` skipping the test
-/// (a database server that is not configured).
+/// Generates one `#[tokio::test]` per conformance case, with the attributes given as
+/// `attributes = [...]` (`#[cfg_attr(..., ignore = "...")]` for a backend that may be absent). `$open` is an async
+/// expression that yields `(Store, guard)`: a fresh, empty store for that test, and whatever
+/// must stay alive while it is used (a temp dir, a schema); or an `Option` of that, `None`
+/// skipping the test (a database server that is not configured).
 #[macro_export]
 macro_rules! conformance_suite {
-    ($open:expr) => {
-        $crate::conformance_suite!(@cases $open;
+    (attributes = $attrs:tt, $open:expr) => {
+        $crate::conformance_suite!(@cases $attrs $open;
             round_trip,
             history_and_metadata,
             enum_events_round_trip,
@@ -34,6 +36,8 @@ macro_rules! conformance_suite {
             conflict_between_tasks,
             natural_key_unique_under_concurrency,
             key_taken_in_same_context,
+            load_or_create_race_resolves_through_retry,
+            create_with_id_refuses_a_taken_id,
             load_twice_in_one_context,
             not_found_and_wrong_type,
             read_only_context,
@@ -41,23 +45,35 @@ macro_rules! conformance_suite {
             snapshot_version_mismatch_rebuilds,
             retry_helper_counts_to_400,
             retry_reruns_on_conflict_only,
+            helpers_with_borrowed_arguments_run_in_spawned_tasks,
             feed_each_event_once_in_commit_order,
             payload_too_large_is_refused,
             odd_payloads_round_trip,
+            apply_applies_what_reads_back,
+            snapshot_that_does_not_encode_is_an_error,
+            enum_events_store_the_variant_content,
+            wait_for_events_takes_any_timeout,
         );
     };
-    (@cases $open:expr; $($case:ident),* $(,)?) => {
+    ($open:expr) => {
+        $crate::conformance_suite!(attributes = [], $open);
+    };
+    (@cases $attrs:tt $open:expr; $($case:ident),* $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let Some((store, _guard)) = $crate::conformance::OpenedStore::opened($open.await)
-                else {
-                    return;
-                };
-                $crate::conformance::$case(&store).await;
-                store.close().await;
-            }
+            $crate::conformance_suite!(@case $attrs $open; $case);
         )*
+    };
+    (@case [$(#[$attr:meta])*] $open:expr; $case:ident) => {
+        $(#[$attr])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let Some((store, _guard)) = $crate::conformance::OpenedStore::opened($open.await)
+            else {
+                return;
+            };
+            $crate::conformance::$case(&store).await;
+            store.close().await;
+        }
     };
 }
 
@@ -436,7 +452,7 @@ pub async fn natural_key_unique_under_concurrency(store: &Store) {
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 let mut ctx = store.begin();
-                let mut a = ctx.load_or_create_by_key::<Account>("shared").await?;
+                let mut a = ctx.create_with_key::<Account>("shared").await?;
                 ctx.apply(
                     &mut a,
                     Opened {
@@ -485,6 +501,161 @@ pub async fn key_taken_in_same_context(store: &Store) {
     ));
     // A key is per aggregate type: a counter may use it.
     ctx.create_with_key::<Counter>("alice").await.unwrap();
+}
+
+/// 16 tasks sign up one key at once through `load_or_create_by_key` and the retry helper: a
+/// key clash at commit is a conflict there, so every task ends up succeeding, the losers on the
+/// aggregate the winner created.
+pub async fn load_or_create_race_resolves_through_retry(store: &Store) {
+    const TASKS: usize = 16;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+                store
+                    .transact_with_retry(Retry::attempts(100), async |ctx| {
+                        let mut a = ctx.load_or_create_by_key::<Account>("signup").await?;
+                        if a.version() == 0 {
+                            ctx.apply(
+                                &mut a,
+                                Opened {
+                                    owner: format!("owner {i}"),
+                                },
+                            )?;
+                        }
+                        ctx.apply(&mut a, Deposited { amount: 1 })?;
+                        // Only the first attempts meet: every task creates the key.
+                        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            barrier.wait().await;
+                        }
+                        Ok::<_, Error>(a.id())
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(120), task).await {
+            Ok(Ok(Ok(id))) => {
+                ids.insert(id);
+            }
+            other => panic!("every signup succeeds through the retry, got {other:?}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one aggregate for the key");
+    assert_eq!(
+        balance(store, "signup").await,
+        (TASKS as i64, TASKS as u64 + 1)
+    );
+
+    // Without the retry helper, the loser of such a race sees a conflict, not `KeyTaken`.
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a = first
+        .load_or_create_by_key::<Account>("late")
+        .await
+        .unwrap();
+    let mut b = second
+        .load_or_create_by_key::<Account>("late")
+        .await
+        .unwrap();
+    first.apply(&mut a, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut b, Deposited { amount: 2 }).unwrap();
+    first.commit().await.unwrap();
+    match second.commit().await {
+        Err(Error::Conflict {
+            aggregate_type,
+            aggregate,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(aggregate_type, "account");
+            assert_eq!(aggregate, b.id());
+            assert_eq!((expected, actual), (0, 1));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // `create_with_key` keeps `KeyTaken` for the same race.
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a = first.create_with_key::<Account>("later").await.unwrap();
+    let mut b = second.create_with_key::<Account>("later").await.unwrap();
+    first.apply(&mut a, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut b, Deposited { amount: 2 }).unwrap();
+    first.commit().await.unwrap();
+    assert!(matches!(
+        second.commit().await,
+        Err(Error::KeyTaken { key, .. }) if key == "later"
+    ));
+}
+
+pub async fn create_with_id_refuses_a_taken_id(store: &Store) {
+    let chosen = AggregateId::from(uuid::Uuid::now_v7());
+    let mut ctx = store.begin();
+    let mut account = ctx.create_with_id::<Account>(chosen).await.unwrap();
+    assert_eq!((account.id(), account.version()), (chosen, 0));
+    ctx.apply(
+        &mut account,
+        Opened {
+            owner: "Imported".into(),
+        },
+    )
+    .unwrap();
+    // Taken in this context already.
+    assert!(matches!(
+        ctx.create_with_id::<Counter>(chosen).await,
+        Err(Error::IdTaken { aggregate, found_type }) if aggregate == chosen && found_type == "account"
+    ));
+    ctx.commit().await.unwrap();
+    let loaded = store
+        .begin_read_only()
+        .load::<Account>(chosen)
+        .await
+        .unwrap();
+    assert_eq!((loaded.owner.as_str(), loaded.version()), ("Imported", 1));
+
+    // Taken in the store, by another type too.
+    match store.begin().create_with_id::<Counter>(chosen).await {
+        Err(Error::IdTaken {
+            aggregate,
+            found_type,
+        }) => assert_eq!((aggregate, found_type.as_str()), (chosen, "account")),
+        other => panic!("expected IdTaken, got {other:?}"),
+    }
+    assert!(matches!(
+        store
+            .begin_read_only()
+            .create_with_id::<Account>(AggregateId::new())
+            .await,
+        Err(Error::ReadOnly)
+    ));
+
+    // Two contexts choose one id: the second commit is refused with `IdTaken`, writing nothing.
+    let uuid = uuid::Uuid::now_v7();
+    let contested = AggregateId::from(uuid);
+    let mut first = store.begin();
+    let mut second = store.begin();
+    let mut a = first.create_with_id::<Account>(contested).await.unwrap();
+    // A plain UUID is taken too.
+    let mut b = second.create_with_id::<Counter>(uuid).await.unwrap();
+    let mut other = second.create::<Account>().unwrap();
+    first.apply(&mut a, Deposited { amount: 1 }).unwrap();
+    second.apply(&mut b, CounterEvent::Incremented).unwrap();
+    second.apply(&mut other, Deposited { amount: 1 }).unwrap();
+    first.commit().await.unwrap();
+    match second.commit().await {
+        Err(Error::IdTaken {
+            aggregate,
+            found_type,
+        }) => assert_eq!((aggregate, found_type.as_str()), (contested, "account")),
+        other => panic!("expected IdTaken, got {other:?}"),
+    }
+    assert_eq!(versions(store, contested).await, [1]);
+    assert!(store.history(other.id()).await.unwrap().is_empty());
 }
 
 pub async fn load_twice_in_one_context(store: &Store) {
@@ -757,10 +928,10 @@ async fn overtake(store: &Store, id: AggregateId) -> Result<(), Error> {
 pub async fn retry_reruns_on_conflict_only(store: &Store) {
     let id = open_account(store, "alice", "Alice", 0).await;
     // Each attempt is overtaken by another commit between its load and its commit.
-    let mut attempts = 0;
+    let attempts = Cell::new(0);
     let result = store
         .transact_with_retry(Retry::attempts(3), async |ctx| {
-            attempts += 1;
+            attempts.set(attempts.get() + 1);
             let mut a = ctx.load::<Account>(id).await?;
             ctx.apply(&mut a, Deposited { amount: 1 })?;
             overtake(store, id).await?;
@@ -769,40 +940,114 @@ pub async fn retry_reruns_on_conflict_only(store: &Store) {
         .await;
     assert!(matches!(result, Err(Error::Conflict { .. })));
     assert_eq!(
-        attempts, 3,
+        attempts.get(),
+        3,
         "three attempts, then the conflict reaches the caller"
     );
     assert_eq!(balance(store, "alice").await, (300, 4));
 
     // Overtaken once, then it commits.
-    let mut attempts = 0;
+    let attempts = Cell::new(0);
     store
         .transact_with_retry(Retry::attempts(3), async |ctx| {
-            attempts += 1;
+            attempts.set(attempts.get() + 1);
             let mut a = ctx.load::<Account>(id).await?;
             ctx.apply(&mut a, Deposited { amount: 1 })?;
-            if attempts == 1 {
+            if attempts.get() == 1 {
                 overtake(store, id).await?;
             }
             Ok::<_, Error>(())
         })
         .await
         .unwrap();
-    assert_eq!(attempts, 2);
+    assert_eq!(attempts.get(), 2);
     assert_eq!(balance(store, "alice").await, (401, 6));
 
     // A domain error is not retried.
-    let mut attempts = 0;
+    let attempts = Cell::new(0);
     let result = store
         .transact_with_retry(Retry::attempts(5), async |ctx| {
-            attempts += 1;
+            attempts.set(attempts.get() + 1);
             let a = ctx.load::<Account>(id).await?;
             a.withdraw(10_000)?;
             Ok::<_, BankError>(())
         })
         .await;
     assert!(matches!(result, Err(BankError::Overdrawn { .. })));
-    assert_eq!(attempts, 1);
+    assert_eq!(attempts.get(), 1);
+}
+
+/// Moves `amount` between two accounts: the helper a web handler calls, with borrowed arguments
+/// that the retried closure captures by reference.
+pub async fn transfer(store: &Store, from: &str, to: &str, amount: i64) -> Result<(), BankError> {
+    store
+        .transact_with_retry(Retry::attempts(1_000), async |ctx| {
+            let mut from = ctx.load_by_key::<Account>(from).await?;
+            let mut to = ctx.load_by_key::<Account>(to).await?;
+            let withdrawn = from.withdraw(amount)?;
+            ctx.apply(&mut from, withdrawn)?;
+            ctx.apply(&mut to, Deposited { amount })?;
+            Ok(())
+        })
+        .await
+}
+
+/// Opens the account `key` with a deposit, through `transact` with a borrowed key.
+async fn open_with_deposit(store: &Store, key: &str, amount: i64) -> Result<(), BankError> {
+    store
+        .transact(async move |ctx| {
+            let mut account = ctx.create_with_key::<Account>(key).await?;
+            ctx.apply(
+                &mut account,
+                Opened {
+                    owner: key.to_owned(),
+                },
+            )?;
+            ctx.apply(&mut account, Deposited { amount })?;
+            Ok(())
+        })
+        .await
+}
+
+pub async fn helpers_with_borrowed_arguments_run_in_spawned_tasks(store: &Store) {
+    const TASKS: usize = 16;
+    let keys = ["a", "b", "c", "d"];
+    for key in keys {
+        open_account(store, key, key, 1_000).await;
+    }
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = store.clone();
+            let from = keys[i % keys.len()].to_owned();
+            let to = keys[(i + 1) % keys.len()].to_owned();
+            // `tokio::spawn` needs the helpers' futures to be `Send`.
+            let own = format!("own {i}");
+            tokio::spawn(async move {
+                transfer(&store, &from, &to, 7).await?;
+                open_with_deposit(&store, &own, 1).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("task finished in time")
+            .expect("task did not panic")
+            .expect("transfer and deposit succeeded");
+    }
+    let mut total = 0;
+    let mut events = 0;
+    for key in keys {
+        let (balance, version) = balance(store, key).await;
+        total += balance;
+        events += version;
+    }
+    assert_eq!(total, 4 * 1_000, "transfers move money, they make none");
+    // 2 events per opened account, 2 per transfer.
+    assert_eq!(events, 4 * 2 + TASKS as u64 * 2);
+    for i in 0..TASKS {
+        assert_eq!(balance(store, &format!("own {i}")).await, (1, 2));
+    }
 }
 
 pub async fn feed_each_event_once_in_commit_order(store: &Store) {
@@ -1006,4 +1251,142 @@ pub async fn odd_payloads_round_trip(store: &Store) {
             Err(Error::InvalidKey { .. })
         ));
     }
+}
+
+pub async fn apply_applies_what_reads_back(store: &Store) {
+    let mut ctx = store.begin();
+    let mut rating = ctx.create::<Rating>().unwrap();
+    ctx.apply(&mut rating, Rated { rate: 4.5 }).unwrap();
+    // NaN encodes as `null`, which does not decode into an f64: refused, nothing staged.
+    match ctx.apply(&mut rating, Rated { rate: f64::NAN }) {
+        Err(Error::RoundTrip { type_name, .. }) => assert_eq!(type_name, "rating.rated"),
+        other => panic!("expected RoundTrip, got {other:?}"),
+    }
+    match ctx.apply(&mut rating, Hidden { secret: "s".into() }) {
+        Err(Error::RoundTrip { type_name, .. }) => assert_eq!(type_name, "rating.hidden"),
+        other => panic!("expected RoundTrip, got {other:?}"),
+    }
+    assert_eq!((rating.version(), ctx.staged_events()), (1, 1));
+    assert_eq!(rating.rates, [4.5]);
+    // A field skipped when serializing reads back as its default: that is what is applied.
+    ctx.apply(
+        &mut rating,
+        Noted {
+            text: "kept".into(),
+            draft: "lost".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(rating.notes, [("kept".to_owned(), String::new())]);
+    let id = rating.id();
+    let in_memory = rating.into_state();
+    ctx.commit().await.unwrap();
+    let loaded = store.begin_read_only().load::<Rating>(id).await.unwrap();
+    assert_eq!(loaded.version(), 2);
+    assert_eq!(
+        *loaded.state(),
+        in_memory,
+        "a load rebuilds the state apply made"
+    );
+}
+
+pub async fn snapshot_that_does_not_encode_is_an_error(store: &Store) {
+    let mut ctx = store.begin();
+    let mut grid = ctx.create::<Grid>().unwrap();
+    ctx.apply(&mut grid, Marked { x: 1, y: 2 }).unwrap();
+    // The second event fires the snapshot policy; a map with tuple keys is no JSON object.
+    match ctx.apply(&mut grid, Marked { x: 3, y: 4 }) {
+        Err(Error::Encode {
+            what, type_name, ..
+        }) => assert_eq!((what, type_name.as_str()), ("snapshot", "grid")),
+        other => panic!("expected a snapshot Encode error, got {other:?}"),
+    }
+    assert_eq!(ctx.staged_events(), 1, "the event was not staged");
+    // The root holds the refused event, so it may not stage more.
+    assert!(matches!(
+        ctx.apply(&mut grid, Marked { x: 5, y: 6 }),
+        Err(Error::StaleRoot { .. })
+    ));
+    // Loaded again in the context, it is back at what was staged.
+    let mut again = ctx.load::<Grid>(grid.id()).await.unwrap();
+    assert_eq!((again.version(), again.cells.len()), (1, 1));
+    assert!(matches!(
+        ctx.apply(&mut again, Marked { x: 7, y: 8 }),
+        Err(Error::Encode {
+            what: "snapshot",
+            ..
+        })
+    ));
+    let id = grid.id();
+    ctx.commit().await.unwrap();
+    assert_eq!(versions(store, id).await, [1]);
+}
+
+pub async fn enum_events_store_the_variant_content(store: &Store) {
+    let id = store
+        .transact(async |ctx| {
+            let mut c = ctx.create::<Counter>()?;
+            ctx.apply(&mut c, CounterEvent::Added { by: 10 })?;
+            ctx.apply(&mut c, CounterEvent::Reset(3))?;
+            ctx.apply(&mut c, CounterEvent::Incremented)?;
+            Ok::<_, Error>(c.id())
+        })
+        .await
+        .unwrap();
+    let history = store.history(id).await.unwrap();
+    let stored: Vec<(&str, serde_json::Value)> = history
+        .iter()
+        .map(|e| (e.event_type.as_str(), e.payload_json().unwrap()))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            ("counter.added", serde_json::json!({ "by": 10 })),
+            ("Reset", serde_json::json!(3)),
+            ("counter.incremented", serde_json::Value::Null),
+        ],
+        "only the variant's content is stored; the name says which variant"
+    );
+    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
+    assert_eq!((counter.value, counter.version()), (4, 3));
+}
+
+pub async fn wait_for_events_takes_any_timeout(store: &Store) {
+    // Nothing yet: a zero timeout answers at once.
+    assert!(
+        !store
+            .wait_for_events(FeedCursor::START, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    // A waiter without a limit (a timeout that is no point in time) wakes on the next commit.
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .wait_for_events(FeedCursor::START, Duration::MAX)
+                .await
+        })
+    };
+    open_account(store, "alice", "Alice", 0).await;
+    let woke = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .expect("the waiter woke in time")
+        .expect("the waiter did not panic")
+        .unwrap();
+    assert!(woke);
+    assert!(
+        store
+            .wait_for_events(FeedCursor::START, Duration::MAX)
+            .await
+            .unwrap()
+    );
+    let last = store.read_feed(FeedCursor::START, 10).await.unwrap();
+    let cursor = last.last().unwrap().cursor;
+    assert!(
+        !store
+            .wait_for_events(cursor, Duration::from_millis(1))
+            .await
+            .unwrap()
+    );
 }

@@ -8,11 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use crate::aggregate::AggregateId;
 use crate::context::Context;
-use crate::error::{Error, IsConflict, Result};
+use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
 use crate::registry::{Registry, registry};
-use crate::retry::Retry;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -390,62 +389,6 @@ impl Store {
         Context::new(self.clone(), true)
     }
 
-    /// Runs `work` in a new context and commits what it staged when it returns `Ok`; on `Err`,
-    /// nothing is written and the error comes back unchanged.
-    ///
-    /// The error type is the caller's own; store errors convert into it through `From`.
-    // Not an `async fn`: the returned future owns a clone of the store instead of borrowing
-    // `self`, which keeps it `Send` where the closure's future is (a borrowed `&Store` held
-    // across the closure's await defeats the compiler's `Send` proof).
-    pub fn transact<T, E, F>(
-        &self,
-        work: F,
-    ) -> impl Future<Output = std::result::Result<T, E>> + use<T, E, F>
-    where
-        F: AsyncFnOnce(&mut Context) -> std::result::Result<T, E>,
-        E: From<Error>,
-    {
-        let mut ctx = self.begin();
-        async move {
-            let out = work(&mut ctx).await?;
-            ctx.commit().await?;
-            Ok(out)
-        }
-    }
-
-    /// Like [`transact`](Store::transact), but re-runs the whole of `work` in a fresh context
-    /// when it or its commit fails with a concurrency conflict, as `retry` allows. Any other
-    /// error, or a conflict on the last attempt, comes back to the caller.
-    pub fn transact_with_retry<T, E, F>(
-        &self,
-        retry: Retry,
-        mut work: F,
-    ) -> impl Future<Output = std::result::Result<T, E>> + use<T, E, F>
-    where
-        F: AsyncFnMut(&mut Context) -> std::result::Result<T, E>,
-        E: From<Error> + IsConflict,
-    {
-        let store = self.clone();
-        async move {
-            let mut attempt = 1;
-            loop {
-                let mut ctx = store.begin();
-                let result = match work(&mut ctx).await {
-                    Ok(out) => ctx.commit().await.map(|()| out).map_err(E::from),
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Err(e) if e.is_conflict() && attempt < retry.max_attempts => {
-                        tracing::debug!(attempt, "conflict, retrying");
-                        tokio::time::sleep(retry.delay(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => return other,
-                }
-            }
-        }
-    }
-
     /// Every event of one aggregate, oldest first.
     pub async fn history(&self, id: AggregateId) -> Result<Vec<RecordedEvent>> {
         self.inner.backend.read_stream(id, 0).await
@@ -455,6 +398,23 @@ impl Store {
     /// [`FeedCursor::START`] to read from the beginning, then the `cursor` of the last event
     /// read. It never waits: a page shorter than `limit` means there is nothing more to read
     /// now.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # async fn demo(store: &Store) -> Result<(), annals::Error> {
+    /// let mut cursor = FeedCursor::START;
+    /// loop {
+    ///     let page = store.read_feed(cursor, 500).await?;
+    ///     let Some(last) = page.last() else { break };
+    ///     cursor = last.cursor;
+    ///     for event in &page {
+    ///         // Decode by type: `event.decode::<MyEvent>()?` is `None` for other types.
+    ///         println!("{} {}", event.position(), event.event_type);
+    ///     }
+    /// }
+    /// // Keep `cursor` (it is `Serialize`) to read on from there later.
+    /// # Ok(()) }
+    /// ```
     ///
     /// On PostgreSQL the feed never runs ahead of a transaction that is still open, so that an
     /// event committed late is never skipped: while a transaction that could write to the
@@ -498,6 +458,23 @@ impl Store {
     /// [`StoreOptions::poll_interval`]. While the feed is held back (PostgreSQL, see
     /// [`read_feed`](Store::read_feed)), the end of the transaction holding it sends no
     /// notification: the feed is then read again after 5 ms, 10 ms, … up to the poll interval.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use annals::prelude::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// let store = Store::open("memory:").await?;
+    /// let mut cursor = FeedCursor::START;
+    /// // A reader that is caught up waits for the next commit, here for a tenth of a second.
+    /// if store.wait_for_events(cursor, Duration::from_millis(100)).await? {
+    ///     for event in store.read_feed(cursor, 100).await? {
+    ///         println!("{} v{} {}", event.aggregate_id, event.version, event.event_type);
+    ///         cursor = event.cursor;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn wait_for_events(&self, after: FeedCursor, timeout: Duration) -> Result<bool> {
         // No deadline when the timeout reaches past what an instant can hold.
         let deadline = tokio::time::Instant::now().checked_add(timeout);

@@ -210,6 +210,26 @@ impl StoreOptions {
         if self.pool_size == 0 {
             return Err(Error::Config("pool size must be at least 1".to_owned()));
         }
+        // SQLite takes its busy timeout in milliseconds as an i32.
+        if self.busy_timeout.as_millis() > i32::MAX as u128 {
+            return Err(Error::Config(format!(
+                "busy timeout {:?} is too long: at most {} ms (about 24 days)",
+                self.busy_timeout,
+                i32::MAX
+            )));
+        }
+        // sqlx adds the acquire timeout to an Instant, which panics past what one can hold.
+        if self.acquire_timeout > MAX_ACQUIRE_TIMEOUT {
+            return Err(Error::Config(format!(
+                "acquire timeout {:?} is too long: at most {:?} (one year)",
+                self.acquire_timeout, MAX_ACQUIRE_TIMEOUT
+            )));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::Config(
+                "poll interval must be longer than zero".to_owned(),
+            ));
+        }
         if self.min_connections > self.pool_size {
             return Err(Error::Config(format!(
                 "min connections ({}) must not exceed the pool size ({})",
@@ -229,6 +249,9 @@ impl StoreOptions {
         Ok(())
     }
 }
+
+/// The longest acquire timeout accepted: far below what an `Instant` can add.
+const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Checks an identifier against `[a-z_][a-z0-9_]{0,40}`: it is spliced into SQL text.
 pub(crate) fn check_identifier(what: &str, ident: &str) -> Result<()> {
