@@ -333,6 +333,14 @@ impl PostgresBackend {
             (Some("23505"), Some(c)) if c == format!("{prefix}events_event_id_uq") => {
                 Error::Corrupt(format!("an event id of this commit is already stored: {e}"))
             }
+            // A new aggregate whose id is taken: the events' insert can meet the taken id's
+            // events before the aggregates' insert meets its row.
+            (Some("23505"), Some(c))
+                if c == format!("{prefix}events_stream_uq")
+                    && batch.changes.iter().any(|c| c.is_new) =>
+            {
+                self.conflict(batch, None).await
+            }
             (Some("23505"), Some(c)) if c == format!("{prefix}events_stream_uq") => {
                 Error::Corrupt(format!(
                     "an aggregate's row is behind its events (the version check passed, the \
