@@ -77,6 +77,7 @@ impl ClashRules {
     /// synchronous `commit_in_sqlite`): a key clash on an aggregate from
     /// `load_or_create_by_key` is a conflict whose `actual` version is not known (0); an id
     /// clash is left as the store reported it.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn classify_without_store(&self, error: Error) -> Error {
         match error {
             Error::KeyTaken {

@@ -532,16 +532,19 @@ async fn open_backend(url: &str, options: &StoreOptions) -> Result<Box<dyn Backe
 }
 
 /// Converts a stored integer into the unsigned form the API uses.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64> {
     u64::try_from(value).map_err(|_| Error::Corrupt(format!("negative {what}: {value}")))
 }
 
 /// Converts an unsigned value into the signed form databases store.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64> {
     i64::try_from(value).map_err(|_| Error::Config(format!("{what} {value} is out of range")))
 }
 
 /// Microseconds since the Unix epoch, as stored.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn to_micros(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
@@ -550,6 +553,7 @@ pub(crate) fn to_micros(t: SystemTime) -> i64 {
 }
 
 /// The inverse of [`to_micros`].
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn from_micros(micros: i64) -> SystemTime {
     let magnitude = Duration::from_micros(micros.unsigned_abs());
     let t = if micros >= 0 {
