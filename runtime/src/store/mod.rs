@@ -207,12 +207,16 @@ impl CommitBatch {
 
     /// Refuses a batch over `max` bytes before anything is sent.
     pub fn check_size(&self, max: usize) -> Result<()> {
-        let size = self.encoded_size();
-        if size > max {
-            return Err(Error::CommitTooLarge { size, max });
-        }
-        Ok(())
+        refuse_over(self.encoded_size(), max)
     }
+}
+
+/// [`Error::CommitTooLarge`] when a commit of `size` bytes passes `max`.
+pub(crate) fn refuse_over(size: usize, max: usize) -> Result<()> {
+    if size > max {
+        return Err(Error::CommitTooLarge { size, max });
+    }
+    Ok(())
 }
 
 /// A storage engine. Implementations keep the invariants of the crate docs: `commit` writes a

@@ -8,6 +8,7 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnection, PgExecutor};
 
 use super::render::{Cas, Shape};
+use super::size::{MAX_MESSAGE, check_message};
 use super::types::type_id_to_sql;
 use super::{PostgresBackend, query, to_i32};
 use crate::aggregate::AggregateId;
@@ -15,41 +16,6 @@ use crate::error::{Error, Result};
 use crate::store::sql::backend_error;
 use crate::store::sql::types::{TypeKind, TypeMap};
 use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros};
-
-/// PostgreSQL refuses a protocol message of 1 GiB or more (`MaxAllocSize`); a commit is one
-/// message, with a margin left for the statement text and the message's own framing.
-const MAX_MESSAGE: usize = (1 << 30) - (1 << 16);
-
-/// The bytes the bind parameters of `batch` take in the message, counted as PostgreSQL's
-/// binary format lays them out: a length word per value, fixed-size ids and numbers, and the
-/// payloads, metadata, snapshots and keys themselves.
-fn message_size(batch: &CommitBatch) -> usize {
-    // Per event: aggregate id and event id (4 + 16 each), sequence (4 + 8), type and schema
-    // version (4 + 4 each), and the length words of payload and metadata.
-    const PER_EVENT: usize = 2 * 20 + 12 + 2 * 8 + 2 * 4;
-    // Per changed aggregate: id, type, key length word, versions; per snapshot: id, shape,
-    // version and the payload's length word.
-    const PER_CHANGE: usize = 20 + 8 + 4 + 2 * 12;
-    const PER_SNAPSHOT: usize = 20 + 8 + 12 + 4;
-    batch
-        .changes
-        .iter()
-        .map(|c| {
-            PER_CHANGE
-                + c.events.len() * PER_EVENT
-                + c.snapshot.as_ref().map_or(0, |_| PER_SNAPSHOT)
-        })
-        .fold(batch.encoded_size(), usize::saturating_add)
-}
-
-/// Refuses a batch whose message would pass `max` bytes, before anything is sent.
-fn check_message(batch: &CommitBatch, max: usize) -> Result<()> {
-    let size = message_size(batch);
-    if size > max {
-        return Err(Error::CommitTooLarge { size, max });
-    }
-    Ok(())
-}
 
 /// True for a failure of the connection itself, after which the server may have committed
 /// what was sent: the socket broke, the protocol lost its footing, or the session was ended by
@@ -463,53 +429,6 @@ impl CommitArgs<'_> {
             ev_metadata: Vec::with_capacity(events),
             ev_ids: Vec::with_capacity(events),
             ..CommitArgs::default()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::StagedEvent;
-
-    fn batch(events: usize, payload: usize) -> CommitBatch {
-        CommitBatch {
-            changes: vec![Change {
-                id: AggregateId::new(),
-                aggregate_type: "account",
-                key: Some("k".to_owned()),
-                is_new: true,
-                expected: 0,
-                events: (0..events)
-                    .map(|i| StagedEvent {
-                        seq: i as u64,
-                        version: i as u64 + 1,
-                        name: "deposited",
-                        schema_version: 1,
-                        payload: vec![b'x'; payload],
-                        metadata: None,
-                        event_id: uuid::Uuid::now_v7(),
-                    })
-                    .collect(),
-                snapshot: None,
-            }],
-            loaded: Vec::new(),
-            recorded_at: std::time::SystemTime::now(),
-        }
-    }
-
-    #[test]
-    fn many_small_events_count_their_overhead() {
-        // 1,000 events of 10 bytes: 10 kB of payload, but every event carries its ids,
-        // numbers and length words in the message too.
-        let many = batch(1_000, 10);
-        assert_eq!(many.encoded_size(), 10_001);
-        let size = message_size(&many);
-        assert!(size > 70_000, "{size}");
-        assert!(check_message(&many, size).is_ok());
-        match check_message(&many, size - 1) {
-            Err(Error::CommitTooLarge { size: s, max }) => assert_eq!((s, max), (size, size - 1)),
-            other => panic!("expected CommitTooLarge, got {other:?}"),
         }
     }
 }

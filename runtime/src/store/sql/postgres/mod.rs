@@ -23,6 +23,7 @@ mod migrate;
 mod names;
 mod notify;
 mod render;
+mod size;
 mod types;
 
 use std::str::FromStr;
