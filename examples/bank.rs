@@ -1,6 +1,7 @@
 //! A small bank on annals: accounts opened by key, deposits, a transfer between two accounts in
-//! one atomic commit, an overdraft refused by the domain with nothing committed, and each
-//! account's history.
+//! one atomic commit, an overdraft refused by the domain with nothing committed, each account's
+//! history, and a read model (each owner's balance, in a SQL table) kept by a durable
+//! subscription, with its lag.
 //!
 //! ```text
 //! cargo run --example bank                                   # SQLite file bank.db, here
@@ -11,6 +12,8 @@
 //! The store URL can also come from `ANNALS_STORE`.
 
 use annals::prelude::*;
+use annals::subscription::Handler;
+use annals::{BoxError, Filter, Transaction};
 use serde::{Deserialize, Serialize};
 
 #[derive(Event, Serialize, Deserialize, Debug, Clone)]
@@ -170,6 +173,103 @@ async fn print_account(store: &Store, key: &str) -> Result<(), BankError> {
     Ok(())
 }
 
+/// The read model: each owner's balance, in the table `balances`, kept by the subscription
+/// "balances". Its rows and the subscription's cursor commit in one transaction, so a balance
+/// never counts an event twice, whatever stops the program. The SQL reads the same on SQLite and
+/// PostgreSQL.
+struct Balances;
+
+impl Handler for Balances {
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        tx: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        for event in events {
+            let account = event.aggregate_id.to_string();
+            if let Some(opened) = event.decode::<Opened>()? {
+                tx.execute(
+                    "INSERT INTO bank_owners (account, owner) VALUES ($1, $2)",
+                    &[account.into(), opened.owner.into()],
+                )
+                .await?;
+                continue;
+            }
+            let change = match (event.decode::<Deposited>()?, event.decode::<Withdrawn>()?) {
+                (Some(d), _) => d.amount,
+                (_, Some(w)) => -w.amount,
+                _ => continue,
+            };
+            tx.execute(
+                "INSERT INTO bank_balances (owner, balance) \
+                 SELECT owner, $2 FROM bank_owners WHERE account = $1 \
+                 ON CONFLICT (owner) DO UPDATE SET balance = bank_balances.balance + excluded.balance",
+                &[account.into(), change.into()],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the tables on the first run, and empties them on a rebuild.
+    async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        for sql in [
+            "CREATE TABLE IF NOT EXISTS bank_owners (account TEXT PRIMARY KEY, owner TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS bank_balances (owner TEXT PRIMARY KEY, balance BIGINT NOT NULL)",
+            "DELETE FROM bank_owners",
+            "DELETE FROM bank_balances",
+        ] {
+            tx.execute(sql, &[]).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Rebuilds the read model from the first event, brings it up to date, and prints it.
+async fn balances(store: &Store, url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    if url.starts_with("memory:") {
+        println!("\nthe balances read model lives in SQL: run on SQLite or PostgreSQL to see it");
+        return Ok(());
+    }
+    let subscription = store
+        .subscription("balances")
+        .filter(Filter::all().aggregate_type::<Account>());
+    // A rebuild from the first event every run, to show one; a service would `run` it.
+    subscription.reset(&mut Balances).await?;
+    let handled = subscription.catch_up(&mut Balances).await?;
+    println!("\nbalances read model: {handled} events handled");
+    for status in store.subscriptions().status("balances").await? {
+        println!(
+            "  subscription {:?}: {:?}, {} events behind",
+            status.name, status.state, status.lag.events
+        );
+    }
+    let rows = read_balances(url).await?;
+    for (owner, balance) in rows {
+        println!("  {owner:<6} {balance}");
+    }
+    Ok(())
+}
+
+/// The read model's rows, read as any program would: with the database's own driver.
+async fn read_balances(url: &str) -> Result<Vec<(String, i64)>, Box<dyn std::error::Error>> {
+    const SELECT: &str = "SELECT owner, balance FROM bank_balances ORDER BY owner";
+    #[cfg(feature = "sqlite")]
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let conn = annals::rusqlite::Connection::open(path)?;
+        let mut stmt = conn.prepare(SELECT)?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        return Ok(rows.collect::<Result<_, _>>()?);
+    }
+    #[cfg(feature = "postgres")]
+    if url.starts_with("postgres") {
+        use annals::sqlx::Connection;
+        let mut conn = annals::sqlx::PgConnection::connect(url).await?;
+        return Ok(annals::sqlx::query_as(SELECT).fetch_all(&mut conn).await?);
+    }
+    Ok(Vec::new())
+}
+
 fn store_url() -> String {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -215,6 +315,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     print_account(&store, "alice").await?;
     print_account(&store, "bob").await?;
+    balances(&store, &url).await?;
     store.close().await;
     Ok(())
 }

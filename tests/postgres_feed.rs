@@ -559,3 +559,58 @@ async fn a_long_hold_back_is_logged_once_a_minute() {
     assert_eq!(read_all(&store, cursor, 10).await.len(), 1);
     store.close().await;
 }
+
+/// A filtered reader and a live stream around a late commit: neither moves its cursor past the
+/// transaction still open, so the late event is read, once, when it commits.
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_reader_does_not_skip_a_late_commit() {
+    use futures_util::StreamExt;
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let y = open_account(&store, "y").await;
+    let filter = annals::Filter::all().event::<Deposited>();
+    let (before, start) =
+        conformance::read_matching_to_end(&store, FeedCursor::START, 10, &filter).await;
+    assert!(before.is_empty(), "no deposits yet");
+    let mut follow = store.follow(start, filter.clone());
+
+    // A deposit committed inside a transaction that stays open, then one that commits at once.
+    let mut tx_a = raw.begin().await.unwrap();
+    let mut ctx = store.begin();
+    let mut account = ctx.load::<Account>(x).await.unwrap();
+    let a_event = ctx.apply(&mut account, Deposited { amount: 1 }).unwrap();
+    ctx.commit_in(&mut tx_a).await.unwrap();
+    let b_event = deposit(&store, y, 2).await;
+    // B is committed and matches, but the filtered read neither returns it nor moves past A.
+    for _ in 0..3 {
+        let page = store.read_feed_matching(start, 10, &filter).await.unwrap();
+        assert!(
+            page.is_empty(),
+            "the filtered feed must not pass an open transaction"
+        );
+        assert!(page.held_back.is_some(), "a page held back says so");
+        assert_eq!(
+            page.scanned, start,
+            "the cursor stays before the open transaction"
+        );
+    }
+    tx_a.commit().await.unwrap();
+    let (read, _) = conformance::read_matching_to_end(&store, start, 10, &filter).await;
+    assert_eq!(ids(&read), [a_event, b_event], "A then B, each once");
+    // The live stream gives the same two, in the same order.
+    let mut streamed = Vec::new();
+    while streamed.len() < 2 {
+        let event = tokio::time::timeout(LIMIT, follow.next())
+            .await
+            .expect("the stream delivers in time")
+            .expect("the stream goes on")
+            .unwrap();
+        streamed.push(event.event_id);
+    }
+    assert_eq!(streamed, [a_event, b_event]);
+    store.close().await;
+}

@@ -302,6 +302,67 @@ pub enum Error {
         supported: i64,
     },
 
+    /// A durable subscription was opened with settings other than the ones it was created
+    /// with: it would read another stream of events from a cursor kept for the first one.
+    /// Nothing was changed; open it as stored, or reset it with the new settings
+    /// ([`Subscriptions::reset`](crate::Subscriptions::reset)) to rebuild from them.
+    #[error(
+        "subscription {name:?} was created with {setting} {stored}, not {given}: open it as \
+         created, or reset it to start over with the new settings"
+    )]
+    SubscriptionMismatch {
+        /// The subscription's name.
+        name: String,
+        /// Which setting differs: `filter`, `start` or `partitions`.
+        setting: &'static str,
+        /// The setting as stored.
+        stored: String,
+        /// The setting as given now.
+        given: String,
+    },
+
+    /// No durable subscription has this name.
+    #[error("no subscription is named {name:?}")]
+    SubscriptionNotFound {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// A worker's lease on a subscription partition ended (it expired and another worker
+    /// claimed the partition, or the subscription was reset): its checkpoint was refused and the
+    /// transaction holding its handler's writes rolled back. The worker claims the partition
+    /// again before it reads on.
+    #[error(
+        "the lease on subscription {name:?} partition {partition} with token {token} is lost; \
+         nothing of the batch was written"
+    )]
+    LeaseLost {
+        /// The subscription's name.
+        name: String,
+        /// The partition.
+        partition: u32,
+        /// The fencing token the worker held.
+        token: u64,
+    },
+
+    /// A subscription's handler kept failing on an event, and the subscription's policy
+    /// stopped it: its state is failed, with this error and the event's cursor stored, until it
+    /// is resumed ([`Subscriptions::resume`](crate::Subscriptions::resume)) or reset.
+    #[error(
+        "subscription {name:?} stopped at the event at {cursor:?} after {attempts} attempts: \
+         {message}"
+    )]
+    SubscriptionFailed {
+        /// The subscription's name.
+        name: String,
+        /// The cursor of the event the handler failed on.
+        cursor: crate::event::FeedCursor,
+        /// How many times it was tried.
+        attempts: u32,
+        /// The handler's last error, as text (as stored).
+        message: String,
+    },
+
     /// The database or the connection failed.
     #[error("backend error: {0}")]
     Backend(#[source] BoxError),

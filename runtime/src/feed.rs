@@ -19,11 +19,35 @@ pub struct FeedPage {
     /// [`Store::read_feed`](crate::Store::read_feed)). A short page with this set is not
     /// "caught up": read again once that transaction ends.
     pub held_back: Option<HeldBack>,
+    /// How far the read looked: every event after the cursor asked for, up to and including
+    /// this one, is in the page or did not match the filter. Read on after it. For an
+    /// unfiltered read it is the last event's cursor (or the cursor asked for, on an empty
+    /// page); a filtered read that found nothing still moves it past the events it passed over.
+    pub scanned: FeedCursor,
 }
 
 impl FeedPage {
-    pub(crate) fn new(events: Vec<RecordedEvent>, held_back: Option<HeldBack>) -> FeedPage {
-        FeedPage { events, held_back }
+    pub(crate) fn new(
+        events: Vec<RecordedEvent>,
+        held_back: Option<HeldBack>,
+        after: FeedCursor,
+    ) -> FeedPage {
+        let scanned = events.last().map_or(after, |e| e.cursor);
+        FeedPage {
+            events,
+            held_back,
+            scanned,
+        }
+    }
+
+    /// A page of a filtered read that looked as far as `scanned`.
+    #[cfg_attr(
+        not(any(feature = "memory", feature = "sqlite", feature = "postgres")),
+        allow(dead_code)
+    )]
+    pub(crate) fn scanned_to(mut self, scanned: FeedCursor) -> FeedPage {
+        self.scanned = self.scanned.max(scanned);
+        self
     }
 
     /// The events, taken out of the page.

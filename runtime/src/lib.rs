@@ -70,12 +70,15 @@ mod context;
 mod error;
 mod event;
 mod feed;
+mod filter;
+mod live;
 mod load;
 mod metadata;
 mod rebuild;
 pub mod registry;
 mod retry;
 mod store;
+pub mod subscription;
 mod transact;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
@@ -84,11 +87,13 @@ pub use context::Context;
 pub use error::{BoxError, Error, IsConflict, Result, Target};
 pub use event::{Event, FeedCursor, RecordedEvent};
 pub use feed::{FeedPage, HeldBack};
+pub use filter::Filter;
 pub use metadata::Metadata;
 pub use registry::{Registry, registry};
 pub use retry::Retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use store::{Dialect, Migration, migrations};
+pub use subscription::{SqlValue, Subscription, Subscriptions, Transaction};
 
 /// The README's code, compiled and run as doctests.
 #[cfg(doctest)]

@@ -4,6 +4,10 @@
 #![allow(dead_code)]
 
 pub mod domain;
+pub mod subscriptions;
+
+#[allow(unused_imports)]
+pub use subscriptions::*;
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -53,6 +57,16 @@ macro_rules! conformance_suite {
             snapshot_that_does_not_encode_is_an_error,
             enum_events_store_the_variant_content,
             wait_for_events_takes_any_timeout,
+            filtered_feed_reads_only_what_matches,
+            follow_catches_up_then_tails,
+            subscription_delivers_each_event_once_in_order,
+            subscription_effects_commit_with_the_cursor,
+            subscription_stops_on_a_poison_event,
+            subscription_settings_are_checked_and_reset,
+            subscription_starts_where_asked,
+            subscription_pauses_and_resumes,
+            subscription_workers_share_by_lease,
+            subscription_stale_worker_cannot_checkpoint,
         );
     };
     ($open:expr) => {
@@ -1105,6 +1119,220 @@ pub async fn feed_each_event_once_in_commit_order(store: &Store) {
             .await
             .unwrap()
     );
+}
+
+/// Reads the events after `cursor` that pass `filter`, in pages of `page`, until caught up (a
+/// short page that nothing holds back); returns them and the last `scanned` cursor.
+pub async fn read_matching_to_end(
+    store: &Store,
+    mut cursor: FeedCursor,
+    page: usize,
+    filter: &annals::Filter,
+) -> (Vec<RecordedEvent>, FeedCursor) {
+    let mut read = Vec::new();
+    let mut held_since: Option<std::time::Instant> = None;
+    loop {
+        let events = store
+            .read_feed_matching(cursor, page, filter)
+            .await
+            .expect("read feed");
+        assert!(events.len() <= page, "a page holds at most its limit");
+        assert!(
+            events.scanned >= cursor,
+            "the scanned cursor never goes back"
+        );
+        if let Some(last) = events.last() {
+            assert!(events.scanned >= last.cursor, "scanned covers the page");
+        }
+        cursor = events.scanned;
+        let short = events.len() < page;
+        let held = events.held_back.clone();
+        read.extend(events);
+        match (short, held) {
+            (false, _) => held_since = None,
+            (true, None) => return (read, cursor),
+            (true, Some(held)) => {
+                let since = *held_since.get_or_insert_with(std::time::Instant::now);
+                assert!(
+                    since.elapsed() < std::time::Duration::from_secs(120),
+                    "the feed stayed {held}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// The events of the feed after `cursor` that pass `keep`, judged by the test.
+async fn feed_where(
+    store: &Store,
+    keep: impl Fn(&RecordedEvent) -> bool,
+) -> Vec<(AggregateId, u64, String)> {
+    read_feed_to_end(store, FeedCursor::START, 100)
+        .await
+        .into_iter()
+        .filter(|e| keep(e))
+        .map(|e| (e.aggregate_id, e.version, e.event_type))
+        .collect()
+}
+
+fn summary(events: &[RecordedEvent]) -> Vec<(AggregateId, u64, String)> {
+    events
+        .iter()
+        .map(|e| (e.aggregate_id, e.version, e.event_type.clone()))
+        .collect()
+}
+
+pub async fn filtered_feed_reads_only_what_matches(store: &Store) {
+    use annals::Filter;
+    let alice = open_account(store, "alice", "Alice", 10).await;
+    let bob = open_account(store, "bob", "Bob", 5).await;
+    for round in 0..4u64 {
+        store
+            .transact(async |ctx| {
+                let mut a = ctx.load::<Account>(alice).await?;
+                let mut b = ctx.load::<Account>(bob).await?;
+                let mut c = ctx.create::<Counter>()?;
+                ctx.apply(&mut a, Deposited { amount: 1 })?;
+                ctx.apply(&mut c, CounterEvent::Added { by: round })?;
+                if round % 2 == 0 {
+                    ctx.apply(&mut b, Withdrawn { amount: 1 })?;
+                }
+                ctx.apply(&mut c, CounterEvent::Incremented)?;
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap();
+    }
+    let everything = read_feed_to_end(store, FeedCursor::START, 100).await;
+    let head = everything.last().unwrap().cursor;
+
+    type Keep = Box<dyn Fn(&RecordedEvent) -> bool>;
+    let cases: Vec<(Filter, Keep)> = vec![
+        (
+            Filter::all().event::<Deposited>(),
+            Box::new(|e| e.event_type == "account.deposited"),
+        ),
+        (
+            Filter::all().event::<CounterEvent>(),
+            Box::new(|e| e.event_type.starts_with("counter.") || e.event_type == "Reset"),
+        ),
+        (
+            Filter::all().aggregate_type::<Counter>(),
+            Box::new(|e| e.aggregate_type == "counter"),
+        ),
+        (
+            Filter::all()
+                .aggregate_type::<Account>()
+                .event::<Deposited>()
+                .event::<Withdrawn>(),
+            Box::new(|e| {
+                e.aggregate_type == "account"
+                    && ["account.deposited", "account.withdrawn"].contains(&e.event_type.as_str())
+            }),
+        ),
+        (
+            Filter::all().key::<Account>("alice"),
+            Box::new(move |e| e.aggregate_id == alice),
+        ),
+        (
+            Filter::all().aggregate(bob),
+            Box::new(move |e| e.aggregate_id == bob),
+        ),
+        (
+            Filter::all().aggregate(bob).event::<Withdrawn>(),
+            Box::new(move |e| e.aggregate_id == bob && e.event_type == "account.withdrawn"),
+        ),
+    ];
+    for (filter, keep) in cases {
+        let expected = feed_where(store, keep).await;
+        assert!(!expected.is_empty(), "{filter:?} matches something");
+        for page in [1, 2, 100] {
+            let (read, scanned) =
+                read_matching_to_end(store, FeedCursor::START, page, &filter).await;
+            assert_eq!(summary(&read), expected, "{filter:?} in pages of {page}");
+            assert_eq!(scanned, head, "{filter:?}: the reader moved to the head");
+        }
+    }
+
+    // A filter nothing matches reads nothing and still moves past everything.
+    for filter in [
+        Filter::all().event_named("no.such.event"),
+        Filter::all().key::<Account>("carol"),
+        Filter::all().aggregate_type_named("no.such.aggregate"),
+    ] {
+        let page = store
+            .read_feed_matching(FeedCursor::START, 10, &filter)
+            .await
+            .unwrap();
+        assert!(page.is_empty(), "{filter:?}");
+        if page.held_back.is_none() {
+            assert_eq!(page.scanned, head, "{filter:?}");
+        }
+    }
+    // From the head there is nothing, and the cursor stays.
+    let page = store
+        .read_feed_matching(head, 10, &Filter::all().event::<Deposited>())
+        .await
+        .unwrap();
+    assert!(page.is_empty());
+    assert_eq!(page.scanned, head);
+    // The unfiltered read through the same call is the plain feed.
+    let (all, _) = read_matching_to_end(store, FeedCursor::START, 7, &Filter::all()).await;
+    assert_eq!(summary(&all), summary(&everything));
+    // A key needs its one aggregate type.
+    let bad = Filter::all()
+        .key::<Account>("alice")
+        .aggregate_type::<Counter>();
+    assert!(matches!(
+        store.read_feed_matching(FeedCursor::START, 10, &bad).await,
+        Err(Error::Config(_))
+    ));
+}
+
+pub async fn follow_catches_up_then_tails(store: &Store) {
+    use annals::Filter;
+    use futures_util::StreamExt;
+    let alice = open_account(store, "alice", "Alice", 10).await;
+    let filter = Filter::all().event::<Deposited>();
+    let mut deposits = store.follow(FeedCursor::START, filter);
+    let first = tokio::time::timeout(Duration::from_secs(60), deposits.next())
+        .await
+        .expect("the stored deposit arrives")
+        .expect("the stream goes on")
+        .unwrap();
+    assert_eq!((first.aggregate_id, first.version), (alice, 2));
+
+    // Later commits arrive as they are made: only deposits, in order.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for amount in 1..=5 {
+                store
+                    .transact(async move |ctx| {
+                        let mut a = ctx.load::<Account>(alice).await?;
+                        ctx.apply(&mut a, Withdrawn { amount: 1 })?;
+                        ctx.apply(&mut a, Deposited { amount })?;
+                        Ok::<_, Error>(())
+                    })
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut amounts = Vec::new();
+    while amounts.len() < 5 {
+        let event = tokio::time::timeout(Duration::from_secs(60), deposits.next())
+            .await
+            .expect("each new deposit arrives")
+            .expect("the stream goes on")
+            .unwrap();
+        let deposit = event.decode::<Deposited>().unwrap().expect("only deposits");
+        amounts.push(deposit.amount);
+    }
+    assert_eq!(amounts, [1, 2, 3, 4, 5]);
+    writer.await.unwrap();
 }
 
 /// Reads the feed after `cursor` in pages of `page` until it is caught up: a short page that

@@ -9,12 +9,15 @@ use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
+use crate::filter::Filter;
 use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
     StoreOptions, StoredSnapshot, StreamEvent,
 };
+use crate::subscription::row::{Claim, Row, Spec, Write, cursor_text};
+use crate::subscription::tx::TxState;
 
 struct StoredEvent {
     aggregate_id: AggregateId,
@@ -39,6 +42,8 @@ struct State {
     /// Per aggregate and snapshot shape, snapshots by version.
     snapshots: HashMap<(AggregateId, u32), BTreeMap<u64, Vec<u8>>>,
     event_ids: HashSet<uuid::Uuid>,
+    /// Durable subscriptions by name and partition.
+    subscriptions: BTreeMap<(String, u32), Row>,
     closed: bool,
 }
 
@@ -66,6 +71,59 @@ impl MemoryBackend {
     }
 }
 
+/// Makes `write` on one row it matched.
+fn apply_write(row: &mut Row, write: &Write, now: SystemTime) {
+    match write {
+        Write::Checkpoint { lease, cursor } => {
+            row.cursor = *cursor;
+            row.attempts = 0;
+            row.last_error = None;
+            row.error_cursor = None;
+            row.lease_expires_at = Some(now + lease.duration);
+        }
+        Write::Fail {
+            at,
+            attempts,
+            error,
+            ..
+        } => {
+            row.state = "failed".to_owned();
+            row.attempts = *attempts;
+            row.last_error = Some(error.clone());
+            row.error_cursor = Some(cursor_text(*at));
+        }
+        Write::Release { .. } => {
+            row.owner = None;
+            row.lease_expires_at = None;
+        }
+        Write::State { state, .. } => {
+            row.state = (*state).to_owned();
+            if *state == "active" {
+                row.attempts = 0;
+                row.last_error = None;
+                row.error_cursor = None;
+            }
+        }
+        Write::Reset {
+            filter,
+            start,
+            cursor,
+            ..
+        } => {
+            row.filter = filter.clone();
+            row.start = start.clone();
+            row.cursor = *cursor;
+            row.state = "active".to_owned();
+            row.attempts = 0;
+            row.last_error = None;
+            row.error_cursor = None;
+            row.owner = None;
+            row.lease_expires_at = None;
+            row.token += 1;
+        }
+    }
+}
+
 impl State {
     fn find(&self, locate: Locate<'_>) -> Option<&AggregateRow> {
         let id = match locate {
@@ -78,6 +136,22 @@ impl State {
                 .get(&(aggregate_type.to_owned(), key.to_owned()))?,
         };
         self.aggregates.get(&id)
+    }
+
+    /// True when `event` passes `filter`.
+    fn matches(&self, filter: &Filter, event: &StoredEvent) -> bool {
+        let types = filter.event_types();
+        let aggregate_types = filter.aggregate_types();
+        (types.is_empty() || types.iter().any(|t| **t == *event.name))
+            && (aggregate_types.is_empty() || aggregate_types.contains(&event.aggregate_type))
+            && filter
+                .aggregate_id()
+                .is_none_or(|id| id == event.aggregate_id)
+            && filter.aggregate_key().is_none_or(|key| {
+                self.aggregates
+                    .get(&event.aggregate_id)
+                    .is_some_and(|row| row.key.as_deref() == Some(key))
+            })
     }
 
     fn record(&self, index: usize) -> Result<RecordedEvent> {
@@ -284,7 +358,135 @@ impl Backend for MemoryBackend {
             let events = (start..end)
                 .map(|index| state.record(index))
                 .collect::<Result<_>>()?;
-            Ok(FeedPage::new(events, None))
+            Ok(FeedPage::new(events, None, after))
+        })
+    }
+
+    fn read_feed_matching<'a>(
+        &'a self,
+        after: FeedCursor,
+        limit: usize,
+        filter: &'a Filter,
+    ) -> BoxFuture<'a, Result<FeedPage>> {
+        Box::pin(async move {
+            let state = self.state()?;
+            let start = usize::try_from(after.position).unwrap_or(usize::MAX);
+            let mut events = Vec::new();
+            let mut scanned = start.min(state.events.len());
+            for (index, event) in state.events.iter().enumerate().skip(start) {
+                if events.len() == limit {
+                    break;
+                }
+                scanned = index + 1;
+                if state.matches(filter, event) {
+                    events.push(state.record(index)?);
+                }
+            }
+            Ok(FeedPage::new(events, None, after)
+                .scanned_to(FeedCursor::at_position(scanned as u64)))
+        })
+    }
+
+    fn subscription_open<'a>(&'a self, spec: &'a Spec) -> BoxFuture<'a, Result<Row>> {
+        Box::pin(async move {
+            let mut state = self.state()?;
+            for partition in 0..spec.partitions.max(1) {
+                state
+                    .subscriptions
+                    .entry((spec.name.clone(), partition))
+                    .or_insert_with(|| Row {
+                        name: spec.name.clone(),
+                        partition,
+                        partitions: spec.partitions.max(1),
+                        filter: spec.filter.clone(),
+                        start: spec.start.clone(),
+                        cursor: spec.initial,
+                        owner: None,
+                        token: 0,
+                        lease_expires_at: None,
+                        state: "active".to_owned(),
+                        attempts: 0,
+                        last_error: None,
+                        error_cursor: None,
+                    });
+            }
+            state
+                .subscriptions
+                .get(&(spec.name.clone(), 0))
+                .cloned()
+                .ok_or_else(|| Error::Corrupt("a subscription without partition 0".to_owned()))
+        })
+    }
+
+    fn subscription_claim<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Option<Row>>> {
+        Box::pin(async move {
+            let mut state = self.state()?;
+            let now = SystemTime::now();
+            let Some(row) = state
+                .subscriptions
+                .get_mut(&(claim.name.clone(), claim.partition))
+            else {
+                return Err(Error::SubscriptionNotFound {
+                    name: claim.name.clone(),
+                });
+            };
+            let ours = row.owner.as_deref() == Some(claim.owner.as_str());
+            let free = row.owner.is_none() || row.lease_expires_at.is_none_or(|at| at <= now);
+            if !ours && !free {
+                return Ok(None);
+            }
+            if !ours {
+                row.token += 1;
+                row.owner = Some(claim.owner.clone());
+            }
+            row.lease_expires_at = Some(now + claim.lease);
+            Ok(Some(row.clone()))
+        })
+    }
+
+    fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>> {
+        Box::pin(async move {
+            let state = self.state()?;
+            Ok(state
+                .subscriptions
+                .values()
+                .filter(|row| name.is_none_or(|n| n == row.name))
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn begin_tx(&self) -> BoxFuture<'_, Result<TxState>> {
+        Box::pin(async move {
+            drop(self.state()?);
+            Ok(TxState::Memory)
+        })
+    }
+
+    fn commit_tx(&self, _tx: TxState, write: Write) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let mut state = self.state()?;
+            let now = SystemTime::now();
+            let mut matched = false;
+            for row in state
+                .subscriptions
+                .values_mut()
+                .filter(|row| row.name == write.name())
+            {
+                if let Some(lease) = write.lease()
+                    && (row.partition != lease.partition
+                        || row.owner.as_deref() != Some(lease.owner.as_str())
+                        || row.token != lease.token)
+                {
+                    continue;
+                }
+                matched = true;
+                apply_write(row, &write, now);
+            }
+            match write.missed() {
+                Some(error) if !matched => Err(error),
+                _ => Ok(()),
+            }
         })
     }
 

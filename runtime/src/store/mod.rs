@@ -11,7 +11,10 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
+use crate::filter::Filter;
 use crate::registry::{Registry, registry};
+use crate::subscription::row::{Claim, Row, Spec, Write};
+use crate::subscription::tx::TxState;
 
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
@@ -57,7 +60,7 @@ impl CommitSignal {
 }
 
 /// The first pause of [`Store::wait_for_events`] before it reads a held-back feed again.
-const HELD_BACK_FIRST_PAUSE: Duration = Duration::from_millis(5);
+pub(crate) const HELD_BACK_FIRST_PAUSE: Duration = Duration::from_millis(5);
 
 /// A boxed future, as the backend trait returns them.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -245,6 +248,35 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Up to `limit` events of the global feed after `after`, in commit order, and who holds
     /// back later events, if anyone does. Never waits for a hold-back to end.
     fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>>;
+
+    /// [`read_feed`](Backend::read_feed) with `filter` applied in the store's own query: up to
+    /// `limit` matching events, and in [`FeedPage::scanned`] how far the read looked, so that
+    /// a reader moves past the events that did not match. Everything up to `scanned` was
+    /// committed when it was read (below the hold-back horizon on PostgreSQL).
+    fn read_feed_matching<'a>(
+        &'a self,
+        after: FeedCursor,
+        limit: usize,
+        filter: &'a Filter,
+    ) -> BoxFuture<'a, Result<FeedPage>>;
+
+    /// Creates the rows of a subscription that does not exist (every partition, at
+    /// `spec.initial`); returns partition 0 as stored, for the caller to compare.
+    fn subscription_open<'a>(&'a self, spec: &'a Spec) -> BoxFuture<'a, Result<Row>>;
+
+    /// Grants or renews a lease (see [`Claim`]): the partition's row under the lease, or `None`
+    /// when another worker holds it.
+    fn subscription_claim<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Option<Row>>>;
+
+    /// The rows of one subscription (or of all), by name and partition.
+    fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>>;
+
+    /// Opens a transaction for a subscription handler.
+    fn begin_tx(&self) -> BoxFuture<'_, Result<TxState>>;
+
+    /// Makes `write` in `tx` and commits both, or neither: [`Write::missed`]'s error when the
+    /// write matched no row (a lost lease, an unknown subscription).
+    fn commit_tx(&self, tx: TxState, write: Write) -> BoxFuture<'_, Result<()>>;
 
     /// A counter of the commits this backend has heard of; read it before reading the feed and
     /// pass it to [`wait_for_change`](Backend::wait_for_change).
@@ -451,6 +483,48 @@ impl Store {
     /// ```
     pub async fn read_feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {
         self.inner.backend.read_feed(after, limit).await
+    }
+
+    /// [`read_feed`](Store::read_feed) of the events that pass `filter`, which the store applies
+    /// in its own query. Read on after the page's [`scanned`](FeedPage::scanned) cursor, not the
+    /// last event's: it moves past the events that did not match, so a sparse filter does not
+    /// read the same stretch again.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use annals::Filter;
+    /// # async fn demo(store: &Store) -> Result<(), annals::Error> {
+    /// let filter = Filter::all().event_named("account.opened");
+    /// let mut cursor = FeedCursor::START;
+    /// loop {
+    ///     let page = store.read_feed_matching(cursor, 100, &filter).await?;
+    ///     for event in &page {
+    ///         println!("{} opened at {}", event.aggregate_id, event.position());
+    ///     }
+    ///     cursor = page.scanned;
+    ///     if page.len() < 100 {
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Fails with [`Error::Config`] for a filter by natural key without exactly one aggregate
+    /// type.
+    pub async fn read_feed_matching(
+        &self,
+        after: FeedCursor,
+        limit: usize,
+        filter: &Filter,
+    ) -> Result<FeedPage> {
+        filter.check()?;
+        if filter.is_all() {
+            return self.read_feed(after, limit).await;
+        }
+        self.inner
+            .backend
+            .read_feed_matching(after, limit, filter)
+            .await
     }
 
     /// Waits until the feed holds events after `after`, for at most `timeout`. Returns true

@@ -36,11 +36,18 @@ struct MigrationSource {
     sql: &'static str,
 }
 
-const SQLITE_MIGRATIONS: &[MigrationSource] = &[MigrationSource {
-    version: 1,
-    name: "initial schema",
-    sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
-}];
+const SQLITE_MIGRATIONS: &[MigrationSource] = &[
+    MigrationSource {
+        version: 1,
+        name: "initial schema",
+        sql: include_str!("../../migrations/sqlite/0001_initial.sql"),
+    },
+    MigrationSource {
+        version: 2,
+        name: "durable subscriptions",
+        sql: include_str!("../../migrations/sqlite/0002_subscriptions.sql"),
+    },
+];
 
 const POSTGRES_MIGRATIONS: &[MigrationSource] = &[
     MigrationSource {
@@ -52,6 +59,11 @@ const POSTGRES_MIGRATIONS: &[MigrationSource] = &[
         version: 2,
         name: "feed epochs",
         sql: include_str!("../../migrations/postgres/0002_feed_epochs.sql"),
+    },
+    MigrationSource {
+        version: 3,
+        name: "durable subscriptions",
+        sql: include_str!("../../migrations/postgres/0003_subscriptions.sql"),
     },
 ];
 

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgRow};
 
-use super::{PostgresBackend, get, query};
+use super::{PostgresBackend, get, no_statement, query};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::{FeedPage, HeldBack};
+use crate::filter::Filter;
 use crate::store::sql::backend_error;
 use crate::store::sql::records::{RecordRow, epoch, records_need_refresh};
 use crate::store::sql::types::TypeKind;
@@ -43,16 +44,55 @@ impl PostgresBackend {
     /// Up to `limit` events of the feed after `after`, and who holds back the events after
     /// them, if anyone does. One statement; it never waits.
     pub(super) async fn feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        let mut rows = query(&self.sql.read_feed)
+        self.feed_page(after, limit, None).await
+    }
+
+    /// [`feed`](Self::feed) of the events that pass `filter`; the page says how far it looked.
+    pub(super) async fn feed_matching(
+        &self,
+        after: FeedCursor,
+        limit: usize,
+        filter: &Filter,
+    ) -> Result<FeedPage> {
+        filter.check()?;
+        self.feed_page(after, limit, Some(filter)).await
+    }
+
+    async fn feed_page(
+        &self,
+        after: FeedCursor,
+        limit: usize,
+        filter: Option<&Filter>,
+    ) -> Result<FeedPage> {
+        let sql = match filter {
+            None => &self.sql.read_feed,
+            Some(filter) => self
+                .sql
+                .read_feed_matching
+                .get(filter.shape().index())
+                .ok_or_else(no_statement)?,
+        };
+        let mut q = query(sql)
             .bind(i32::try_from(after.epoch).map_err(|_| cursor_out_of_range(after))?)
             .bind(to_i64(after.tx, "feed cursor transaction")?)
             .bind(to_i64(after.position, "feed cursor position")?)
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(backend_error)?;
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        if let Some(filter) = filter {
+            if !filter.event_types().is_empty() {
+                q = q.bind(filter.event_types().to_vec());
+            }
+            if !filter.aggregate_types().is_empty() {
+                q = q.bind(filter.aggregate_types().to_vec());
+            }
+            if let Some(id) = filter.aggregate_id() {
+                q = q.bind(*id.as_uuid());
+            }
+            if let Some(key) = filter.aggregate_key() {
+                q = q.bind(key.to_owned());
+            }
+        }
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let mut rows = q.fetch_all(&mut *conn).await.map_err(backend_error)?;
         // The last row is the status row (see `render::feed_sql`).
         let status = match rows.pop() {
             Some(row) if get::<Option<uuid::Uuid>>(&row, 2)?.is_none() => row,
@@ -70,7 +110,23 @@ impl PostgresBackend {
         if let Some(held) = &held_back {
             self.warn_if_held_long(held);
         }
-        Ok(FeedPage::new(events, held_back))
+        let page = FeedPage::new(events, held_back, after);
+        if filter.is_none() || page.len() == limit {
+            return Ok(page);
+        }
+        // Not full: every event the read could see was looked at.
+        match (
+            get::<Option<i32>>(&status, 12)?,
+            get::<Option<i64>>(&status, 13)?,
+            get::<Option<i64>>(&status, 14)?,
+        ) {
+            (Some(epoch_id), Some(tx), Some(position)) => Ok(page.scanned_to(FeedCursor {
+                epoch: epoch(i64::from(epoch_id))?,
+                tx: to_u64(tx, "transaction id")?,
+                position: to_u64(position, "event position")?,
+            })),
+            _ => Ok(page),
+        }
     }
 
     /// Logs a hold-back older than [`StoreOptions::hold_back_warning`], at most once a minute.

@@ -24,6 +24,7 @@ mod names;
 mod notify;
 mod render;
 mod size;
+mod subscriptions;
 mod types;
 
 use std::str::FromStr;
@@ -40,6 +41,7 @@ use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
+use crate::filter::Filter;
 use crate::registry::Registry;
 use crate::store::sql::backend_error;
 use crate::store::sql::types::TypeCache;
@@ -47,6 +49,8 @@ use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, Listen, LoadRequest, LoadedStream, Locate,
     Store, StoreOptions,
 };
+use crate::subscription::row::{Claim, Row as SubscriptionRow, Spec, Write};
+use crate::subscription::tx::TxState;
 
 /// How long a connection may sit idle before it is pinged on checkout: a hot connection is
 /// used as is, one that idled long enough for a firewall or a restart to drop it is checked.
@@ -62,6 +66,7 @@ pub(crate) struct PostgresBackend {
     listener_pool: Option<PgPool>,
     names: Names,
     sql: Statements,
+    subs: subscriptions::Statements,
     options: StoreOptions,
     types: TypeCache,
     wake: Arc<Wake>,
@@ -152,6 +157,7 @@ impl PostgresBackend {
             pool,
             owns_pool: false,
             listener_pool,
+            subs: subscriptions::Statements::new(&names),
             sql,
             names,
             options: options.clone(),
@@ -245,6 +251,41 @@ impl Backend for PostgresBackend {
         Box::pin(self.feed(after, limit))
     }
 
+    fn read_feed_matching<'a>(
+        &'a self,
+        after: FeedCursor,
+        limit: usize,
+        filter: &'a Filter,
+    ) -> BoxFuture<'a, Result<FeedPage>> {
+        Box::pin(self.feed_matching(after, limit, filter))
+    }
+
+    fn subscription_open<'a>(&'a self, spec: &'a Spec) -> BoxFuture<'a, Result<SubscriptionRow>> {
+        Box::pin(self.subscription_open(spec))
+    }
+
+    fn subscription_claim<'a>(
+        &'a self,
+        claim: &'a Claim,
+    ) -> BoxFuture<'a, Result<Option<SubscriptionRow>>> {
+        Box::pin(self.subscription_claim(claim))
+    }
+
+    fn subscription_rows<'a>(
+        &'a self,
+        name: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<SubscriptionRow>>> {
+        Box::pin(self.subscription_rows(name))
+    }
+
+    fn begin_tx(&self) -> BoxFuture<'_, Result<TxState>> {
+        Box::pin(self.begin_tx())
+    }
+
+    fn commit_tx(&self, tx: TxState, write: Write) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.commit_tx(tx, write))
+    }
+
     fn changes(&self) -> u64 {
         // The first waiter starts the listener; its first wake-up (sent once it listens)
         // moves the counter past what that waiter read.
@@ -298,6 +339,8 @@ pub(super) fn no_statement() -> Error {
 pub(super) fn to_i32(value: u32, what: &str) -> Result<i32> {
     i32::try_from(value).map_err(|_| Error::Config(format!("{what} {value} is out of range")))
 }
+
+pub(crate) use self::subscriptions::execute;
 
 /// Commits `ctx`'s batch on the caller's connection, inside the transaction it has open: what
 /// [`Context::commit_in`](crate::Context::commit_in) runs on a PostgreSQL store.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::names::Names;
 use crate::error::{Error, Result};
+use crate::filter::FilterShape;
 use crate::store::sql::types::TypeKind;
 
 /// How a commit checks the versions of the aggregates it changes.
@@ -80,6 +81,8 @@ pub(super) struct Statements {
     pub versions: Arc<str>,
     pub read_stream: Arc<str>,
     pub read_feed: Arc<str>,
+    /// The filtered feed, one statement per [`FilterShape`] index.
+    pub read_feed_matching: Vec<Arc<str>>,
     pub schema_version: Arc<str>,
     /// [`CHECK_EPOCH`] at open: the epoch before, and after when it ran.
     pub check_epoch: Arc<str>,
@@ -141,7 +144,10 @@ impl Statements {
                  WHERE e.aggregate_id = $1::uuid AND e.sequence > $2::int8 ORDER BY e.sequence"
             )
             .into(),
-            read_feed: feed_sql(&events, &aggregates, &names.table("feed_epoch")).into(),
+            read_feed: feed_sql(names, None).into(),
+            read_feed_matching: (0..FilterShape::COUNT)
+                .map(|index| feed_sql(names, Some(FilterShape::from_index(index))).into())
+                .collect(),
             check_epoch: format!(
                 "WITH before AS (SELECT epoch FROM {feed_epoch} WHERE id = 1), \
                  checked AS ({check}) \
@@ -259,7 +265,27 @@ const FEED_EPOCH: &str = "\
 /// holder (NULL when the holder is gone), 6: 1 when the cursor's own event exists (or the cursor
 /// is the start), 7: the holder's database's name, 9: its age in microseconds, 11: the open
 /// epoch.
-fn feed_sql(events: &str, aggregates: &str, feed_epoch: &str) -> String {
+///
+/// With a filter `shape`, the page holds only the events that pass it (parameters from 5 on,
+/// see [`filter_conditions`]), and every row has three more columns: NULL for events, and in
+/// the status row the newest event the read could see (epoch, transaction id, position), NULL
+/// when there is none after the cursor: how far a page that is not full looked.
+fn feed_sql(names: &Names, filter: Option<FilterShape>) -> String {
+    let events = &names.table("events");
+    let aggregates = &names.table("aggregates");
+    let feed_epoch = &names.table("feed_epoch");
+    let conditions = filter.map_or_else(String::new, |shape| filter_conditions(names, shape));
+    let (event_extra, status_extra, scanned) = match filter {
+        None => ("", "", ""),
+        Some(_) => (
+            ", NULL::int4, NULL::int8, NULL::int8",
+            ", s.epoch, s.tx_id::text::int8, s.position",
+            " LEFT JOIN LATERAL ( \
+              SELECT e.epoch, e.tx_id, e.position FROM {events} e \
+              WHERE {after} AND (e.epoch < {open} OR e.tx_id < {horizon}) \
+              ORDER BY e.epoch DESC, e.tx_id DESC, e.position DESC LIMIT 1) s ON true",
+        ),
+    };
     let after = "(e.epoch, e.tx_id, e.position) > ($1::int4, $2::int8::text::xid8, $3::int8)";
     let horizon = "(SELECT horizon FROM h)";
     let open = "(SELECT open_epoch FROM g)";
@@ -267,11 +293,16 @@ fn feed_sql(events: &str, aggregates: &str, feed_epoch: &str) -> String {
     let epoch = FEED_EPOCH
         .replace("{events}", events)
         .replace("{feed_epoch}", feed_epoch);
+    let scanned = scanned
+        .replace("{events}", events)
+        .replace("{after}", after)
+        .replace("{open}", open)
+        .replace("{horizon}", horizon);
     format!(
         "WITH {FEED_HORIZON}, {epoch} \
-         (SELECT {RECORD_COLUMNS} \
+         (SELECT {RECORD_COLUMNS}{event_extra} \
           FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
-          WHERE {after} AND (e.epoch < {open} OR e.tx_id < {horizon}) \
+          WHERE {after} AND (e.epoch < {open} OR e.tx_id < {horizon}){conditions} \
           ORDER BY e.epoch, e.tx_id, e.position LIMIT $4::int8) \
          UNION ALL \
          (SELECT w.tx_id::text::int8, w.position, NULL::uuid, hb.pid, \
@@ -280,8 +311,9 @@ fn feed_sql(events: &str, aggregates: &str, feed_epoch: &str) -> String {
                      SELECT 1 FROM {events} c WHERE c.position = $3::int8 \
                        AND c.epoch = $1::int4 AND c.tx_id = $2::int8::text::xid8) \
                  THEN 1 ELSE 0 END, \
-                 convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid, {open}::int8 \
-          FROM (SELECT 1) AS one \
+                 convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid, \
+                 {open}::int8{status_extra} \
+          FROM (SELECT 1) AS one{scanned} \
           LEFT JOIN LATERAL ( \
               SELECT e.tx_id, e.position FROM {events} e \
               WHERE {after} AND e.epoch = {open} AND e.tx_id >= {horizon} \
@@ -298,6 +330,36 @@ fn feed_sql(events: &str, aggregates: &str, feed_epoch: &str) -> String {
               WHERE w.tx_id IS NOT NULL AND p.transaction::text::int8 = {low32} \
               LIMIT 1) hb ON true)"
     )
+}
+
+/// The conditions of a filtered feed read, on the events `e` and their aggregates `a`, with
+/// parameters from 5 on, one per condition present, in this order: the event type names and the
+/// aggregate type names (`text[]`, turned into ids inside the statement, so that a type another
+/// process wrote meanwhile is not missed), the aggregate id, the natural key.
+fn filter_conditions(names: &Names, shape: FilterShape) -> String {
+    let mut params = Params(4);
+    let mut conditions = String::new();
+    if shape.event_types {
+        conditions.push_str(&format!(
+            " AND e.event_type_id = ANY(ARRAY(SELECT id FROM {} WHERE name = ANY({}::text[])))",
+            names.table("event_types"),
+            params.next()
+        ));
+    }
+    if shape.aggregate_types {
+        conditions.push_str(&format!(
+            " AND a.type_id = ANY(ARRAY(SELECT id FROM {} WHERE name = ANY({}::text[])))",
+            names.table("aggregate_types"),
+            params.next()
+        ));
+    }
+    if shape.aggregate {
+        conditions.push_str(&format!(" AND e.aggregate_id = {}::uuid", params.next()));
+    }
+    if shape.key {
+        conditions.push_str(&format!(" AND a.natural_key = {}::text", params.next()));
+    }
+    conditions
 }
 
 /// The statement that loads an aggregate. The first row holds the aggregate and its newest
@@ -500,6 +562,33 @@ mod tests {
 
     fn names() -> Names {
         Names::new(&StoreOptions::new().schema("shop").table_prefix("es_")).unwrap()
+    }
+
+    #[test]
+    fn filter_conditions_bind_from_five_in_order() {
+        let every = FilterShape::from_index(FilterShape::COUNT - 1);
+        assert_eq!(
+            filter_conditions(&names(), every),
+            " AND e.event_type_id = ANY(ARRAY(SELECT id FROM \"shop\".es_event_types WHERE name = ANY($5::text[]))) \
+             AND a.type_id = ANY(ARRAY(SELECT id FROM \"shop\".es_aggregate_types WHERE name = ANY($6::text[]))) \
+             AND e.aggregate_id = $7::uuid AND a.natural_key = $8::text"
+        );
+        let key_only = FilterShape {
+            event_types: false,
+            aggregate_types: true,
+            aggregate: false,
+            key: true,
+        };
+        assert!(filter_conditions(&names(), key_only).ends_with("AND a.natural_key = $6::text"));
+        // The filtered feed adds the scanned columns; the plain one stays as it was.
+        let sql = Statements::new(&names());
+        assert!(
+            sql.read_feed_matching[every.index()].contains("ORDER BY e.epoch DESC, e.tx_id DESC")
+        );
+        assert!(
+            !sql.read_feed
+                .contains("ORDER BY e.epoch DESC, e.tx_id DESC")
+        );
     }
 
     fn shape(cas: Cas, new: bool, snapshots: bool, in_caller_tx: bool) -> String {

@@ -10,6 +10,7 @@ use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
+use crate::filter::Filter;
 use crate::store::sql::backend_error;
 use crate::store::sql::records::{RecordRow, uuid_from_bytes};
 use crate::store::sql::types::TypeKind;
@@ -50,7 +51,60 @@ pub(super) fn read_feed(
             i64::try_from(limit).unwrap_or(i64::MAX),
         ))
         .map_err(backend_error)?;
-    Ok(FeedPage::new(recorded(conn, shared, rows)?, None))
+    Ok(FeedPage::new(recorded(conn, shared, rows)?, None, after))
+}
+
+/// Up to `limit` events after `after` that pass `filter`, and the end of the feed as it stood
+/// (read in the same transaction) as how far the read looked when the page is not full.
+pub(super) fn read_feed_matching(
+    conn: &Connection,
+    shared: &Shared,
+    after: FeedCursor,
+    limit: usize,
+    filter: &Filter,
+) -> Result<FeedPage> {
+    filter.check()?;
+    let json = |names: &[String]| serde_json::to_string(names).unwrap_or_default();
+    let mut params: Vec<Box<dyn rusqlite::ToSql>> = vec![
+        Box::new(to_i64(after.position, "position")?),
+        Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+    ];
+    if !filter.event_types().is_empty() {
+        params.push(Box::new(json(filter.event_types())));
+    }
+    if !filter.aggregate_types().is_empty() {
+        params.push(Box::new(json(filter.aggregate_types())));
+    }
+    if let Some(id) = filter.aggregate_id() {
+        params.push(Box::new(id.as_uuid().as_bytes().to_vec()));
+    }
+    if let Some(key) = filter.aggregate_key() {
+        params.push(Box::new(key.to_owned()));
+    }
+    let sql = shared
+        .sql
+        .read_feed_matching
+        .get(filter.shape().index())
+        .ok_or_else(|| Error::Corrupt("no statement for this filter".to_owned()))?;
+    // One read transaction: the page and the end of the feed from one snapshot.
+    let tx = conn.unchecked_transaction().map_err(backend_error)?;
+    let events = {
+        let mut stmt = tx.prepare_cached(sql).map_err(backend_error)?;
+        let rows = stmt
+            .query(rusqlite::params_from_iter(params.iter()))
+            .map_err(backend_error)?;
+        recorded(&tx, shared, rows)?
+    };
+    let page = FeedPage::new(events, None, after);
+    if page.len() == limit {
+        return Ok(page);
+    }
+    let end: Option<i64> = tx
+        .prepare_cached(&shared.sql.feed_end)
+        .and_then(|mut stmt| stmt.query_row((), |row| row.get(0)))
+        .map_err(backend_error)?;
+    let end = u64::try_from(end.unwrap_or(0)).unwrap_or(0);
+    Ok(page.scanned_to(FeedCursor::at_position(end)))
 }
 
 fn recorded(

@@ -20,6 +20,7 @@ mod migrate;
 mod names;
 mod readers;
 mod render;
+mod subscriptions;
 mod writer;
 
 use std::sync::Arc;
@@ -33,17 +34,21 @@ use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
+use crate::filter::Filter;
 use crate::registry::Registry;
 use crate::store::sql::types::TypeCache;
 use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
     Store, StoreOptions,
 };
+use crate::subscription::row::{Claim, Row, Spec, Write};
+use crate::subscription::tx::TxState;
 
 /// What every thread of one store shares: statements, the type-name cache, the commit signal.
 #[derive(Debug)]
 pub(super) struct Shared {
     sql: Statements,
+    subscriptions: subscriptions::Statements,
     types: TypeCache,
     committed: CommitSignal,
     options: StoreOptions,
@@ -75,6 +80,7 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             shared: Arc::new(Shared {
                 sql: Statements::new(&options.table_prefix),
+                subscriptions: subscriptions::Statements::new(&options.table_prefix),
                 types: TypeCache::default(),
                 committed: CommitSignal::default(),
                 options: options.clone(),
@@ -110,6 +116,8 @@ impl SqliteBackend {
         Ok(())
     }
 }
+
+pub(crate) use self::subscriptions::execute;
 
 /// Commits a context's batch inside the caller's own rusqlite transaction; the body of
 /// `Context::commit_in_sqlite`.
@@ -171,6 +179,69 @@ impl Backend for SqliteBackend {
 
     fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         self.read(move |conn, shared| feed::read_feed(conn, shared, after, limit))
+    }
+
+    fn read_feed_matching<'a>(
+        &'a self,
+        after: FeedCursor,
+        limit: usize,
+        filter: &'a Filter,
+    ) -> BoxFuture<'a, Result<FeedPage>> {
+        let filter = filter.clone();
+        self.read(move |conn, shared| feed::read_feed_matching(conn, shared, after, limit, &filter))
+    }
+
+    fn subscription_open<'a>(&'a self, spec: &'a Spec) -> BoxFuture<'a, Result<Row>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        let shared = self.shared.clone();
+        let spec = spec.clone();
+        Box::pin(
+            self.writer
+                .run(move |conn| subscriptions::open(conn, &shared.subscriptions, &spec)),
+        )
+    }
+
+    fn subscription_claim<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Option<Row>>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        let shared = self.shared.clone();
+        let claim = claim.clone();
+        Box::pin(
+            self.writer
+                .run(move |conn| subscriptions::claim(conn, &shared.subscriptions, &claim)),
+        )
+    }
+
+    fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>> {
+        let name = name.map(str::to_owned);
+        self.read(move |conn, shared| {
+            subscriptions::rows(conn, &shared.subscriptions, name.as_deref())
+        })
+    }
+
+    fn begin_tx(&self) -> BoxFuture<'_, Result<TxState>> {
+        let state = if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(TxState::Sqlite(Vec::new()))
+        };
+        Box::pin(std::future::ready(state))
+    }
+
+    fn commit_tx(&self, tx: TxState, write: Write) -> BoxFuture<'_, Result<()>> {
+        let TxState::Sqlite(work) = tx else {
+            return Box::pin(std::future::ready(Err(Error::Corrupt(
+                "a SQLite store was given another store's transaction".to_owned(),
+            ))));
+        };
+        let shared = self.shared.clone();
+        Box::pin(
+            self.writer
+                .run(move |conn| subscriptions::commit(conn, &shared.subscriptions, work, &write)),
+        )
     }
 
     fn changes(&self) -> u64 {

@@ -2,6 +2,7 @@
 //! tests below pin the text of representative statements, so a change to one shows up as a
 //! reviewed diff.
 
+use crate::filter::FilterShape;
 use crate::store::sql::migrate::{Dialect, render, templates};
 use crate::store::sql::types::TypeKind;
 
@@ -26,6 +27,9 @@ pub(super) struct Statements {
     pub insert_snapshot: String,
     pub read_stream: String,
     pub read_feed: String,
+    /// The filtered feed, one statement per [`FilterShape`] index.
+    pub read_feed_matching: Vec<String>,
+    pub feed_end: String,
     pub insert_aggregate_type: String,
     pub insert_event_type: String,
     pub all_aggregate_types: String,
@@ -36,6 +40,41 @@ pub(super) struct Statements {
 /// The columns of a feed row, in the order [`super::feed`] reads them.
 const FEED_COLUMNS: &str = "e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, \
      e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id";
+
+/// The feed read with the conditions of `shape`. Parameters: the position after, the limit,
+/// then one per condition present, in this order: event type names and aggregate type names (as
+/// JSON arrays, matched by name inside the statement so that a type written meanwhile by
+/// another process is not missed), the aggregate id, the natural key.
+fn feed_matching_sql(shape: FilterShape) -> String {
+    let mut conditions = String::new();
+    let mut next = 3;
+    let mut param = || {
+        let p = format!("?{next}");
+        next += 1;
+        p
+    };
+    if shape.event_types {
+        conditions.push_str(&format!(
+            " AND e.event_type_id IN (SELECT id FROM {{prefix}}event_types WHERE name IN (SELECT value FROM json_each({})))",
+            param()
+        ));
+    }
+    if shape.aggregate_types {
+        conditions.push_str(&format!(
+            " AND a.type_id IN (SELECT id FROM {{prefix}}aggregate_types WHERE name IN (SELECT value FROM json_each({})))",
+            param()
+        ));
+    }
+    if shape.aggregate {
+        conditions.push_str(&format!(" AND e.aggregate_id = {}", param()));
+    }
+    if shape.key {
+        conditions.push_str(&format!(" AND a.natural_key = {}", param()));
+    }
+    format!(
+        "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1{conditions} ORDER BY e.position LIMIT ?2"
+    )
+}
 
 impl Statements {
     pub fn new(prefix: &str) -> Self {
@@ -69,6 +108,10 @@ impl Statements {
             read_feed: sql(&format!(
                 "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
             )),
+            read_feed_matching: (0..FilterShape::COUNT)
+                .map(|index| sql(&feed_matching_sql(FilterShape::from_index(index))))
+                .collect(),
+            feed_end: sql("SELECT max(position) FROM {prefix}events"),
             insert_aggregate_type: sql(
                 "INSERT OR IGNORE INTO {prefix}aggregate_types (name) VALUES (?1)",
             ),
@@ -161,6 +204,25 @@ mod tests {
         let full = sql.insert_events(EVENT_CHUNK);
         assert!(full.ends_with(",(?3993,?3994,?3995,?3996,?3997,?3998,?3999,?4000)"));
         assert_eq!(full.matches('(').count(), EVENT_CHUNK + 1);
+    }
+
+    #[test]
+    fn filtered_feed_statements() {
+        let sql = Statements::new("annals_");
+        let all = FilterShape::from_index(FilterShape::COUNT - 1);
+        assert_eq!(
+            sql.read_feed_matching[all.index()],
+            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 AND e.event_type_id IN (SELECT id FROM annals_event_types WHERE name IN (SELECT value FROM json_each(?3))) AND a.type_id IN (SELECT id FROM annals_aggregate_types WHERE name IN (SELECT value FROM json_each(?4))) AND e.aggregate_id = ?5 AND a.natural_key = ?6 ORDER BY e.position LIMIT ?2"
+        );
+        let by_id = FilterShape {
+            event_types: false,
+            aggregate_types: false,
+            aggregate: true,
+            key: false,
+        };
+        assert!(sql.read_feed_matching[by_id.index()].ends_with(
+            "WHERE e.position > ?1 AND e.aggregate_id = ?3 ORDER BY e.position LIMIT ?2"
+        ));
     }
 
     #[test]

@@ -1,0 +1,15 @@
+-- annals schema version 2 (SQLite): durable subscriptions.
+--
+-- One row per subscription and partition. The filter and the start are kept as given when the
+-- subscription was first opened (JSON), so a later open with other settings is refused instead
+-- of silently reading a different stream. The lease (owner, fencing token, expiry in
+-- microseconds since the Unix epoch) gives each partition one worker at a time; every
+-- checkpoint write names the token it holds.
+ALTER TABLE {prefix}subscriptions ADD COLUMN start_at TEXT NOT NULL DEFAULT '';
+ALTER TABLE {prefix}subscriptions ADD COLUMN partitions INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE {prefix}subscriptions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE {prefix}subscriptions ADD COLUMN last_error TEXT;
+ALTER TABLE {prefix}subscriptions ADD COLUMN error_cursor TEXT;
+
+INSERT OR IGNORE INTO {prefix}schema_migrations (version, name, applied_at)
+VALUES (2, 'durable subscriptions', CAST(strftime('%s', 'now') AS INTEGER) * 1000000);

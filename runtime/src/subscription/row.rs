@@ -1,0 +1,130 @@
+//! What the stores keep of a durable subscription, and the writes they make to it: the shapes
+//! every backend reads and writes, so that the runner in [`super`] is written once.
+
+use std::time::{Duration, SystemTime};
+
+use crate::event::FeedCursor;
+
+/// A subscription as it is created: the first open writes it, later opens compare with it.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    pub name: String,
+    pub filter: String,
+    pub start: String,
+    pub partitions: u32,
+    /// The cursor the subscription starts after.
+    pub initial: FeedCursor,
+}
+
+/// One partition of a subscription, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Row {
+    pub name: String,
+    pub partition: u32,
+    pub partitions: u32,
+    pub filter: String,
+    pub start: String,
+    pub cursor: FeedCursor,
+    pub owner: Option<String>,
+    pub token: u64,
+    pub lease_expires_at: Option<SystemTime>,
+    pub state: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub error_cursor: Option<String>,
+}
+
+/// A worker's request for the lease on one partition: granted when the partition has no
+/// owner, its lease expired, or the worker holds it already (then it is renewed).
+#[derive(Debug, Clone)]
+pub(crate) struct Claim {
+    pub name: String,
+    pub partition: u32,
+    pub owner: String,
+    pub lease: Duration,
+}
+
+/// The lease a write is made under: it is refused ([`Error::LeaseLost`]) when the partition's
+/// owner or token changed.
+///
+/// [`Error::LeaseLost`]: crate::Error::LeaseLost
+#[derive(Debug, Clone)]
+pub(crate) struct Lease {
+    pub name: String,
+    pub partition: u32,
+    pub owner: String,
+    pub token: u64,
+    /// How long the lease lasts from this write.
+    pub duration: Duration,
+}
+
+/// A write to a subscription's rows, made in a handler transaction.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    /// The batch up to `cursor` is handled: move the cursor, clear errors, renew the lease.
+    Checkpoint { lease: Lease, cursor: FeedCursor },
+    /// The handler failed on the event at `at` as many times as allowed: stop.
+    Fail {
+        lease: Lease,
+        at: FeedCursor,
+        attempts: u32,
+        error: String,
+    },
+    /// The worker stops: the partition is free to claim at once.
+    Release { lease: Lease },
+    /// Pause (`paused`) or resume (`active`, errors cleared) every partition of `name`.
+    State { name: String, state: &'static str },
+    /// Start over: every partition of `name` goes back to `cursor` with these settings, errors
+    /// cleared, leases ended (their tokens bumped, so a worker still running cannot checkpoint).
+    Reset {
+        name: String,
+        filter: String,
+        start: String,
+        cursor: FeedCursor,
+    },
+}
+
+impl Write {
+    /// The lease this write is made under, if it needs one.
+    pub fn lease(&self) -> Option<&Lease> {
+        match self {
+            Write::Checkpoint { lease, .. }
+            | Write::Fail { lease, .. }
+            | Write::Release { lease } => Some(lease),
+            Write::State { .. } | Write::Reset { .. } => None,
+        }
+    }
+
+    /// The subscription written to.
+    pub fn name(&self) -> &str {
+        match self {
+            Write::Checkpoint { lease, .. }
+            | Write::Fail { lease, .. }
+            | Write::Release { lease } => &lease.name,
+            Write::State { name, .. } | Write::Reset { name, .. } => name,
+        }
+    }
+
+    /// The error for a write that matched no row.
+    pub fn missed(&self) -> Option<crate::Error> {
+        match self {
+            Write::Checkpoint { lease, .. } | Write::Fail { lease, .. } => {
+                Some(crate::Error::LeaseLost {
+                    name: lease.name.clone(),
+                    partition: lease.partition,
+                    token: lease.token,
+                })
+            }
+            // Releasing a lease already lost changes nothing.
+            Write::Release { .. } => None,
+            Write::State { name, .. } | Write::Reset { name, .. } => {
+                Some(crate::Error::SubscriptionNotFound { name: name.clone() })
+            }
+        }
+    }
+}
+
+/// The error cursor as stored: JSON text.
+pub(crate) fn cursor_text(cursor: FeedCursor) -> String {
+    serde_json::to_string(&cursor).unwrap_or_default()
+}

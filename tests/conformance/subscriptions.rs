@@ -1,0 +1,690 @@
+//! Durable subscriptions, on every store: delivery in order and at least once, checkpoints that
+//! commit with the handler's writes, failures that stop instead of skipping, settings checked
+//! at open, pause, resume, reset and leases.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use annals::prelude::*;
+use annals::subscription::{Handler, Start, SubscriptionState};
+use annals::{BoxError, Error, Filter, SqlValue, Transaction};
+
+use super::domain::*;
+use super::{open_account, read_feed_to_end};
+
+/// Bounds every wait of these tests: a hang becomes a failure.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Collects what it is given, in memory; fails on the events `fail_on` names (by amount) while
+/// `failing` is set, and on the SQL stores also writes each event once into `table`.
+#[derive(Default)]
+struct Collect {
+    seen: Vec<RecordedEvent>,
+    batches: usize,
+    fail_on: Option<i64>,
+    failing: bool,
+    /// Fails the first n attempts, whatever the events.
+    flaky: usize,
+    table: Option<String>,
+    resets: usize,
+}
+
+impl Collect {
+    fn deposits(&self) -> Vec<i64> {
+        self.seen
+            .iter()
+            .filter_map(|e| e.decode::<Deposited>().unwrap().map(|d| d.amount))
+            .collect()
+    }
+}
+
+impl Handler for Collect {
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        tx: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        if let Some(table) = &self.table {
+            for event in events {
+                // A plain INSERT: a second delivery of a committed event fails on the key.
+                tx.execute(
+                    &format!("INSERT INTO {table} (event_id, position) VALUES ($1, $2)"),
+                    &[
+                        event.event_id.into(),
+                        SqlValue::Int(event.position() as i64),
+                    ],
+                )
+                .await?;
+            }
+        }
+        if self.flaky > 0 {
+            self.flaky -= 1;
+            return Err("flaky".into());
+        }
+        if self.failing
+            && let Some(bad) = self.fail_on
+        {
+            for event in events {
+                if event
+                    .decode::<Deposited>()?
+                    .is_some_and(|d| d.amount == bad)
+                {
+                    return Err(format!("cannot take {bad}").into());
+                }
+            }
+        }
+        self.batches += 1;
+        self.seen.extend(events.iter().cloned());
+        Ok(())
+    }
+
+    async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        if let Some(table) = &self.table {
+            tx.execute(&format!("DELETE FROM {table}"), &[]).await?;
+        }
+        self.seen.clear();
+        self.resets += 1;
+        Ok(())
+    }
+}
+
+/// True on the SQL stores (where handlers run SQL): the memory store refuses SQL.
+async fn runs_sql(store: &Store) -> bool {
+    struct Probe(bool);
+    impl Handler for Probe {
+        async fn handle(
+            &mut self,
+            _: &[RecordedEvent],
+            _: &mut Transaction<'_>,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+        async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+            self.0 = tx.execute("SELECT 1", &[]).await.is_ok();
+            Ok(())
+        }
+    }
+    let mut probe = Probe(false);
+    let probe_sub = store.subscription(&format!("probe-{}", uuid::Uuid::now_v7()));
+    probe_sub.reset(&mut probe).await.unwrap();
+    probe.0
+}
+
+/// True on PostgreSQL, whose handler transactions are sqlx connections.
+async fn is_postgres(store: &Store) -> bool {
+    struct Probe(bool);
+    impl Handler for Probe {
+        async fn handle(
+            &mut self,
+            _: &[RecordedEvent],
+            _: &mut Transaction<'_>,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+        async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+            #[cfg(feature = "postgres")]
+            {
+                self.0 = tx.postgres().is_some();
+            }
+            let _ = tx;
+            Ok(())
+        }
+    }
+    let mut probe = Probe(false);
+    let probe_sub = store.subscription(&format!("probe-{}", uuid::Uuid::now_v7()));
+    probe_sub.reset(&mut probe).await.unwrap();
+    probe.0
+}
+
+/// A table of effects for `Collect`, created through a subscription's reset (a handler
+/// transaction), with a name of its own: tests share the PostgreSQL database.
+async fn effects_table(store: &Store) -> Option<String> {
+    if !runs_sql(store).await {
+        return None;
+    }
+    struct Create(String);
+    impl Handler for Create {
+        async fn handle(
+            &mut self,
+            _: &[RecordedEvent],
+            _: &mut Transaction<'_>,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+        async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+            tx.execute(
+                &format!(
+                    "CREATE TABLE {} (event_id TEXT PRIMARY KEY, position BIGINT NOT NULL)",
+                    self.0
+                ),
+                &[],
+            )
+            .await?;
+            Ok(())
+        }
+    }
+    let table = format!("effects_{}", uuid::Uuid::now_v7().simple());
+    let mut create = Create(table.clone());
+    store
+        .subscription(&format!("create-{table}"))
+        .reset(&mut create)
+        .await
+        .unwrap();
+    Some(table)
+}
+
+/// The rows of an effects table: (event id, position), by position, read in a handler
+/// transaction (through sqlx on PostgreSQL, a closure on SQLite's writer thread).
+async fn effects(store: &Store, table: &str) -> Vec<(String, i64)> {
+    type Rows = Arc<std::sync::Mutex<Vec<(String, i64)>>>;
+    struct Read(String, Rows);
+    impl Handler for Read {
+        async fn handle(
+            &mut self,
+            _: &[RecordedEvent],
+            _: &mut Transaction<'_>,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+        async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+            let sql = format!(
+                "SELECT event_id, position FROM {} ORDER BY position",
+                self.0
+            );
+            #[cfg(feature = "postgres")]
+            if let Some(conn) = tx.postgres() {
+                let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(conn)
+                    .await?;
+                *self.1.lock().unwrap() = rows;
+                return Ok(());
+            }
+            #[cfg(feature = "sqlite")]
+            {
+                // Runs at commit, on the writer thread: the rows are there once reset returns.
+                let out = self.1.clone();
+                tx.sqlite(move |t| {
+                    let mut stmt = t.prepare(&sql)?;
+                    let read = stmt
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<Vec<(String, i64)>, _>>()?;
+                    *out.lock().unwrap() = read;
+                    Ok(())
+                })?;
+            }
+            let _ = tx;
+            Ok(())
+        }
+    }
+    let rows = Rows::default();
+    let mut read = Read(table.to_owned(), rows.clone());
+    store
+        .subscription(&format!("read-{}", uuid::Uuid::now_v7()))
+        .reset(&mut read)
+        .await
+        .unwrap();
+    rows.lock().unwrap().clone()
+}
+
+async fn deposit(store: &Store, id: AggregateId, amount: i64) {
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(id).await?;
+            ctx.apply(&mut a, Deposited { amount })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+}
+
+async fn catch_up(sub: &annals::Subscription, handler: &mut Collect) -> Result<u64, Error> {
+    tokio::time::timeout(LIMIT, sub.catch_up(handler))
+        .await
+        .expect("catch_up returns in time")
+}
+
+/// Every matching event once, in feed order, across runs; the cursor stored.
+pub async fn subscription_delivers_each_event_once_in_order(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    let bob = open_account(store, "bob", "Bob", 2).await;
+    for amount in 3..=7 {
+        deposit(store, if amount % 2 == 0 { bob } else { alice }, amount).await;
+    }
+    let filter = Filter::all().event::<Deposited>();
+    let sub = store.subscription("deposits").filter(filter).batch_size(2);
+    let mut handler = Collect::default();
+    assert_eq!(catch_up(&sub, &mut handler).await.unwrap(), 7);
+    assert_eq!(handler.deposits(), [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(handler.batches, 4, "batches of two");
+    // Nothing twice: a second worker of the same subscription has nothing to do.
+    let mut again = Collect::default();
+    assert_eq!(catch_up(&sub, &mut again).await.unwrap(), 0);
+    deposit(store, alice, 8).await;
+    assert_eq!(catch_up(&sub, &mut again).await.unwrap(), 1);
+    assert_eq!(again.deposits(), [8]);
+
+    let head = read_feed_to_end(store, FeedCursor::START, 100)
+        .await
+        .last()
+        .unwrap()
+        .cursor;
+    let status = store.subscriptions().status("deposits").await.unwrap();
+    assert_eq!(status.len(), 1);
+    let status = &status[0];
+    assert_eq!(status.state, SubscriptionState::Active);
+    assert_eq!(status.cursor, head, "the cursor is the last event handled");
+    assert_eq!(status.lag.events, 0);
+    assert!(status.owner.is_none(), "catch_up releases its lease");
+    assert_eq!(status.filter, Filter::all().event::<Deposited>());
+    // A subscription of another filter sees only its own events.
+    let mut opened = Collect::default();
+    let opens = store
+        .subscription("opened")
+        .filter(Filter::all().event::<Opened>());
+    assert_eq!(catch_up(&opens, &mut opened).await.unwrap(), 2);
+    let lagging = store.subscriptions().list().await.unwrap();
+    assert_eq!(
+        lagging.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["deposits", "opened"]
+    );
+    deposit(store, bob, 9).await;
+    // One deposit to go (once no transaction of another test holds the feed back).
+    let lag = tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("deposits").await.unwrap();
+            if status[0].lag.held_back.is_none() {
+                return status[0].lag.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the hold-back ends");
+    assert_eq!((lag.events, lag.more), (1, false), "one deposit to go");
+    assert!(lag.behind.is_some());
+    assert!(matches!(
+        store.subscriptions().status("nobody").await,
+        Err(Error::SubscriptionNotFound { .. })
+    ));
+}
+
+/// A failed attempt writes nothing: its SQL rolls back with the checkpoint, and the batch is
+/// delivered again; each event's effect is in the table exactly once.
+pub async fn subscription_effects_commit_with_the_cursor(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    for amount in 2..=6 {
+        deposit(store, alice, amount).await;
+    }
+    let table = effects_table(store).await;
+    let sub = store
+        .subscription("effects")
+        .filter(Filter::all().event::<Deposited>())
+        .batch_size(4)
+        .retries(5, Duration::from_millis(1));
+    let mut handler = Collect {
+        flaky: 2,
+        table: table.clone(),
+        ..Collect::default()
+    };
+    assert_eq!(catch_up(&sub, &mut handler).await.unwrap(), 6);
+    assert_eq!(handler.deposits(), [1, 2, 3, 4, 5, 6]);
+    if let Some(table) = &table {
+        let rows = effects(store, table).await;
+        let ids: HashSet<&String> = rows.iter().map(|(id, _)| id).collect();
+        assert_eq!(rows.len(), 6, "each event's effect once: {rows:?}");
+        assert_eq!(ids.len(), 6);
+    }
+}
+
+/// A handler that keeps failing on one event: the events before it are checkpointed, the
+/// subscription stops on it with the error stored, and resuming tries it again.
+pub async fn subscription_stops_on_a_poison_event(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    for amount in 2..=6 {
+        deposit(store, alice, amount).await;
+    }
+    let table = effects_table(store).await;
+    let sub = store
+        .subscription("poison")
+        .filter(Filter::all().event::<Deposited>())
+        .batch_size(10)
+        .retries(2, Duration::from_millis(1));
+    let mut handler = Collect {
+        fail_on: Some(4),
+        failing: true,
+        table: table.clone(),
+        ..Collect::default()
+    };
+    let stopped = catch_up(&sub, &mut handler).await;
+    let Err(Error::SubscriptionFailed {
+        name,
+        cursor,
+        message,
+        ..
+    }) = stopped
+    else {
+        panic!("expected the subscription to stop, got {stopped:?}");
+    };
+    assert_eq!(name, "poison");
+    assert!(message.contains("cannot take 4"), "{message}");
+    assert_eq!(
+        handler.deposits(),
+        [1, 2, 3],
+        "the events before it, and not it"
+    );
+    let poison = read_feed_to_end(store, FeedCursor::START, 100)
+        .await
+        .into_iter()
+        .find(|e| {
+            e.decode::<Deposited>()
+                .unwrap()
+                .is_some_and(|d| d.amount == 4)
+        })
+        .unwrap();
+    assert_eq!(cursor, poison.cursor);
+    let status = &store.subscriptions().status("poison").await.unwrap()[0];
+    assert_eq!(status.state, SubscriptionState::Failed);
+    assert_eq!(status.error_cursor, Some(poison.cursor));
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot take 4")
+    );
+    assert!(status.cursor < poison.cursor, "the cursor stays before it");
+    // Stopped is stopped: another run returns the same failure, delivering nothing.
+    assert!(matches!(
+        catch_up(&sub, &mut handler).await,
+        Err(Error::SubscriptionFailed { .. })
+    ));
+    assert_eq!(handler.deposits(), [1, 2, 3]);
+    // Fixed and resumed, it goes on from the poison event.
+    handler.failing = false;
+    store.subscriptions().resume("poison").await.unwrap();
+    assert_eq!(catch_up(&sub, &mut handler).await.unwrap(), 3);
+    assert_eq!(handler.deposits(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        store.subscriptions().status("poison").await.unwrap()[0].state,
+        SubscriptionState::Active
+    );
+    if let Some(table) = &table {
+        assert_eq!(effects(store, table).await.len(), 6, "each effect once");
+    }
+}
+
+/// The filter and start are kept from the first open; other settings are refused until a
+/// reset, which clears the handler's model and starts over in one transaction.
+pub async fn subscription_settings_are_checked_and_reset(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    deposit(store, alice, 2).await;
+    let deposits = store
+        .subscription("model")
+        .filter(Filter::all().event::<Deposited>());
+    let mut handler = Collect::default();
+    assert_eq!(catch_up(&deposits, &mut handler).await.unwrap(), 2);
+
+    let everything = store.subscription("model");
+    match everything.open().await {
+        Err(Error::SubscriptionMismatch {
+            name,
+            setting,
+            stored,
+            given,
+        }) => {
+            assert_eq!((name.as_str(), setting), ("model", "filter"));
+            assert!(stored.contains("account.deposited"), "{stored}");
+            assert_eq!(given, "{}");
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    let late = store
+        .subscription("model")
+        .filter(Filter::all().event::<Deposited>())
+        .start(Start::End);
+    assert!(matches!(
+        late.open().await,
+        Err(Error::SubscriptionMismatch {
+            setting: "start",
+            ..
+        })
+    ));
+    // Reset to the new filter: the model is cleared and rebuilt from the start.
+    everything.reset(&mut handler).await.unwrap();
+    assert_eq!(handler.resets, 1);
+    assert!(handler.seen.is_empty());
+    assert_eq!(catch_up(&everything, &mut handler).await.unwrap(), 3);
+    assert_eq!(handler.seen.len(), 3, "opened and both deposits");
+    assert!(matches!(
+        deposits.open().await,
+        Err(Error::SubscriptionMismatch { .. })
+    ));
+    // A filter by key needs its aggregate type.
+    let bad = store.subscription("bad").filter(
+        Filter::all()
+            .key::<Account>("alice")
+            .aggregate_type::<Counter>(),
+    );
+    assert!(matches!(bad.open().await, Err(Error::Config(_))));
+}
+
+/// `Start::End` takes only later events; `Start::After` the events after a cursor.
+pub async fn subscription_starts_where_asked(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    let end = store.subscription("from-end").start(Start::End);
+    end.open().await.unwrap();
+    let middle = read_feed_to_end(store, FeedCursor::START, 100)
+        .await
+        .first()
+        .unwrap()
+        .cursor;
+    let after = store.subscription("after").start(Start::After(middle));
+    deposit(store, alice, 5).await;
+    let mut late = Collect::default();
+    catch_up(&end, &mut late).await.unwrap();
+    // The end as the feed could be read at open: on PostgreSQL a transaction of another test
+    // still open then may hold it back, and the events before come too (never fewer).
+    if !is_postgres(store).await {
+        assert_eq!(late.seen.len(), 1, "only the later deposit");
+    }
+    assert_eq!(late.deposits().last(), Some(&5));
+    let mut rest = Collect::default();
+    assert_eq!(catch_up(&after, &mut rest).await.unwrap(), 2);
+    assert_eq!(rest.deposits(), [1, 5]);
+}
+
+/// Paused, a subscription delivers nothing until it is resumed.
+pub async fn subscription_pauses_and_resumes(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    let sub = store.subscription("pausing");
+    sub.open().await.unwrap();
+    store.subscriptions().pause("pausing").await.unwrap();
+    let mut handler = Collect::default();
+    assert_eq!(catch_up(&sub, &mut handler).await.unwrap(), 0);
+    assert_eq!(
+        store.subscriptions().status("pausing").await.unwrap()[0].state,
+        SubscriptionState::Paused
+    );
+    store.subscriptions().resume("pausing").await.unwrap();
+    deposit(store, alice, 2).await;
+    assert_eq!(catch_up(&sub, &mut handler).await.unwrap(), 3);
+    assert!(matches!(
+        store.subscriptions().pause("nobody").await,
+        Err(Error::SubscriptionNotFound { .. })
+    ));
+}
+
+/// One worker at a time: a running worker holds the lease, a second one waits; on shutdown the
+/// first releases it and the second takes over at once, from the stored cursor.
+pub async fn subscription_workers_share_by_lease(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    let sub = store
+        .subscription("shared")
+        .filter(Filter::all().event::<Deposited>())
+        .poll_interval(Duration::from_millis(20));
+    sub.open().await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = {
+        let sub = sub.clone();
+        tokio::spawn(async move {
+            let mut handler = Collect::default();
+            let shutdown = async {
+                let _ = stop_rx.await;
+            };
+            sub.run(&mut handler, shutdown).await.map(|()| handler)
+        })
+    };
+    // The running worker delivers new commits as they come.
+    deposit(store, alice, 2).await;
+    let owner = tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("shared").await.unwrap();
+            if status[0].lag.events == 0 && status[0].owner.is_some() {
+                return status[0].owner.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the running worker catches up");
+    assert!(owner.is_some());
+    // A second worker (another owner) gets no lease while the first holds it.
+    let second = store
+        .subscription("shared")
+        .filter(Filter::all().event::<Deposited>());
+    let mut waiting = Collect::default();
+    deposit(store, alice, 3).await;
+    assert_eq!(catch_up(&second, &mut waiting).await.unwrap(), 0);
+    stop_tx.send(()).unwrap();
+    let handler = tokio::time::timeout(LIMIT, first)
+        .await
+        .expect("the worker stops on shutdown")
+        .unwrap()
+        .unwrap();
+    let first_got = handler.deposits();
+    assert!(first_got.starts_with(&[1, 2]), "{first_got:?}");
+    assert!(
+        store.subscriptions().status("shared").await.unwrap()[0]
+            .owner
+            .is_none(),
+        "released on shutdown"
+    );
+    // The second takes over at once and delivers what the first did not.
+    catch_up(&second, &mut waiting).await.unwrap();
+    let mut all = first_got.clone();
+    all.extend(waiting.deposits());
+    assert_eq!(all, [1, 2, 3], "every deposit once, in order");
+}
+
+/// Holds up its first batch until released, then writes its effects: a worker that stalls.
+struct Stall {
+    inner: Collect,
+    gate: Option<tokio::sync::oneshot::Receiver<()>>,
+    stalled: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Handler for Stall {
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        tx: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        if let Some(gate) = self.gate.take() {
+            if let Some(stalled) = self.stalled.take() {
+                let _ = stalled.send(());
+            }
+            let _ = gate.await;
+        }
+        self.inner.handle(events, tx).await
+    }
+}
+
+/// A worker that stalls past its lease is taken over; its checkpoint is then refused and its
+/// writes rolled back, so each event's effect is stored once, by the worker that took over.
+pub async fn subscription_stale_worker_cannot_checkpoint(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    deposit(store, alice, 2).await;
+    let table = effects_table(store).await;
+    let filter = Filter::all().event::<Deposited>();
+    let stale = store
+        .subscription("fenced")
+        .filter(filter.clone())
+        .lease(Duration::from_millis(200))
+        .poll_interval(Duration::from_millis(20));
+    stale.open().await.unwrap();
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut stalling = Stall {
+        inner: Collect {
+            table: table.clone(),
+            ..Collect::default()
+        },
+        gate: Some(gate),
+        stalled: Some(stalled_tx),
+    };
+    let first = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stop_rx.await;
+        };
+        let result = stale.run(&mut stalling, shutdown).await;
+        (result, stalling.inner)
+    });
+    tokio::time::timeout(LIMIT, stalled_rx)
+        .await
+        .expect("the first worker takes the batch")
+        .unwrap();
+    // Its lease runs out while it stalls; another worker takes the partition over.
+    let taker = store.subscription("fenced").filter(filter);
+    let mut taking = Collect {
+        table: table.clone(),
+        ..Collect::default()
+    };
+    let took = tokio::time::timeout(LIMIT, async {
+        loop {
+            let n = taker.catch_up(&mut taking).await.unwrap();
+            if n > 0 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the lease expires and is taken over");
+    assert_eq!(took, 2);
+    assert_eq!(taking.deposits(), [1, 2]);
+    let token_after = store.subscriptions().status("fenced").await.unwrap()[0].lease_token;
+    assert!(token_after >= 2, "the takeover bumped the fencing token");
+    // The stale worker wakes, writes its effects, and its checkpoint is refused: rolled back.
+    release.send(()).unwrap();
+    deposit(store, alice, 3).await;
+    // It claims again and goes on from the cursor the other worker stored.
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("fenced").await.unwrap();
+            if status[0].lag.events == 0 && status[0].lag.held_back.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the first worker goes on");
+    stop_tx.send(()).unwrap();
+    let (result, first_handler) = tokio::time::timeout(LIMIT, first).await.unwrap().unwrap();
+    result.unwrap();
+    assert_eq!(
+        first_handler.deposits().last(),
+        Some(&3),
+        "it delivered the new deposit"
+    );
+    if let Some(table) = &table {
+        let rows = effects(store, table).await;
+        assert_eq!(
+            rows.len(),
+            3,
+            "each effect once: the stale batch rolled back: {rows:?}"
+        );
+    }
+}
