@@ -67,6 +67,7 @@ macro_rules! conformance_suite {
             subscription_pauses_and_resumes,
             subscription_workers_share_by_lease,
             subscription_stale_worker_cannot_checkpoint,
+            subscription_clones_never_store_a_batch_twice,
         );
     };
     ($open:expr) => {

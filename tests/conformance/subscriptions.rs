@@ -688,3 +688,46 @@ pub async fn subscription_stale_worker_cannot_checkpoint(store: &Store) {
         );
     }
 }
+
+/// Two workers with one owner (clones of one `Subscription`, run at once) hold the same lease:
+/// the cursor itself is checked at each checkpoint, so a batch both handled is stored once.
+pub async fn subscription_clones_never_store_a_batch_twice(store: &Store) {
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    for amount in 2..=40 {
+        deposit(store, alice, amount).await;
+    }
+    let table = effects_table(store).await;
+    let sub = store
+        .subscription("twins")
+        .filter(Filter::all().event::<Deposited>())
+        .batch_size(3);
+    sub.open().await.unwrap();
+    let run = |sub: annals::Subscription, table: Option<String>| async move {
+        let mut handler = Collect {
+            table,
+            ..Collect::default()
+        };
+        catch_up(&sub, &mut handler).await.unwrap();
+        handler
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(run(sub.clone(), table.clone())),
+        tokio::spawn(run(sub.clone(), table.clone()))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let mut delivered: Vec<i64> = a.deposits();
+    delivered.extend(b.deposits());
+    delivered.sort_unstable();
+    delivered.dedup();
+    assert_eq!(
+        delivered,
+        (1..=40).collect::<Vec<_>>(),
+        "every deposit delivered"
+    );
+    if let Some(table) = &table {
+        let rows = effects(store, table).await;
+        assert_eq!(rows.len(), 40, "each effect stored once");
+    }
+    let status = &store.subscriptions().status("twins").await.unwrap()[0];
+    assert_eq!(status.lag.events, 0);
+}

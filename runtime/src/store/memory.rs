@@ -74,7 +74,7 @@ impl MemoryBackend {
 /// Makes `write` on one row it matched.
 fn apply_write(row: &mut Row, write: &Write, now: SystemTime) {
     match write {
-        Write::Checkpoint { lease, cursor } => {
+        Write::Checkpoint { lease, cursor, .. } => {
             row.cursor = *cursor;
             row.attempts = 0;
             row.last_error = None;
@@ -477,6 +477,11 @@ impl Backend for MemoryBackend {
                     && (row.partition != lease.partition
                         || row.owner.as_deref() != Some(lease.owner.as_str())
                         || row.token != lease.token)
+                {
+                    continue;
+                }
+                if let Write::Checkpoint { from, .. } = &write
+                    && row.cursor != *from
                 {
                     continue;
                 }

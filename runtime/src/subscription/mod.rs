@@ -325,6 +325,16 @@ impl Subscription {
         }
     }
 
+    /// This worker's claim on the partition.
+    fn claim(&self) -> Claim {
+        Claim {
+            name: self.name.clone(),
+            partition: 0,
+            owner: self.owner.clone(),
+            lease: self.lease,
+        }
+    }
+
     fn lease_of(&self, token: u64) -> Lease {
         Lease {
             name: self.name.clone(),
@@ -349,12 +359,7 @@ impl Subscription {
             .poll_interval
             .unwrap_or(self.store.inner.options.poll_interval);
         let renew_every = self.lease / 3;
-        let claim = Claim {
-            name: self.name.clone(),
-            partition: 0,
-            owner: self.owner.clone(),
-            lease: self.lease,
-        };
+        let claim = self.claim();
         let mut held: Option<(u64, FeedCursor, tokio::time::Instant)> = None;
         let mut delivered = 0u64;
         let mut held_pause = HELD_BACK_FIRST_PAUSE.min(poll);
@@ -410,7 +415,7 @@ impl Subscription {
             if page.is_empty() {
                 if page.scanned > cursor {
                     // Nothing matched: move past what was looked at, so it is not read again.
-                    match self.checkpoint_only(token, page.scanned).await {
+                    match self.checkpoint_only(token, cursor, page.scanned).await {
                         Ok(()) => held = Some((token, page.scanned, tokio::time::Instant::now())),
                         Err(Error::LeaseLost { .. }) => held = None,
                         Err(e) => return Err(e),
@@ -448,7 +453,7 @@ impl Subscription {
                 to = ?page.scanned,
             );
             match self
-                .deliver(handler, &page.events, page.scanned, token)
+                .deliver(handler, &page.events, cursor, page.scanned, token)
                 .instrument(span)
                 .await
             {
@@ -495,12 +500,18 @@ impl Subscription {
         }
     }
 
-    /// Moves the cursor past events that did not match.
-    async fn checkpoint_only(&self, token: u64, cursor: FeedCursor) -> Result<()> {
+    /// Moves the cursor from `from` past events that did not match, to `cursor`.
+    async fn checkpoint_only(
+        &self,
+        token: u64,
+        from: FeedCursor,
+        cursor: FeedCursor,
+    ) -> Result<()> {
         let backend = &self.store.inner.backend;
         let state = backend.begin_tx().await?;
         let write = Write::Checkpoint {
             lease: self.lease_of(token),
+            from,
             cursor,
         };
         backend.commit_tx(state, write).await
@@ -512,10 +523,14 @@ impl Subscription {
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
+        from: FeedCursor,
         through: FeedCursor,
         token: u64,
     ) -> Result<()> {
-        let message = match self.with_retries(handler, events, through, token).await? {
+        let message = match self
+            .with_retries(handler, events, from, through, token)
+            .await?
+        {
             None => return Ok(()),
             Some(message) => message,
         };
@@ -525,6 +540,7 @@ impl Subscription {
         if events.len() == 1 {
             return self.fail(token, first.cursor, message).await;
         }
+        let mut from = from;
         for (index, event) in events.iter().enumerate() {
             let upto = if index + 1 == events.len() {
                 through
@@ -532,9 +548,10 @@ impl Subscription {
                 event.cursor
             };
             let one = std::slice::from_ref(event);
-            if let Some(message) = self.with_retries(handler, one, upto, token).await? {
+            if let Some(message) = self.with_retries(handler, one, from, upto, token).await? {
                 return self.fail(token, event.cursor, message).await;
             }
+            from = upto;
         }
         Ok(())
     }
@@ -544,12 +561,13 @@ impl Subscription {
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
+        from: FeedCursor,
         through: FeedCursor,
         token: u64,
     ) -> Result<Option<String>> {
         let mut backoff = self.first_backoff;
         for attempt in 1..=self.max_attempts {
-            match self.attempt(handler, events, through, token).await {
+            match self.attempt(handler, events, from, through, token).await {
                 Ok(()) => return Ok(None),
                 Err(Failure::Stop(e)) => return Err(e),
                 Err(Failure::Handler(message)) => {
@@ -560,6 +578,9 @@ impl Subscription {
                         error = %message,
                         "handler failed"
                     );
+                    // A batch another worker has checkpointed meanwhile is not this one's to
+                    // retry, nor to fail on: its writes would find that worker's.
+                    self.still_at(from, token).await?;
                     if attempt == self.max_attempts {
                         return Ok(Some(message));
                     }
@@ -571,11 +592,32 @@ impl Subscription {
         Ok(None)
     }
 
-    /// One try: the handler in a fresh transaction, then the checkpoint in it.
+    /// [`Error::LeaseLost`] unless this worker still holds the lease `token` with the cursor at
+    /// `from`.
+    async fn still_at(&self, from: FeedCursor, token: u64) -> Result<()> {
+        match self
+            .store
+            .inner
+            .backend
+            .subscription_claim(&self.claim())
+            .await?
+        {
+            Some(row) if row.token == token && row.cursor == from => Ok(()),
+            _ => Err(Error::LeaseLost {
+                name: self.name.clone(),
+                partition: 0,
+                token,
+            }),
+        }
+    }
+
+    /// One try: the handler in a fresh transaction, then the checkpoint in it, from `from` to
+    /// `through`.
     async fn attempt<H: Handler>(
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
+        from: FeedCursor,
         through: FeedCursor,
         token: u64,
     ) -> std::result::Result<(), Failure> {
@@ -587,6 +629,7 @@ impl Subscription {
             .map_err(|e| Failure::Handler(e.to_string()))?;
         let write = Write::Checkpoint {
             lease: self.lease_of(token),
+            from,
             cursor: through,
         };
         match backend.commit_tx(state, write).await {

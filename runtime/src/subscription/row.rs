@@ -61,8 +61,14 @@ pub(crate) struct Lease {
 /// A write to a subscription's rows, made in a handler transaction.
 #[derive(Debug, Clone)]
 pub(crate) enum Write {
-    /// The batch up to `cursor` is handled: move the cursor, clear errors, renew the lease.
-    Checkpoint { lease: Lease, cursor: FeedCursor },
+    /// The batch up to `cursor` is handled: move the cursor from `from`, clear errors, renew
+    /// the lease. The cursor must still be at `from`: a retry of a checkpoint whose commit did
+    /// land (its answer lost) then matches no row, and its writes roll back.
+    Checkpoint {
+        lease: Lease,
+        from: FeedCursor,
+        cursor: FeedCursor,
+    },
     /// The handler failed on the event at `at` as many times as allowed: stop.
     Fail {
         lease: Lease,

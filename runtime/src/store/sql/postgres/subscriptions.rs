@@ -77,7 +77,9 @@ impl Statements {
             checkpoint: s(format!(
                 "UPDATE {table} SET cursor_epoch = $5, cursor_tx = $6::int8::text::xid8, \
                  cursor_position = $7, attempts = 0, last_error = NULL, error_cursor = NULL, \
-                 lease_expires_at = {}, updated_at = now() WHERE {LEASED}",
+                 lease_expires_at = {}, updated_at = now() WHERE {LEASED} \
+                 AND cursor_epoch = $9 AND cursor_tx = $10::int8::text::xid8 \
+                 AND cursor_position = $11",
                 from_now(8)
             )),
             fail: s(format!(
@@ -256,9 +258,14 @@ impl PostgresBackend {
     /// Makes `write` over `conn`; the rows it changed.
     async fn write(&self, conn: &mut PgConnection, write: &Write) -> Result<u64> {
         let q = match write {
-            Write::Checkpoint { lease, cursor } => {
+            Write::Checkpoint {
+                lease,
+                from,
+                cursor,
+            } => {
                 let (n, p, o, t) = lease_params(lease)?;
                 let (e, x, pos) = cursor_params(*cursor)?;
+                let (from_e, from_x, from_pos) = cursor_params(*from)?;
                 query(&self.subs.checkpoint)
                     .bind(n)
                     .bind(p)
@@ -268,6 +275,9 @@ impl PostgresBackend {
                     .bind(x)
                     .bind(pos)
                     .bind(lease.duration.as_secs_f64())
+                    .bind(from_e)
+                    .bind(from_x)
+                    .bind(from_pos)
             }
             Write::Fail {
                 lease,

@@ -60,7 +60,8 @@ impl Statements {
             ),
             checkpoint: format!(
                 "UPDATE {table} SET cursor_position = ?5, attempts = 0, last_error = NULL, \
-                 error_cursor = NULL, lease_expires_at = ?6 + ?7, updated_at = ?6 WHERE {LEASED}"
+                 error_cursor = NULL, lease_expires_at = ?6 + ?7, updated_at = ?6 \
+                 WHERE {LEASED} AND cursor_position = ?8"
             ),
             fail: format!(
                 "UPDATE {table} SET state = 'failed', attempts = ?5, last_error = ?6, \
@@ -263,11 +264,17 @@ pub(super) fn commit(
         ))
     };
     let changed = match write {
-        Write::Checkpoint { lease, cursor } => {
+        Write::Checkpoint {
+            lease,
+            from,
+            cursor,
+        } => {
             let (n, p, o, t) = leased(lease)?;
             let position = to_i64(cursor.position, "cursor")?;
-            tx.prepare_cached(&sql.checkpoint)
-                .and_then(|mut s| s.execute((n, p, o, t, position, now, micros(lease.duration))))
+            let from = to_i64(from.position, "cursor")?;
+            tx.prepare_cached(&sql.checkpoint).and_then(|mut s| {
+                s.execute((n, p, o, t, position, now, micros(lease.duration), from))
+            })
         }
         Write::Fail {
             lease,
