@@ -308,7 +308,8 @@ pub enum Error {
     /// ([`Subscriptions::reset`](crate::Subscriptions::reset)) to rebuild from them.
     #[error(
         "subscription {name:?} was created with {setting} {stored}, not {given}: open it as \
-         created, or reset it to start over with the new settings"
+         created, or reset it to start over with a new filter or start (its partitions cannot \
+         change: use a new name)"
     )]
     SubscriptionMismatch {
         /// The subscription's name.

@@ -42,6 +42,10 @@ pub struct Filter {
     aggregate: Option<AggregateId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key: Option<String>,
+    /// One partition of a partitioned subscription: `(partition, partitions)`. Not stored
+    /// with the filter: each worker reads its partitions with it.
+    #[serde(skip)]
+    partition: Option<(u32, u32)>,
 }
 
 impl Filter {
@@ -100,6 +104,23 @@ impl Filter {
         self
     }
 
+    /// Only the events of aggregates in `partition` of `partitions` (at most 256): an
+    /// aggregate's partition is the last byte of its id modulo `partitions`, the same in every
+    /// store, so all of an aggregate's events fall in one partition.
+    pub(crate) fn in_partition(mut self, partition: u32, partitions: u32) -> Filter {
+        self.partition = (partitions > 1).then_some((partition, partitions));
+        self
+    }
+
+    /// The partition condition, if any: `(partition, partitions)`.
+    #[cfg_attr(
+        not(any(feature = "memory", feature = "sqlite", feature = "postgres")),
+        allow(dead_code)
+    )]
+    pub(crate) fn partition(&self) -> Option<(u32, u32)> {
+        self.partition
+    }
+
     /// True when the filter takes every event.
     pub fn is_all(&self) -> bool {
         self == &Filter::default()
@@ -133,6 +154,7 @@ impl Filter {
             aggregate_types: !self.aggregate_types.is_empty(),
             aggregate: self.aggregate.is_some(),
             key: self.key.is_some(),
+            partition: self.partition.is_some(),
         }
     }
 
@@ -160,12 +182,13 @@ pub(crate) struct FilterShape {
     pub aggregate_types: bool,
     pub aggregate: bool,
     pub key: bool,
+    pub partition: bool,
 }
 
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 impl FilterShape {
     /// How many shapes there are.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 32;
 
     /// The shape's index in `0..COUNT`.
     pub fn index(self) -> usize {
@@ -173,6 +196,7 @@ impl FilterShape {
             | usize::from(self.aggregate_types) << 1
             | usize::from(self.aggregate) << 2
             | usize::from(self.key) << 3
+            | usize::from(self.partition) << 4
     }
 
     /// The shape with index `index`.
@@ -182,6 +206,7 @@ impl FilterShape {
             aggregate_types: index & 2 != 0,
             aggregate: index & 4 != 0,
             key: index & 8 != 0,
+            partition: index & 16 != 0,
         }
     }
 }

@@ -68,6 +68,8 @@ macro_rules! conformance_suite {
             subscription_workers_share_by_lease,
             subscription_stale_worker_cannot_checkpoint,
             subscription_clones_never_store_a_batch_twice,
+            subscription_partitions_keep_each_aggregate_in_order,
+            subscription_workers_rebalance_partitions,
         );
     };
     ($open:expr) => {

@@ -731,3 +731,241 @@ pub async fn subscription_clones_never_store_a_batch_twice(store: &Store) {
     let status = &store.subscriptions().status("twins").await.unwrap()[0];
     assert_eq!(status.lag.events, 0);
 }
+
+/// Records every event it is given into a list shared with the test, and (on the SQL stores)
+/// each event's effect into `table`, once.
+#[derive(Clone, Default)]
+struct Record {
+    seen: Arc<std::sync::Mutex<Vec<RecordedEvent>>>,
+    table: Option<String>,
+}
+
+impl Handler for Record {
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        tx: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        if let Some(table) = &self.table {
+            for event in events {
+                tx.execute(
+                    &format!("INSERT INTO {table} (event_id, position) VALUES ($1, $2)"),
+                    &[
+                        event.event_id.into(),
+                        SqlValue::Int(event.position() as i64),
+                    ],
+                )
+                .await?;
+            }
+        }
+        self.seen.lock().unwrap().extend(events.iter().cloned());
+        Ok(())
+    }
+}
+
+/// The owners of the partitions of `name`, by partition (`None`: free).
+async fn owners(store: &Store, name: &str) -> Vec<Option<String>> {
+    store
+        .subscriptions()
+        .status(name)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.owner)
+        .collect()
+}
+
+/// Waits until `check` holds for the owners of `name`'s partitions.
+async fn until_owners(
+    store: &Store,
+    name: &str,
+    what: &str,
+    check: impl Fn(&[Option<String>]) -> bool,
+) {
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            if check(&owners(store, name).await) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: the owners of {name}'s partitions never matched"));
+}
+
+/// Partitions split the events by aggregate: every event once, each aggregate's in order.
+pub async fn subscription_partitions_keep_each_aggregate_in_order(store: &Store) {
+    let mut accounts = Vec::new();
+    for i in 0..12 {
+        accounts.push(open_account(store, &format!("a{i}"), "A", 1).await);
+    }
+    for round in 2..=4 {
+        for &id in &accounts {
+            deposit(store, id, round).await;
+        }
+    }
+    let sub = store
+        .subscription("split")
+        .filter(Filter::all().event::<Deposited>())
+        .partitions(4)
+        .batch_size(5);
+    let mut handler = Record::default();
+    // Each account's opening deposit, then three more.
+    assert_eq!(catch_up(&sub, &mut Collect::default()).await.unwrap(), 48);
+    sub.reset(&mut handler).await.unwrap();
+    tokio::time::timeout(LIMIT, sub.catch_up(&mut handler))
+        .await
+        .unwrap()
+        .unwrap();
+    let seen = handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 48, "every deposit once");
+    let ids: HashSet<uuid::Uuid> = seen.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 48);
+    for &id in &accounts {
+        let versions: Vec<u64> = seen
+            .iter()
+            .filter(|e| e.aggregate_id == id)
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, [2, 3, 4, 5], "each aggregate's events in order");
+    }
+    let status = store.subscriptions().status("split").await.unwrap();
+    assert_eq!(
+        status.iter().map(|s| s.partition).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    // The partitions are part of the subscription: another count is refused.
+    let other = store
+        .subscription("split")
+        .filter(Filter::all().event::<Deposited>())
+        .partitions(2);
+    assert!(matches!(
+        other.open().await,
+        Err(Error::SubscriptionMismatch {
+            setting: "partitions",
+            ..
+        })
+    ));
+    assert!(matches!(
+        store.subscription("huge").partitions(257).open().await,
+        Err(Error::Config(_))
+    ));
+}
+
+/// One worker runs all four partitions; a second joins and they end up with two each, every
+/// event delivered once between them; the second leaves and the first takes all four back.
+pub async fn subscription_workers_rebalance_partitions(store: &Store) {
+    let mut accounts = Vec::new();
+    for i in 0..16 {
+        accounts.push(open_account(store, &format!("r{i}"), "R", 1).await);
+    }
+    let table = effects_table(store).await;
+    let sub = || {
+        store
+            .subscription("balanced")
+            .filter(Filter::all().event::<Deposited>())
+            .partitions(4)
+            .lease(Duration::from_millis(400))
+            .poll_interval(Duration::from_millis(20))
+    };
+    sub().open().await.unwrap();
+    let start = |handler: Record| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = sub();
+        let task = tokio::spawn(async move {
+            let mut handler = handler;
+            worker
+                .run(&mut handler, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        (stop, task)
+    };
+    let first = Record {
+        table: table.clone(),
+        ..Record::default()
+    };
+    let second = Record {
+        table: table.clone(),
+        ..Record::default()
+    };
+    let (stop_first, first_task) = start(first.clone());
+    until_owners(store, "balanced", "one worker takes all four", |o| {
+        o.iter().all(Option::is_some) && o.iter().collect::<HashSet<_>>().len() == 1
+    })
+    .await;
+    let (stop_second, second_task) = start(second.clone());
+    until_owners(store, "balanced", "two workers share evenly", |o| {
+        let mut counts: std::collections::HashMap<&Option<String>, usize> =
+            std::collections::HashMap::new();
+        for owner in o {
+            *counts.entry(owner).or_default() += 1;
+        }
+        o.iter().all(Option::is_some) && counts.len() == 2 && counts.values().all(|&n| n == 2)
+    })
+    .await;
+    for round in 2..=3 {
+        for &id in &accounts {
+            deposit(store, id, round).await;
+        }
+    }
+    stop_second.send(()).unwrap();
+    tokio::time::timeout(LIMIT, second_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    until_owners(store, "balanced", "the first takes all four back", |o| {
+        o.iter().all(Option::is_some) && o.iter().collect::<HashSet<_>>().len() == 1
+    })
+    .await;
+    deposit(store, accounts[0], 4).await;
+    // The opening deposits, two rounds, and one more.
+    let all = 16 * 3 + 1;
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let got = first.seen.lock().unwrap().len() + second.seen.lock().unwrap().len();
+            if got >= all {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every deposit is delivered");
+    stop_first.send(()).unwrap();
+    tokio::time::timeout(LIMIT, first_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let mut seen = first.seen.lock().unwrap().clone();
+    seen.extend(second.seen.lock().unwrap().iter().cloned());
+    let ids: HashSet<uuid::Uuid> = seen.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), all, "every deposit delivered");
+    assert!(
+        !second.seen.lock().unwrap().is_empty(),
+        "the second worker did work"
+    );
+    for &id in &accounts {
+        for worker in [&first, &second] {
+            let versions: Vec<u64> = worker
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.aggregate_id == id)
+                .map(|e| e.version)
+                .collect();
+            assert!(
+                versions.windows(2).all(|w| w[0] < w[1]),
+                "in order: {versions:?}"
+            );
+        }
+    }
+    if let Some(table) = &table {
+        assert_eq!(effects(store, table).await.len(), all, "each effect once");
+    }
+}

@@ -44,6 +44,8 @@ struct State {
     event_ids: HashSet<uuid::Uuid>,
     /// Durable subscriptions by name and partition.
     subscriptions: BTreeMap<(String, u32), Row>,
+    /// The heartbeats of subscription workers, by subscription and owner.
+    workers: HashMap<(String, String), SystemTime>,
     closed: bool,
 }
 
@@ -96,6 +98,7 @@ fn apply_write(row: &mut Row, write: &Write, now: SystemTime) {
             row.owner = None;
             row.lease_expires_at = None;
         }
+        Write::Leave { .. } => {}
         Write::State { state, .. } => {
             row.state = (*state).to_owned();
             if *state == "active" {
@@ -147,6 +150,10 @@ impl State {
             && filter
                 .aggregate_id()
                 .is_none_or(|id| id == event.aggregate_id)
+            && filter.partition().is_none_or(|(partition, partitions)| {
+                let last = event.aggregate_id.as_uuid().as_bytes()[15];
+                u32::from(last) % partitions == partition
+            })
             && filter.aggregate_key().is_none_or(|key| {
                 self.aggregates
                     .get(&event.aggregate_id)
@@ -444,6 +451,23 @@ impl Backend for MemoryBackend {
         })
     }
 
+    fn subscription_heartbeat<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<u32>> {
+        Box::pin(async move {
+            let mut state = self.state()?;
+            let now = SystemTime::now();
+            state.workers.retain(|_, expires| *expires > now);
+            state
+                .workers
+                .insert((claim.name.clone(), claim.owner.clone()), now + claim.lease);
+            let live = state
+                .workers
+                .keys()
+                .filter(|(name, _)| *name == claim.name)
+                .count();
+            Ok(u32::try_from(live).unwrap_or(u32::MAX))
+        })
+    }
+
     fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>> {
         Box::pin(async move {
             let state = self.state()?;
@@ -467,6 +491,10 @@ impl Backend for MemoryBackend {
         Box::pin(async move {
             let mut state = self.state()?;
             let now = SystemTime::now();
+            if let Write::Leave { name, owner } = &write {
+                state.workers.remove(&(name.clone(), owner.clone()));
+                return Ok(());
+            }
             let mut matched = false;
             for row in state
                 .subscriptions

@@ -268,6 +268,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// when another worker holds it.
     fn subscription_claim<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Option<Row>>>;
 
+    /// Records that `claim.owner` runs `claim.name` for another `claim.lease`; returns how
+    /// many workers run it now (their heartbeats not expired), this one included.
+    fn subscription_heartbeat<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<u32>>;
+
     /// The rows of one subscription (or of all), by name and partition.
     fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>>;
 

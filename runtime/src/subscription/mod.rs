@@ -4,23 +4,21 @@
 mod admin;
 pub(crate) mod row;
 pub(crate) mod tx;
+mod worker;
 
 use std::future::Future;
-use std::pin::pin;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
-use tracing::Instrument;
 
 use crate::aggregate::AggregateId;
 use crate::error::{BoxError, Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::filter::Filter;
-use crate::store::{HELD_BACK_FIRST_PAUSE, Store};
+use crate::store::Store;
 
 pub use admin::{Lag, SubscriptionState, SubscriptionStatus, Subscriptions};
-use row::{Claim, Lease, Row, Spec, Write};
+use row::{Row, Spec, Write};
 pub use tx::{SqlValue, Transaction};
 
 /// Where a durable subscription starts, the first time it is opened.
@@ -102,11 +100,12 @@ pub trait Handler: Send {
 /// Build it with [`Store::subscription`], then [`run`](Subscription::run) a [`Handler`]. Events
 /// are delivered at least once, in feed order (so each aggregate's in version order), in
 /// batches; the cursor is written in the handler's transaction, so effects written through
-/// it happen exactly once. The filter runs in the store's query. A partition has one worker at
-/// a time: a worker holds a lease (owner, expiry, fencing token) on it, renewed as it works; a
-/// worker whose lease was taken over cannot write its checkpoint ([`Error::LeaseLost`]), and its
-/// transaction rolls back. So several processes may run the same subscription: one works, the
-/// others wait and take over when its lease expires.
+/// it happen exactly once. The filter runs in the store's query. A partition (see
+/// [`partitions`](Subscription::partitions)) has one worker at a time: a worker holds a lease
+/// (owner, expiry, fencing token) on it, renewed as it works; a worker whose lease was taken
+/// over cannot write its checkpoint ([`Error::LeaseLost`]), and its transaction rolls back. So
+/// several processes may run the same subscription: they share its partitions evenly, and take
+/// over the partitions of one that stops or dies.
 ///
 /// A batch that fails is tried again with exponential backoff; when it keeps failing it is
 /// split to find the event, the events before it are checkpointed, and the subscription stops
@@ -142,20 +141,13 @@ pub struct Subscription {
     filter: Filter,
     start: Start,
     batch_size: usize,
+    partitions: u32,
     poll_interval: Option<Duration>,
     lease: Duration,
     max_attempts: u32,
     first_backoff: Duration,
     max_backoff: Duration,
     owner: String,
-}
-
-/// How a batch attempt failed.
-enum Failure {
-    /// The handler (or its SQL) failed: worth another attempt.
-    Handler(String),
-    /// The lease is gone, or the store failed: stop delivering this batch.
-    Stop(Error),
 }
 
 impl Store {
@@ -168,6 +160,7 @@ impl Store {
             filter: Filter::all(),
             start: Start::Beginning,
             batch_size: 100,
+            partitions: 1,
             poll_interval: None,
             lease: Duration::from_secs(30),
             max_attempts: 5,
@@ -195,6 +188,18 @@ impl Subscription {
     /// Events per batch, at least 1 (default 100).
     pub fn batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// Splits the subscription into `partitions` (1 to 256; default 1) by aggregate: each
+    /// aggregate's events fall in one partition (by the last byte of its id), so they stay in
+    /// order, and each partition has its own cursor and lease. The live workers share the
+    /// partitions evenly: one that joins takes its share within a lease period, the partitions
+    /// of one that stops are taken at once, and those of one that dies when its lease expires.
+    /// Stored at the first open like the filter; it cannot change later (reset keeps it), so
+    /// re-partition under a new name.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = partitions;
         self
     }
 
@@ -235,17 +240,26 @@ impl Subscription {
     /// [`catch_up`]: Subscription::catch_up
     pub async fn open(&self) -> Result<()> {
         self.filter.check()?;
+        if !(1..=256).contains(&self.partitions) {
+            return Err(Error::Config(format!(
+                "subscription {:?}: {} partitions; a subscription has 1 to 256",
+                self.name, self.partitions
+            )));
+        }
         let spec = Spec {
             name: self.name.clone(),
             filter: self.filter.to_json(),
             start: self.start.text(),
-            partitions: 1,
+            partitions: self.partitions,
             initial: self.initial_cursor().await?,
         };
         let row = self.store.inner.backend.subscription_open(&spec).await?;
+        let (stored_partitions, given_partitions) =
+            (row.partitions.to_string(), spec.partitions.to_string());
         for (setting, stored, given) in [
             ("filter", &row.filter, &spec.filter),
             ("start", &row.start, &spec.start),
+            ("partitions", &stored_partitions, &given_partitions),
         ] {
             if stored != given {
                 return Err(Error::SubscriptionMismatch {
@@ -302,6 +316,22 @@ impl Subscription {
     pub async fn reset<H: Handler>(&self, handler: &mut H) -> Result<()> {
         self.filter.check()?;
         self.open_or_mismatch().await?;
+        let stored = self
+            .store
+            .inner
+            .backend
+            .subscription_rows(Some(&self.name))
+            .await?;
+        if let Some(row) = stored.first()
+            && row.partitions != self.partitions
+        {
+            return Err(Error::SubscriptionMismatch {
+                name: self.name.clone(),
+                setting: "partitions",
+                stored: row.partitions.to_string(),
+                given: self.partitions.to_string(),
+            });
+        }
         let backend = &self.store.inner.backend;
         let mut state = backend.begin_tx().await?;
         handler
@@ -317,347 +347,14 @@ impl Subscription {
         backend.commit_tx(state, write).await
     }
 
-    /// [`open`](Subscription::open), where a mismatch is no error (reset writes the settings).
+    /// [`open`](Subscription::open), where a mismatch of filter or start is no error (reset
+    /// writes them).
     async fn open_or_mismatch(&self) -> Result<()> {
         match self.open().await {
-            Ok(()) | Err(Error::SubscriptionMismatch { .. }) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(Error::SubscriptionMismatch { setting, .. }) if setting != "partitions" => Ok(()),
             Err(e) => Err(e),
         }
-    }
-
-    /// This worker's claim on the partition.
-    fn claim(&self) -> Claim {
-        Claim {
-            name: self.name.clone(),
-            partition: 0,
-            owner: self.owner.clone(),
-            lease: self.lease,
-        }
-    }
-
-    fn lease_of(&self, token: u64) -> Lease {
-        Lease {
-            name: self.name.clone(),
-            partition: 0,
-            owner: self.owner.clone(),
-            token,
-            duration: self.lease,
-        }
-    }
-
-    /// The worker loop of [`run`](Subscription::run) and [`catch_up`](Subscription::catch_up).
-    async fn work<H: Handler>(
-        &self,
-        handler: &mut H,
-        shutdown: impl Future<Output = ()> + Send,
-        until_caught_up: bool,
-    ) -> Result<u64> {
-        self.open().await?;
-        let mut shutdown = pin!(shutdown.fuse());
-        let backend = &self.store.inner.backend;
-        let poll = self
-            .poll_interval
-            .unwrap_or(self.store.inner.options.poll_interval);
-        let renew_every = self.lease / 3;
-        let claim = self.claim();
-        let mut held: Option<(u64, FeedCursor, tokio::time::Instant)> = None;
-        let mut delivered = 0u64;
-        let mut held_pause = HELD_BACK_FIRST_PAUSE.min(poll);
-        // Set to read the partition's row again before the next batch (a paused subscription).
-        let mut recheck = false;
-        loop {
-            if (&mut shutdown).now_or_never().is_some() {
-                self.release(&held).await;
-                return Ok(delivered);
-            }
-            // Claim the partition, or renew the lease held.
-            if recheck || held.is_none_or(|(_, _, at)| at.elapsed() >= renew_every) {
-                recheck = false;
-                match backend.subscription_claim(&claim).await? {
-                    Some(row) => {
-                        let cursor = match held {
-                            // Still ours: the cursor in hand is at least as new as the stored.
-                            Some((token, cursor, _)) if token == row.token => cursor,
-                            _ => row.cursor,
-                        };
-                        held = Some((row.token, cursor, tokio::time::Instant::now()));
-                        match row.state.as_str() {
-                            "failed" => return Err(failed(&row)),
-                            "paused" => {
-                                if until_caught_up {
-                                    return Ok(delivered);
-                                }
-                                self.pause(&mut shutdown, poll.min(renew_every)).await;
-                                recheck = true;
-                                continue;
-                            }
-                            _ => {}
-                        }
-                    }
-                    None => {
-                        held = None;
-                        if until_caught_up {
-                            return Ok(delivered);
-                        }
-                        self.pause(&mut shutdown, poll.min(renew_every)).await;
-                        continue;
-                    }
-                }
-            }
-            let Some((token, cursor, renewed)) = held else {
-                continue;
-            };
-            let since = backend.changes();
-            let page = self
-                .store
-                .read_feed_matching(cursor, self.batch_size, &self.filter)
-                .await?;
-            if page.is_empty() {
-                if page.scanned > cursor {
-                    // Nothing matched: move past what was looked at, so it is not read again.
-                    match self.checkpoint_only(token, cursor, page.scanned).await {
-                        Ok(()) => held = Some((token, page.scanned, tokio::time::Instant::now())),
-                        Err(Error::LeaseLost { .. }) => held = None,
-                        Err(e) => return Err(e),
-                    }
-                }
-                let wait = if page.held_back.is_some() {
-                    let pause = held_pause;
-                    held_pause = held_pause.saturating_mul(2).min(poll);
-                    pause
-                } else {
-                    if until_caught_up {
-                        self.release(&held).await;
-                        return Ok(delivered);
-                    }
-                    held_pause = HELD_BACK_FIRST_PAUSE.min(poll);
-                    poll
-                };
-                let wait = wait.min(renew_every.saturating_sub(renewed.elapsed()));
-                tokio::select! {
-                    () = &mut shutdown => {
-                        self.release(&held).await;
-                        return Ok(delivered);
-                    }
-                    () = backend.wait_for_change(since, wait) => {}
-                }
-                continue;
-            }
-            let count = page.len() as u64;
-            let span = tracing::info_span!(
-                "annals.subscription.batch",
-                subscription = %self.name,
-                partition = 0,
-                events = count,
-                from = ?page.first().map(|e| e.cursor),
-                to = ?page.scanned,
-            );
-            match self
-                .deliver(handler, &page.events, cursor, page.scanned, token)
-                .instrument(span)
-                .await
-            {
-                Ok(()) => {
-                    delivered += count;
-                    held = Some((token, page.scanned, tokio::time::Instant::now()));
-                }
-                Err(Error::LeaseLost { .. }) => {
-                    tracing::info!(subscription = %self.name, "lease lost; claiming again");
-                    held = None;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Sleeps `wait`, or until shutdown (which the loop then sees).
-    async fn pause(
-        &self,
-        shutdown: &mut std::pin::Pin<&mut futures_util::future::Fuse<impl Future<Output = ()>>>,
-        wait: Duration,
-    ) {
-        tokio::select! {
-            () = &mut *shutdown => {}
-            () = tokio::time::sleep(wait) => {}
-        }
-    }
-
-    /// Gives up the lease held, if any, so another worker can claim the partition at once.
-    async fn release(&self, held: &Option<(u64, FeedCursor, tokio::time::Instant)>) {
-        let Some((token, _, _)) = held else {
-            return;
-        };
-        let backend = &self.store.inner.backend;
-        let released = async {
-            let state = backend.begin_tx().await?;
-            let write = Write::Release {
-                lease: self.lease_of(*token),
-            };
-            backend.commit_tx(state, write).await
-        };
-        if let Err(e) = released.await {
-            tracing::warn!(subscription = %self.name, error = %e, "could not release the lease");
-        }
-    }
-
-    /// Moves the cursor from `from` past events that did not match, to `cursor`.
-    async fn checkpoint_only(
-        &self,
-        token: u64,
-        from: FeedCursor,
-        cursor: FeedCursor,
-    ) -> Result<()> {
-        let backend = &self.store.inner.backend;
-        let state = backend.begin_tx().await?;
-        let write = Write::Checkpoint {
-            lease: self.lease_of(token),
-            from,
-            cursor,
-        };
-        backend.commit_tx(state, write).await
-    }
-
-    /// Delivers one batch, with retries; when it keeps failing, event by event, to checkpoint
-    /// the events before the one that fails and stop there.
-    async fn deliver<H: Handler>(
-        &self,
-        handler: &mut H,
-        events: &[RecordedEvent],
-        from: FeedCursor,
-        through: FeedCursor,
-        token: u64,
-    ) -> Result<()> {
-        let message = match self
-            .with_retries(handler, events, from, through, token)
-            .await?
-        {
-            None => return Ok(()),
-            Some(message) => message,
-        };
-        let Some(first) = events.first() else {
-            return Ok(());
-        };
-        if events.len() == 1 {
-            return self.fail(token, first.cursor, message).await;
-        }
-        let mut from = from;
-        for (index, event) in events.iter().enumerate() {
-            let upto = if index + 1 == events.len() {
-                through
-            } else {
-                event.cursor
-            };
-            let one = std::slice::from_ref(event);
-            if let Some(message) = self.with_retries(handler, one, from, upto, token).await? {
-                return self.fail(token, event.cursor, message).await;
-            }
-            from = upto;
-        }
-        Ok(())
-    }
-
-    /// Tries a batch up to `max_attempts` times; `Ok(Some(error))` when every try failed.
-    async fn with_retries<H: Handler>(
-        &self,
-        handler: &mut H,
-        events: &[RecordedEvent],
-        from: FeedCursor,
-        through: FeedCursor,
-        token: u64,
-    ) -> Result<Option<String>> {
-        let mut backoff = self.first_backoff;
-        for attempt in 1..=self.max_attempts {
-            match self.attempt(handler, events, from, through, token).await {
-                Ok(()) => return Ok(None),
-                Err(Failure::Stop(e)) => return Err(e),
-                Err(Failure::Handler(message)) => {
-                    tracing::warn!(
-                        subscription = %self.name,
-                        attempt,
-                        events = events.len(),
-                        error = %message,
-                        "handler failed"
-                    );
-                    // A batch another worker has checkpointed meanwhile is not this one's to
-                    // retry, nor to fail on: its writes would find that worker's.
-                    self.still_at(from, token).await?;
-                    if attempt == self.max_attempts {
-                        return Ok(Some(message));
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2).min(self.max_backoff);
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// [`Error::LeaseLost`] unless this worker still holds the lease `token` with the cursor at
-    /// `from`.
-    async fn still_at(&self, from: FeedCursor, token: u64) -> Result<()> {
-        match self
-            .store
-            .inner
-            .backend
-            .subscription_claim(&self.claim())
-            .await?
-        {
-            Some(row) if row.token == token && row.cursor == from => Ok(()),
-            _ => Err(Error::LeaseLost {
-                name: self.name.clone(),
-                partition: 0,
-                token,
-            }),
-        }
-    }
-
-    /// One try: the handler in a fresh transaction, then the checkpoint in it, from `from` to
-    /// `through`.
-    async fn attempt<H: Handler>(
-        &self,
-        handler: &mut H,
-        events: &[RecordedEvent],
-        from: FeedCursor,
-        through: FeedCursor,
-        token: u64,
-    ) -> std::result::Result<(), Failure> {
-        let backend = &self.store.inner.backend;
-        let mut state = backend.begin_tx().await.map_err(Failure::Stop)?;
-        handler
-            .handle(events, &mut Transaction { state: &mut state })
-            .await
-            .map_err(|e| Failure::Handler(e.to_string()))?;
-        let write = Write::Checkpoint {
-            lease: self.lease_of(token),
-            from,
-            cursor: through,
-        };
-        match backend.commit_tx(state, write).await {
-            Ok(()) => Ok(()),
-            Err(e @ Error::LeaseLost { .. }) => Err(Failure::Stop(e)),
-            // The handler's own SQL runs at commit on SQLite: its failure is the handler's.
-            Err(e) => Err(Failure::Handler(e.to_string())),
-        }
-    }
-
-    /// Stops the subscription at the event at `at`, storing the error.
-    async fn fail(&self, token: u64, at: FeedCursor, message: String) -> Result<()> {
-        let backend = &self.store.inner.backend;
-        let state = backend.begin_tx().await?;
-        let write = Write::Fail {
-            lease: self.lease_of(token),
-            at,
-            attempts: self.max_attempts,
-            error: message.clone(),
-        };
-        backend.commit_tx(state, write).await?;
-        tracing::error!(subscription = %self.name, cursor = ?at, error = %message, "subscription stopped");
-        Err(Error::SubscriptionFailed {
-            name: self.name.clone(),
-            cursor: at,
-            attempts: self.max_attempts,
-            message,
-        })
     }
 }
 

@@ -78,6 +78,8 @@ pub(crate) enum Write {
     },
     /// The worker stops: the partition is free to claim at once.
     Release { lease: Lease },
+    /// The worker `owner` stops running `name`: its heartbeat goes.
+    Leave { name: String, owner: String },
     /// Pause (`paused`) or resume (`active`, errors cleared) every partition of `name`.
     State { name: String, state: &'static str },
     /// Start over: every partition of `name` goes back to `cursor` with these settings, errors
@@ -97,7 +99,7 @@ impl Write {
             Write::Checkpoint { lease, .. }
             | Write::Fail { lease, .. }
             | Write::Release { lease } => Some(lease),
-            Write::State { .. } | Write::Reset { .. } => None,
+            Write::Leave { .. } | Write::State { .. } | Write::Reset { .. } => None,
         }
     }
 
@@ -107,7 +109,9 @@ impl Write {
             Write::Checkpoint { lease, .. }
             | Write::Fail { lease, .. }
             | Write::Release { lease } => &lease.name,
-            Write::State { name, .. } | Write::Reset { name, .. } => name,
+            Write::Leave { name, .. } | Write::State { name, .. } | Write::Reset { name, .. } => {
+                name
+            }
         }
     }
 
@@ -121,8 +125,8 @@ impl Write {
                     token: lease.token,
                 })
             }
-            // Releasing a lease already lost changes nothing.
-            Write::Release { .. } => None,
+            // Releasing a lease already lost, or leaving twice, changes nothing.
+            Write::Release { .. } | Write::Leave { .. } => None,
             Write::State { name, .. } | Write::Reset { name, .. } => {
                 Some(crate::Error::SubscriptionNotFound { name: name.clone() })
             }

@@ -11,6 +11,15 @@ ALTER TABLE {schema}.{prefix}subscriptions
     ADD COLUMN IF NOT EXISTS last_error   text,
     ADD COLUMN IF NOT EXISTS error_cursor text;
 
+-- The workers running each subscription, each with the expiry of its last heartbeat: a
+-- partitioned subscription's workers share its partitions evenly among the live ones.
+CREATE TABLE IF NOT EXISTS {schema}.{prefix}subscribers (
+    name       text NOT NULL,
+    owner      text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    CONSTRAINT {prefix}subscribers_pk PRIMARY KEY (name, owner)
+);
+
 INSERT INTO {schema}.{prefix}schema_migrations (version, name)
 VALUES (3, 'durable subscriptions')
 ON CONFLICT DO NOTHING;

@@ -11,5 +11,14 @@ ALTER TABLE {prefix}subscriptions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0
 ALTER TABLE {prefix}subscriptions ADD COLUMN last_error TEXT;
 ALTER TABLE {prefix}subscriptions ADD COLUMN error_cursor TEXT;
 
+-- The workers running each subscription, each with the expiry of its last heartbeat: a
+-- partitioned subscription's workers share its partitions evenly among the live ones.
+CREATE TABLE IF NOT EXISTS {prefix}subscribers (
+    name       TEXT NOT NULL,
+    owner      TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (name, owner)
+) WITHOUT ROWID;
+
 INSERT OR IGNORE INTO {prefix}schema_migrations (version, name, applied_at)
 VALUES (2, 'durable subscriptions', CAST(strftime('%s', 'now') AS INTEGER) * 1000000);

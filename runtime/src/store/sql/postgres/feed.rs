@@ -90,6 +90,11 @@ impl PostgresBackend {
             if let Some(key) = filter.aggregate_key() {
                 q = q.bind(key.to_owned());
             }
+            if let Some((partition, partitions)) = filter.partition() {
+                q = q
+                    .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+                    .bind(i32::try_from(partitions).unwrap_or(i32::MAX));
+            }
         }
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let mut rows = q.fetch_all(&mut *conn).await.map_err(backend_error)?;

@@ -271,6 +271,10 @@ impl Backend for PostgresBackend {
         Box::pin(self.subscription_claim(claim))
     }
 
+    fn subscription_heartbeat<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<u32>> {
+        Box::pin(self.subscription_heartbeat(claim))
+    }
+
     fn subscription_rows<'a>(
         &'a self,
         name: Option<&'a str>,

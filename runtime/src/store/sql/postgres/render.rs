@@ -335,7 +335,8 @@ fn feed_sql(names: &Names, filter: Option<FilterShape>) -> String {
 /// The conditions of a filtered feed read, on the events `e` and their aggregates `a`, with
 /// parameters from 5 on, one per condition present, in this order: the event type names and the
 /// aggregate type names (`text[]`, turned into ids inside the statement, so that a type another
-/// process wrote meanwhile is not missed), the aggregate id, the natural key.
+/// process wrote meanwhile is not missed), the aggregate id, the natural key, the partition and
+/// the number of partitions.
 fn filter_conditions(names: &Names, shape: FilterShape) -> String {
     let mut params = Params(4);
     let mut conditions = String::new();
@@ -358,6 +359,13 @@ fn filter_conditions(names: &Names, shape: FilterShape) -> String {
     }
     if shape.key {
         conditions.push_str(&format!(" AND a.natural_key = {}::text", params.next()));
+    }
+    if shape.partition {
+        // The last byte of the id: the same partition in every store (see `Filter`).
+        let (partition, partitions) = (params.next(), params.next());
+        conditions.push_str(&format!(
+            " AND get_byte(uuid_send(e.aggregate_id), 15) % {partitions}::int4 = {partition}::int4"
+        ));
     }
     conditions
 }
@@ -571,13 +579,15 @@ mod tests {
             filter_conditions(&names(), every),
             " AND e.event_type_id = ANY(ARRAY(SELECT id FROM \"shop\".es_event_types WHERE name = ANY($5::text[]))) \
              AND a.type_id = ANY(ARRAY(SELECT id FROM \"shop\".es_aggregate_types WHERE name = ANY($6::text[]))) \
-             AND e.aggregate_id = $7::uuid AND a.natural_key = $8::text"
+             AND e.aggregate_id = $7::uuid AND a.natural_key = $8::text \
+             AND get_byte(uuid_send(e.aggregate_id), 15) % $10::int4 = $9::int4"
         );
         let key_only = FilterShape {
             event_types: false,
             aggregate_types: true,
             aggregate: false,
             key: true,
+            partition: false,
         };
         assert!(filter_conditions(&names(), key_only).ends_with("AND a.natural_key = $6::text"));
         // The filtered feed adds the scanned columns; the plain one stays as it was.

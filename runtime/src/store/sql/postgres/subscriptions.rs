@@ -28,6 +28,8 @@ pub(super) struct Statements {
     release: std::sync::Arc<str>,
     state: std::sync::Arc<str>,
     reset: std::sync::Arc<str>,
+    heartbeat: std::sync::Arc<str>,
+    leave: std::sync::Arc<str>,
 }
 
 const COLUMNS: &str = "name, partition, partitions, COALESCE(filter, ''), start_at, cursor_epoch, \
@@ -46,6 +48,7 @@ fn from_now(n: usize) -> String {
 impl Statements {
     pub fn new(names: &Names) -> Statements {
         let table = names.table("subscriptions");
+        let workers = names.table("subscribers");
         let s = |text: String| -> std::sync::Arc<str> { text.into() };
         Statements {
             insert: s(format!(
@@ -103,6 +106,18 @@ impl Statements {
                  attempts = 0, last_error = NULL, error_cursor = NULL, lease_owner = NULL, \
                  lease_expires_at = NULL, lease_token = lease_token + 1, updated_at = now() \
                  WHERE name = $1"
+            )),
+            // The count reads the statement's snapshot: the other live workers, plus this one.
+            heartbeat: s(format!(
+                "WITH gone AS (DELETE FROM {workers} WHERE name = $1 AND expires_at <= now()), \
+                 up AS (INSERT INTO {workers} (name, owner, expires_at) VALUES ($1, $2, {}) \
+                        ON CONFLICT (name, owner) DO UPDATE SET expires_at = excluded.expires_at) \
+                 SELECT count(*) + 1 FROM {workers} \
+                 WHERE name = $1 AND owner <> $2 AND expires_at > now()",
+                from_now(3)
+            )),
+            leave: s(format!(
+                "DELETE FROM {workers} WHERE name = $1 AND owner = $2"
             )),
         }
     }
@@ -219,6 +234,18 @@ impl PostgresBackend {
         }
     }
 
+    pub(super) async fn subscription_heartbeat(&self, claim: &Claim) -> Result<u32> {
+        self.writable()?;
+        let live: i64 = sqlx::query_scalar(AssertSqlSafe(self.subs.heartbeat.to_string()))
+            .bind(claim.name.as_str())
+            .bind(claim.owner.as_str())
+            .bind(claim.lease.as_secs_f64())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(backend_error)?;
+        Ok(u32::try_from(live).unwrap_or(u32::MAX))
+    }
+
     pub(super) async fn subscription_rows(&self, name: Option<&str>) -> Result<Vec<Row>> {
         let rows = match name {
             Some(name) => {
@@ -299,6 +326,9 @@ impl PostgresBackend {
                 let (n, p, o, t) = lease_params(lease)?;
                 query(&self.subs.release).bind(n).bind(p).bind(o).bind(t)
             }
+            Write::Leave { name, owner } => query(&self.subs.leave)
+                .bind(name.as_str())
+                .bind(owner.as_str()),
             Write::State { name, state } => {
                 query(&self.subs.state).bind(name.as_str()).bind(*state)
             }

@@ -81,6 +81,10 @@ pub(super) fn read_feed_matching(
     if let Some(key) = filter.aggregate_key() {
         params.push(Box::new(key.to_owned()));
     }
+    if let Some((partition, partitions)) = filter.partition() {
+        params.push(Box::new(partition));
+        params.push(Box::new(partitions));
+    }
     let sql = shared
         .sql
         .read_feed_matching

@@ -215,6 +215,18 @@ impl Backend for SqliteBackend {
         )
     }
 
+    fn subscription_heartbeat<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<u32>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        let shared = self.shared.clone();
+        let claim = claim.clone();
+        Box::pin(
+            self.writer
+                .run(move |conn| subscriptions::heartbeat(conn, &shared.subscriptions, &claim)),
+        )
+    }
+
     fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>> {
         let name = name.map(str::to_owned);
         self.read(move |conn, shared| {

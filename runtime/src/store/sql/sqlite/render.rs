@@ -41,10 +41,16 @@ pub(super) struct Statements {
 const FEED_COLUMNS: &str = "e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, \
      e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id";
 
+/// The last byte of an event's aggregate id (a 16-byte blob), from its hex digits: the byte
+/// every store splits partitions by (see `Filter`).
+const LAST_BYTE: &str = "((instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 31, 1)) - 1) * 16 \
+     + instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 32, 1)) - 1)";
+
 /// The feed read with the conditions of `shape`. Parameters: the position after, the limit,
 /// then one per condition present, in this order: event type names and aggregate type names (as
 /// JSON arrays, matched by name inside the statement so that a type written meanwhile by
-/// another process is not missed), the aggregate id, the natural key.
+/// another process is not missed), the aggregate id, the natural key, the partition and the
+/// number of partitions.
 fn feed_matching_sql(shape: FilterShape) -> String {
     let mut conditions = String::new();
     let mut next = 3;
@@ -70,6 +76,10 @@ fn feed_matching_sql(shape: FilterShape) -> String {
     }
     if shape.key {
         conditions.push_str(&format!(" AND a.natural_key = {}", param()));
+    }
+    if shape.partition {
+        let (partition, partitions) = (param(), param());
+        conditions.push_str(&format!(" AND {LAST_BYTE} % {partitions} = {partition}"));
     }
     format!(
         "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1{conditions} ORDER BY e.position LIMIT ?2"
@@ -207,18 +217,31 @@ mod tests {
     }
 
     #[test]
+    fn the_partition_byte_is_the_ids_last() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let sql = format!("SELECT {LAST_BYTE} FROM (SELECT ?1 AS aggregate_id) e");
+        for last in 0..=255u8 {
+            let mut id = [0x5a_u8; 16];
+            id[15] = last;
+            let got: i64 = conn.query_row(&sql, [id.as_slice()], |r| r.get(0)).unwrap();
+            assert_eq!(got, i64::from(last));
+        }
+    }
+
+    #[test]
     fn filtered_feed_statements() {
         let sql = Statements::new("annals_");
         let all = FilterShape::from_index(FilterShape::COUNT - 1);
         assert_eq!(
             sql.read_feed_matching[all.index()],
-            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 AND e.event_type_id IN (SELECT id FROM annals_event_types WHERE name IN (SELECT value FROM json_each(?3))) AND a.type_id IN (SELECT id FROM annals_aggregate_types WHERE name IN (SELECT value FROM json_each(?4))) AND e.aggregate_id = ?5 AND a.natural_key = ?6 ORDER BY e.position LIMIT ?2"
+            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 AND e.event_type_id IN (SELECT id FROM annals_event_types WHERE name IN (SELECT value FROM json_each(?3))) AND a.type_id IN (SELECT id FROM annals_aggregate_types WHERE name IN (SELECT value FROM json_each(?4))) AND e.aggregate_id = ?5 AND a.natural_key = ?6 AND ((instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 31, 1)) - 1) * 16 + instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 32, 1)) - 1) % ?8 = ?7 ORDER BY e.position LIMIT ?2"
         );
         let by_id = FilterShape {
             event_types: false,
             aggregate_types: false,
             aggregate: true,
             key: false,
+            partition: false,
         };
         assert!(sql.read_feed_matching[by_id.index()].ends_with(
             "WHERE e.position > ?1 AND e.aggregate_id = ?3 ORDER BY e.position LIMIT ?2"

@@ -28,6 +28,10 @@ pub(super) struct Statements {
     release: String,
     state: String,
     reset: String,
+    expire_workers: String,
+    heartbeat: String,
+    count_workers: String,
+    leave: String,
 }
 
 const COLUMNS: &str = "name, partition, partitions, filter, start_at, cursor_position, \
@@ -39,6 +43,7 @@ const LEASED: &str = "name = ?1 AND partition = ?2 AND lease_owner = ?3 AND leas
 impl Statements {
     pub fn new(prefix: &str) -> Statements {
         let table = format!("{prefix}subscriptions");
+        let workers = format!("{prefix}subscribers");
         Statements {
             insert: format!(
                 "INSERT OR IGNORE INTO {table} (name, partition, partitions, filter, start_at, \
@@ -84,6 +89,13 @@ impl Statements {
                  lease_owner = NULL, lease_expires_at = NULL, lease_token = lease_token + 1, \
                  updated_at = ?5 WHERE name = ?1"
             ),
+            expire_workers: format!("DELETE FROM {workers} WHERE name = ?1 AND expires_at <= ?2"),
+            heartbeat: format!(
+                "INSERT INTO {workers} (name, owner, expires_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (name, owner) DO UPDATE SET expires_at = excluded.expires_at"
+            ),
+            count_workers: format!("SELECT count(*) FROM {workers} WHERE name = ?1"),
+            leave: format!("DELETE FROM {workers} WHERE name = ?1 AND owner = ?2"),
         }
     }
 }
@@ -227,6 +239,28 @@ pub(super) fn claim(conn: &Connection, sql: &Statements, claim: &Claim) -> Resul
     }
 }
 
+/// Renews the heartbeat of `claim.owner`; how many workers run `claim.name` now.
+pub(super) fn heartbeat(conn: &mut Connection, sql: &Statements, claim: &Claim) -> Result<u32> {
+    let now = now();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend_error)?;
+    let live: i64 = (|| {
+        tx.prepare_cached(&sql.expire_workers)?
+            .execute((&claim.name, now))?;
+        tx.prepare_cached(&sql.heartbeat)?.execute((
+            &claim.name,
+            &claim.owner,
+            now.saturating_add(micros(claim.lease)),
+        ))?;
+        tx.prepare_cached(&sql.count_workers)?
+            .query_row([&claim.name], |r| r.get(0))
+    })()
+    .map_err(backend_error)?;
+    tx.commit().map_err(backend_error)?;
+    Ok(u32::try_from(live).unwrap_or(u32::MAX))
+}
+
 /// The rows of `name`, or of every subscription.
 pub(super) fn rows(conn: &Connection, sql: &Statements, name: Option<&str>) -> Result<Vec<Row>> {
     let raw: Vec<RawRow> = match name {
@@ -291,6 +325,9 @@ pub(super) fn commit(
             tx.prepare_cached(&sql.release)
                 .and_then(|mut s| s.execute((n, p, o, t, now)))
         }
+        Write::Leave { name, owner } => tx
+            .prepare_cached(&sql.leave)
+            .and_then(|mut s| s.execute((name, owner))),
         Write::State { name, state } => tx
             .prepare_cached(&sql.state)
             .and_then(|mut s| s.execute((name, state, now))),
