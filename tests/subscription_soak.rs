@@ -1,20 +1,26 @@
 //! Durable subscriptions under crashes: writers commit while the workers of one partitioned
-//! subscription are started and aborted at random (a dropped future is a worker that died
-//! mid-batch). At the end the read model's sums are the writers' sums, and its effects table
-//! holds each event exactly once: on SQLite (one file) and PostgreSQL.
+//! subscription are started and killed at random: tasks aborted (a dropped future is a worker
+//! that died mid-batch), and worker processes killed with SIGKILL. At the end the read model's
+//! sums are the writers' sums, and its effects table holds each event exactly once: on SQLite
+//! (one file) and PostgreSQL.
 
 mod conformance;
+#[path = "support/ledger.rs"]
+mod ledger;
 #[cfg(feature = "postgres")]
 #[path = "support/postgres.rs"]
 mod support;
+
+use conformance::domain;
+use ledger::{Ledger, soak_subscription};
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use annals::prelude::*;
 use annals::subscription::Handler;
-use annals::{BoxError, Filter, SqlValue, Transaction};
-use conformance::domain::*;
+use annals::{BoxError, Transaction};
+use domain::*;
 
 /// Bounds every wait: a hang becomes a failure.
 const LIMIT: Duration = Duration::from_secs(300);
@@ -26,59 +32,6 @@ fn jitter(round: u64, max: u64) -> u64 {
         .map(|d| u64::from(d.subsec_nanos()))
         .unwrap_or(0);
     (nanos ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % max.max(1)
-}
-
-/// The read model: each account's sum of deposits, and each event's effect, once.
-#[derive(Clone)]
-struct Ledger {
-    tables: String,
-}
-
-impl Handler for Ledger {
-    async fn handle(
-        &mut self,
-        events: &[RecordedEvent],
-        tx: &mut Transaction<'_>,
-    ) -> Result<(), BoxError> {
-        let t = &self.tables;
-        for event in events {
-            let Some(deposit) = event.decode::<Deposited>()? else {
-                continue;
-            };
-            // A plain insert: an event handled twice fails on the key.
-            tx.execute(
-                &format!("INSERT INTO {t}_effects (event_id) VALUES ($1)"),
-                &[event.event_id.into()],
-            )
-            .await?;
-            tx.execute(
-                &format!(
-                    "INSERT INTO {t}_sums AS s (account, total) VALUES ($1, $2) \
-                     ON CONFLICT (account) DO UPDATE SET total = s.total + excluded.total"
-                ),
-                &[event.aggregate_id.into(), SqlValue::Int(deposit.amount)],
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
-    async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        let t = &self.tables;
-        tx.execute(
-            &format!("CREATE TABLE IF NOT EXISTS {t}_effects (event_id TEXT PRIMARY KEY)"),
-            &[],
-        )
-        .await?;
-        tx.execute(
-            &format!(
-                "CREATE TABLE IF NOT EXISTS {t}_sums (account TEXT PRIMARY KEY, total BIGINT NOT NULL)"
-            ),
-            &[],
-        )
-        .await?;
-        Ok(())
-    }
 }
 
 /// Reads the model back through a handler transaction: (effects, sums by account).
@@ -119,10 +72,72 @@ impl Handler for ReadBack {
     }
 }
 
+/// How the workers run: as tasks of this process, aborted at random, or as processes
+/// (`annals-soak-worker`), killed with SIGKILL at random.
+enum Workers {
+    Tasks,
+    /// The store's URL and PostgreSQL schema (empty for SQLite).
+    Processes {
+        url: String,
+        schema: String,
+    },
+}
+
+/// A running worker.
+enum Worker {
+    Task(tokio::task::JoinHandle<()>),
+    Process(std::process::Child),
+}
+
+impl Workers {
+    fn start(&self, store: &Store, ledger: &Ledger) -> Worker {
+        match self {
+            Workers::Tasks => {
+                let worker = soak_subscription(store);
+                let mut handler = ledger.clone();
+                Worker::Task(tokio::spawn(async move {
+                    let result = worker.run(&mut handler, std::future::pending()).await;
+                    panic!("a worker returned: {result:?}");
+                }))
+            }
+            Workers::Processes { url, schema } => Worker::Process(
+                std::process::Command::new(env!("CARGO_BIN_EXE_annals-soak-worker"))
+                    .args([url.as_str(), schema.as_str(), ledger.tables.as_str()])
+                    .spawn()
+                    .expect("start a worker process"),
+            ),
+        }
+    }
+}
+
+impl Worker {
+    /// Kills the worker where it stands; panics if it had stopped on its own (a failure).
+    async fn kill(self) {
+        match self {
+            Worker::Task(task) => {
+                task.abort();
+                if let Err(e) = task.await
+                    && !e.is_cancelled()
+                {
+                    panic!("a worker failed: {e}");
+                }
+            }
+            Worker::Process(mut child) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("a worker process stopped by itself: {status}");
+                }
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reap the worker");
+            }
+        }
+    }
+}
+
 /// Writers and crashing workers; then one worker catches up, and the model is checked.
 /// `qualifier` goes before the read model's table names (a PostgreSQL schema and a dot).
 async fn soak(
     store: &Store,
+    workers_run: Workers,
     qualifier: &str,
     writers: u64,
     commits: u64,
@@ -132,16 +147,10 @@ async fn soak(
     let ledger = Ledger {
         tables: tables.clone(),
     };
-    let sub = || {
-        store
-            .subscription("soak")
-            .filter(Filter::all().event::<Deposited>())
-            .partitions(4)
-            .batch_size(50)
-            .lease(Duration::from_millis(300))
-            .poll_interval(Duration::from_millis(20))
-    };
-    sub().reset(&mut ledger.clone()).await.unwrap();
+    soak_subscription(store)
+        .reset(&mut ledger.clone())
+        .await
+        .unwrap();
 
     let mut accounts = Vec::new();
     for i in 0..(writers * 5) {
@@ -175,28 +184,17 @@ async fn soak(
         }));
     }
 
-    // Three workers at a time, each aborted after a random while and started again.
-    let mut workers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // Three workers at a time, each killed after a random while and started again.
+    let mut workers: Vec<Worker> = Vec::new();
     let mut round = 0u64;
     let mut crashes = 0u64;
     while writer_tasks.iter().any(|t| !t.is_finished()) {
         while workers.len() < 3 {
-            let worker = sub();
-            let mut handler = ledger.clone();
-            workers.push(tokio::spawn(async move {
-                let result = worker.run(&mut handler, std::future::pending()).await;
-                panic!("a worker returned: {result:?}");
-            }));
+            workers.push(workers_run.start(store, &ledger));
         }
         tokio::time::sleep(Duration::from_millis(20 + jitter(round, 200))).await;
         let victim = jitter(round + 1, workers.len() as u64) as usize;
-        let task = workers.swap_remove(victim);
-        task.abort();
-        if let Err(e) = task.await
-            && !e.is_cancelled()
-        {
-            panic!("a worker failed: {e}");
-        }
+        workers.swap_remove(victim).kill().await;
         crashes += 1;
         round += 2;
     }
@@ -205,12 +203,21 @@ async fn soak(
             *expected.entry(account).or_default() += sum;
         }
     }
-    for task in workers {
-        task.abort();
-        let _ = task.await;
+    for worker in workers {
+        worker.kill().await;
     }
+    // The killed workers did work between their deaths, not the last one alone.
+    let moved = store
+        .subscriptions()
+        .status("soak")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|s| s.cursor != FeedCursor::START)
+        .count();
+    assert!(moved > 0, "no worker moved a cursor before the last one");
     // One last worker catches up on all four partitions (once the dead workers' leases end).
-    let last = sub();
+    let last = soak_subscription(store);
     let mut handler = ledger.clone();
     tokio::time::timeout(LIMIT, async {
         loop {
@@ -230,46 +237,78 @@ async fn soak(
     (tables, expected, crashes)
 }
 
+/// The read model on SQLite, read with rusqlite: (effects, sums by account).
 #[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crashing_workers_apply_each_event_once_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("soak.db");
-    let url = format!("sqlite://{}", path.display());
-    let options = StoreOptions::new().synchronous(annals::Synchronous::Normal);
-    let store = Store::open_with(&url, options).await.unwrap();
-    let (tables, expected, crashes) = soak(&store, "", 4, 250, 20).await;
-    assert!(crashes > 0, "workers were aborted");
-    let conn = annals::rusqlite::Connection::open(&path).unwrap();
+fn sqlite_model(path: &std::path::Path, tables: &str) -> (i64, HashMap<String, i64>) {
+    let conn = annals::rusqlite::Connection::open(path).unwrap();
     let effects: i64 = conn
         .query_row(&format!("SELECT count(*) FROM {tables}_effects"), [], |r| {
             r.get(0)
         })
         .unwrap();
-    assert_eq!(effects, 4 * 250 * 20, "each event once");
     let mut stmt = conn
         .prepare(&format!("SELECT account, total FROM {tables}_sums"))
         .unwrap();
-    let sums: HashMap<String, i64> = stmt
+    let sums = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
+    (effects, sums)
+}
+
+#[cfg(feature = "sqlite")]
+async fn soak_sqlite(processes: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("soak.db");
+    let url = format!("sqlite://{}", path.display());
+    let options = StoreOptions::new().synchronous(annals::Synchronous::Normal);
+    let store = Store::open_with(&url, options).await.unwrap();
+    let workers = if processes {
+        Workers::Processes {
+            url: url.clone(),
+            schema: String::new(),
+        }
+    } else {
+        Workers::Tasks
+    };
+    let (tables, expected, crashes) = soak(&store, workers, "", 4, 250, 20).await;
+    assert!(crashes > 0, "workers were killed");
+    let (effects, sums) = sqlite_model(&path, &tables);
+    assert_eq!(effects, 4 * 250 * 20, "each event once");
     assert_eq!(sums, expected, "the read model's sums are the writers'");
     store.close().await;
 }
 
-#[cfg(feature = "postgres")]
-#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[cfg(feature = "sqlite")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crashing_workers_apply_each_event_once_on_postgres() {
+async fn crashing_worker_tasks_apply_each_event_once_on_sqlite() {
+    soak_sqlite(false).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_worker_processes_apply_each_event_once_on_sqlite() {
+    soak_sqlite(true).await;
+}
+
+#[cfg(feature = "postgres")]
+async fn soak_postgres(processes: bool) {
     let Some((store, schema)) = support::open_fresh().await else {
         return;
     };
+    let workers = if processes {
+        Workers::Processes {
+            url: schema.url.clone(),
+            schema: schema.name.clone(),
+        }
+    } else {
+        Workers::Tasks
+    };
     // In the store's schema, dropped with it.
     let qualifier = format!("\"{}\".", schema.name);
-    let (tables, expected, crashes) = soak(&store, &qualifier, 4, 250, 20).await;
-    assert!(crashes > 0, "workers were aborted");
+    let (tables, expected, crashes) = soak(&store, workers, &qualifier, 4, 250, 20).await;
+    assert!(crashes > 0, "workers were killed");
     let mut read = ReadBack {
         tables: tables.clone(),
         effects: 0,
@@ -286,4 +325,18 @@ async fn crashing_workers_apply_each_event_once_on_postgres() {
         "the read model's sums are the writers'"
     );
     store.close().await;
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crashing_worker_tasks_apply_each_event_once_on_postgres() {
+    soak_postgres(false).await;
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_worker_processes_apply_each_event_once_on_postgres() {
+    soak_postgres(true).await;
 }
