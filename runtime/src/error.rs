@@ -364,6 +364,15 @@ pub enum Error {
         message: String,
     },
 
+    /// No event parked by this subscription has this id.
+    #[error("subscription {name:?} has no parked event {event_id}")]
+    ParkedEventNotFound {
+        /// The subscription's name.
+        name: String,
+        /// The event id asked for.
+        event_id: uuid::Uuid,
+    },
+
     /// The database or the connection failed.
     #[error("backend error: {0}")]
     Backend(#[source] BoxError),

@@ -146,6 +146,14 @@ impl Filter {
         self.key.as_deref()
     }
 
+    /// True when `event`'s event type and aggregate type pass the filter (the conditions on one
+    /// aggregate and on partitions are not looked at).
+    pub(crate) fn admits(&self, event: &crate::event::RecordedEvent) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+            && (self.aggregate_types.is_empty()
+                || self.aggregate_types.contains(&event.aggregate_type))
+    }
+
     /// Which conditions are present, for the stores that render one statement per shape.
     #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
     pub(crate) fn shape(&self) -> FilterShape {

@@ -70,6 +70,7 @@ macro_rules! conformance_suite {
             subscription_clones_never_store_a_batch_twice,
             subscription_partitions_keep_each_aggregate_in_order,
             subscription_workers_rebalance_partitions,
+            subscription_parks_a_poison_event_and_goes_on,
         );
     };
     ($open:expr) => {

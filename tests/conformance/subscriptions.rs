@@ -28,6 +28,8 @@ struct Collect {
     flaky: usize,
     table: Option<String>,
     resets: usize,
+    /// Panics on a deposit of this amount.
+    panic_on: Option<i64>,
 }
 
 impl Collect {
@@ -61,6 +63,16 @@ impl Handler for Collect {
         if self.flaky > 0 {
             self.flaky -= 1;
             return Err("flaky".into());
+        }
+        if let Some(bad) = self.panic_on {
+            for event in events {
+                if event
+                    .decode::<Deposited>()?
+                    .is_some_and(|d| d.amount == bad)
+                {
+                    panic!("{bad} is not a number this handler takes");
+                }
+            }
         }
         if self.failing
             && let Some(bad) = self.fail_on
@@ -967,5 +979,132 @@ pub async fn subscription_workers_rebalance_partitions(store: &Store) {
     }
     if let Some(table) = &table {
         assert_eq!(effects(store, table).await.len(), all, "each effect once");
+    }
+}
+
+/// Under the park policy a poison event is parked and the subscription goes on; the later
+/// events of its aggregate wait behind it until it is retried (then delivered in order) or
+/// skipped (then never delivered); other aggregates never wait. A panicking handler parks too.
+pub async fn subscription_parks_a_poison_event_and_goes_on(store: &Store) {
+    use annals::subscription::OnFailure;
+    let alice = open_account(store, "alice", "Alice", 1).await;
+    let bob = open_account(store, "bob", "Bob", 10).await;
+    for (id, amount) in [
+        (alice, 2),
+        (bob, 11),
+        (alice, 3),
+        (bob, 12),
+        (alice, 4),
+        (alice, 5),
+    ] {
+        deposit(store, id, amount).await;
+    }
+    let table = effects_table(store).await;
+    let sub = store
+        .subscription("parking")
+        .filter(Filter::all().event::<Deposited>())
+        .on_failure(OnFailure::Park)
+        .retries(2, Duration::from_millis(1));
+    let mut handler = Collect {
+        fail_on: Some(3),
+        failing: true,
+        table: table.clone(),
+        ..Collect::default()
+    };
+    catch_up(&sub, &mut handler).await.unwrap();
+    assert_eq!(
+        handler.deposits(),
+        [1, 10, 2, 11, 12],
+        "alice waits behind 3"
+    );
+    let parked = store.subscriptions().parked("parking").await.unwrap();
+    assert_eq!(parked.len(), 1);
+    let poison = &parked[0];
+    assert_eq!(poison.aggregate_id, alice);
+    assert_eq!(poison.next_version, 4, "opened, 1, 2, then 3 at version 4");
+    assert!(poison.error.contains("cannot take 3"), "{}", poison.error);
+    assert!(poison.requested.is_none());
+    let status = &store.subscriptions().status("parking").await.unwrap()[0];
+    assert_eq!(
+        status.state,
+        SubscriptionState::Active,
+        "parking does not stop it"
+    );
+
+    // New events: bob's are delivered, alice's wait.
+    deposit(store, alice, 6).await;
+    deposit(store, bob, 13).await;
+    catch_up(&sub, &mut handler).await.unwrap();
+    assert_eq!(handler.deposits(), [1, 10, 2, 11, 12, 13]);
+    // A retry that fails again parks it again, delivering nothing.
+    store
+        .subscriptions()
+        .retry_parked("parking", poison.event_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.subscriptions().parked("parking").await.unwrap()[0].requested,
+        Some(annals::subscription::ParkedRequest::Retry)
+    );
+    catch_up(&sub, &mut handler).await.unwrap();
+    assert_eq!(handler.deposits(), [1, 10, 2, 11, 12, 13]);
+    let again = store.subscriptions().parked("parking").await.unwrap();
+    assert_eq!((again.len(), again[0].requested), (1, None));
+    // Fixed and retried: 3 and everything of alice's behind it, in order.
+    handler.failing = false;
+    store
+        .subscriptions()
+        .retry_parked("parking", poison.event_id)
+        .await
+        .unwrap();
+    catch_up(&sub, &mut handler).await.unwrap();
+    assert_eq!(handler.deposits(), [1, 10, 2, 11, 12, 13, 3, 4, 5, 6]);
+    assert!(
+        store
+            .subscriptions()
+            .parked("parking")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    deposit(store, alice, 7).await;
+    catch_up(&sub, &mut handler).await.unwrap();
+    assert_eq!(
+        handler.deposits().last(),
+        Some(&7),
+        "alice is not held back any more"
+    );
+
+    // A panic parks as well; skipped, the event is never delivered, the ones after it are.
+    handler.panic_on = Some(8);
+    deposit(store, bob, 8).await;
+    deposit(store, bob, 9).await;
+    catch_up(&sub, &mut handler).await.unwrap();
+    let parked = store.subscriptions().parked("parking").await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert!(parked[0].error.contains("panicked"), "{}", parked[0].error);
+    handler.panic_on = None;
+    store
+        .subscriptions()
+        .skip_parked("parking", parked[0].event_id)
+        .await
+        .unwrap();
+    catch_up(&sub, &mut handler).await.unwrap();
+    let got = handler.deposits();
+    assert_eq!(&got[got.len() - 1..], [9], "9 delivered, 8 skipped");
+    assert!(!got.contains(&8));
+    assert!(matches!(
+        store
+            .subscriptions()
+            .retry_parked("parking", uuid::Uuid::now_v7())
+            .await,
+        Err(Error::ParkedEventNotFound { .. })
+    ));
+    if let Some(table) = &table {
+        assert_eq!(
+            effects(store, table).await.len(),
+            got.len(),
+            "each effect once"
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
     StoreOptions, StoredSnapshot, StreamEvent,
 };
-use crate::subscription::row::{Claim, Row, Spec, Write, cursor_text};
+use crate::subscription::row::{Claim, Parked, Row, Spec, Write, cursor_text};
 use crate::subscription::tx::TxState;
 
 struct StoredEvent {
@@ -46,6 +46,8 @@ struct State {
     subscriptions: BTreeMap<(String, u32), Row>,
     /// The heartbeats of subscription workers, by subscription and owner.
     workers: HashMap<(String, String), SystemTime>,
+    /// Parked events, by subscription and aggregate.
+    parked: BTreeMap<(String, AggregateId), Parked>,
     closed: bool,
 }
 
@@ -73,7 +75,89 @@ impl MemoryBackend {
     }
 }
 
-/// Makes `write` on one row it matched.
+impl State {
+    /// Makes one subscription write; the error of [`Write::missed`] when it matched nothing.
+    fn write(&mut self, write: &Write) -> Result<()> {
+        let now = SystemTime::now();
+        let matched = match write {
+            Write::Leave { name, owner } => {
+                self.workers.remove(&(name.clone(), owner.clone()));
+                true
+            }
+            Write::Park { parked } => {
+                self.parked
+                    .insert((parked.name.clone(), parked.aggregate), parked.clone());
+                true
+            }
+            Write::Unpark {
+                name,
+                aggregate,
+                next,
+            } => {
+                let key = (name.clone(), *aggregate);
+                match next {
+                    Some(next) => {
+                        if let Some(p) = self.parked.get_mut(&key) {
+                            p.version = *next;
+                            p.state = "retry".to_owned();
+                        }
+                    }
+                    None => {
+                        self.parked.remove(&key);
+                    }
+                }
+                true
+            }
+            Write::MarkParked {
+                name,
+                event_id,
+                state,
+            } => {
+                let found = self
+                    .parked
+                    .values_mut()
+                    .find(|p| p.name == *name && p.event_id == *event_id);
+                match found {
+                    Some(p) => {
+                        p.state = (*state).to_owned();
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => {
+                let mut matched = false;
+                for row in self
+                    .subscriptions
+                    .values_mut()
+                    .filter(|row| row.name == write.name())
+                {
+                    if let Some(lease) = write.lease()
+                        && (row.partition != lease.partition
+                            || row.owner.as_deref() != Some(lease.owner.as_str())
+                            || row.token != lease.token)
+                    {
+                        continue;
+                    }
+                    if let Write::Checkpoint { from, .. } = write
+                        && row.cursor != *from
+                    {
+                        continue;
+                    }
+                    matched = true;
+                    apply_write(row, write, now);
+                }
+                matched
+            }
+        };
+        match write.missed() {
+            Some(error) if !matched => Err(error),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Makes `write` on one subscription row it matched.
 fn apply_write(row: &mut Row, write: &Write, now: SystemTime) {
     match write {
         Write::Checkpoint { lease, cursor, .. } => {
@@ -98,7 +182,13 @@ fn apply_write(row: &mut Row, write: &Write, now: SystemTime) {
             row.owner = None;
             row.lease_expires_at = None;
         }
-        Write::Leave { .. } => {}
+        Write::Renew { lease } => {
+            row.lease_expires_at = Some(now + lease.duration);
+        }
+        Write::Leave { .. }
+        | Write::Park { .. }
+        | Write::Unpark { .. }
+        | Write::MarkParked { .. } => {}
         Write::State { state, .. } => {
             row.state = (*state).to_owned();
             if *state == "active" {
@@ -487,39 +577,34 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn commit_tx(&self, _tx: TxState, write: Write) -> BoxFuture<'_, Result<()>> {
+    fn parked<'a>(
+        &'a self,
+        name: &'a str,
+        partition: Option<u32>,
+    ) -> BoxFuture<'a, Result<Vec<Parked>>> {
+        Box::pin(async move {
+            let state = self.state()?;
+            Ok(state
+                .parked
+                .values()
+                .filter(|p| p.name == name && partition.is_none_or(|n| n == p.partition))
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn commit_tx(&self, _tx: TxState, writes: Vec<Write>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let mut state = self.state()?;
-            let now = SystemTime::now();
-            if let Write::Leave { name, owner } = &write {
-                state.workers.remove(&(name.clone(), owner.clone()));
-                return Ok(());
-            }
-            let mut matched = false;
-            for row in state
-                .subscriptions
-                .values_mut()
-                .filter(|row| row.name == write.name())
-            {
-                if let Some(lease) = write.lease()
-                    && (row.partition != lease.partition
-                        || row.owner.as_deref() != Some(lease.owner.as_str())
-                        || row.token != lease.token)
-                {
-                    continue;
+            // All or nothing, as the SQL stores' transactions.
+            let before = (state.subscriptions.clone(), state.parked.clone());
+            for write in &writes {
+                if let Err(e) = state.write(write) {
+                    (state.subscriptions, state.parked) = before;
+                    return Err(e);
                 }
-                if let Write::Checkpoint { from, .. } = &write
-                    && row.cursor != *from
-                {
-                    continue;
-                }
-                matched = true;
-                apply_write(row, &write, now);
             }
-            match write.missed() {
-                Some(error) if !matched => Err(error),
-                _ => Ok(()),
-            }
+            Ok(())
         })
     }
 

@@ -13,7 +13,7 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
 use crate::filter::Filter;
 use crate::registry::{Registry, registry};
-use crate::subscription::row::{Claim, Row, Spec, Write};
+use crate::subscription::row::{Claim, Parked, Row, Spec, Write};
 use crate::subscription::tx::TxState;
 
 #[cfg(feature = "memory")]
@@ -278,9 +278,16 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Opens a transaction for a subscription handler.
     fn begin_tx(&self) -> BoxFuture<'_, Result<TxState>>;
 
-    /// Makes `write` in `tx` and commits both, or neither: [`Write::missed`]'s error when the
-    /// write matched no row (a lost lease, an unknown subscription).
-    fn commit_tx(&self, tx: TxState, write: Write) -> BoxFuture<'_, Result<()>>;
+    /// Makes `writes` in `tx`, in order, and commits them all, or nothing: [`Write::missed`]'s
+    /// error when a write matched no row (a lost lease, an unknown subscription).
+    fn commit_tx(&self, tx: TxState, writes: Vec<Write>) -> BoxFuture<'_, Result<()>>;
+
+    /// The events parked by subscription `name` (in `partition`, or in all).
+    fn parked<'a>(
+        &'a self,
+        name: &'a str,
+        partition: Option<u32>,
+    ) -> BoxFuture<'a, Result<Vec<Parked>>>;
 
     /// A counter of the commits this backend has heard of; read it before reading the feed and
     /// pass it to [`wait_for_change`](Backend::wait_for_change).

@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use super::Start;
 use super::row::{Row, Write};
+use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::FeedCursor;
 use crate::feed::HeldBack;
@@ -44,6 +45,44 @@ pub struct Lag {
     /// Set when the feed is held back by a transaction still open (PostgreSQL): the counts
     /// stop there, and the subscription cannot be caught up until it ends.
     pub held_back: Option<HeldBack>,
+}
+
+/// What an operator asked for a parked event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ParkedRequest {
+    /// Deliver it again.
+    Retry,
+    /// Skip it: never deliver it.
+    Skip,
+}
+
+/// An event a subscription parked, as [`Subscriptions::parked`] shows it. The later events of
+/// its aggregate wait behind it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ParkedEvent {
+    /// The subscription's name.
+    pub subscription: String,
+    /// The aggregate whose events wait.
+    pub aggregate_id: AggregateId,
+    /// The partition it is in.
+    pub partition: u32,
+    /// The parked event's id.
+    pub event_id: uuid::Uuid,
+    /// Its cursor in the feed.
+    pub cursor: FeedCursor,
+    /// The aggregate's first version not yet delivered (the parked event's, until a retry
+    /// gets further).
+    pub next_version: u64,
+    /// The handler's error.
+    pub error: String,
+    /// How often it was tried.
+    pub attempts: u32,
+    /// A retry or skip asked for and not yet carried out, if any.
+    pub requested: Option<ParkedRequest>,
+    /// When it was parked.
+    pub parked_at: SystemTime,
 }
 
 /// One partition of a durable subscription, as [`Subscriptions::list`] shows it.
@@ -131,6 +170,62 @@ impl Subscriptions {
         self.set_state(name, "active").await
     }
 
+    /// The events `name` parked ([`OnFailure::Park`](super::OnFailure::Park)), oldest first.
+    pub async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>> {
+        let parked = self.store.inner.backend.parked(name, None).await?;
+        parked
+            .into_iter()
+            .map(|p| {
+                let cursor = serde_json::from_str(&p.cursor).map_err(|e| {
+                    Error::Corrupt(format!(
+                        "the cursor of an event parked by {name:?} does not decode: {e}"
+                    ))
+                })?;
+                Ok(ParkedEvent {
+                    subscription: p.name,
+                    aggregate_id: p.aggregate,
+                    partition: p.partition,
+                    event_id: p.event_id,
+                    cursor,
+                    next_version: p.version,
+                    error: p.error,
+                    attempts: p.attempts,
+                    requested: match p.state.as_str() {
+                        "retry" => Some(ParkedRequest::Retry),
+                        "skip" => Some(ParkedRequest::Skip),
+                        _ => None,
+                    },
+                    parked_at: p.parked_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Asks the worker holding its partition to deliver the parked event `event_id` again,
+    /// then the events of its aggregate held behind it, and to unpark the aggregate.
+    /// [`Error::ParkedEventNotFound`] when `name` has no such parked event.
+    pub async fn retry_parked(&self, name: &str, event_id: uuid::Uuid) -> Result<()> {
+        self.mark(name, event_id, "retry").await
+    }
+
+    /// Asks the worker holding its partition to skip the parked event `event_id` (it is never
+    /// delivered), then deliver the events of its aggregate held behind it, and unpark the
+    /// aggregate.
+    pub async fn skip_parked(&self, name: &str, event_id: uuid::Uuid) -> Result<()> {
+        self.mark(name, event_id, "skip").await
+    }
+
+    async fn mark(&self, name: &str, event_id: uuid::Uuid, state: &'static str) -> Result<()> {
+        let backend = &self.store.inner.backend;
+        let tx = backend.begin_tx().await?;
+        let write = Write::MarkParked {
+            name: name.to_owned(),
+            event_id,
+            state,
+        };
+        backend.commit_tx(tx, vec![write]).await
+    }
+
     async fn set_state(&self, name: &str, state: &'static str) -> Result<()> {
         let backend = &self.store.inner.backend;
         let tx = backend.begin_tx().await?;
@@ -138,7 +233,7 @@ impl Subscriptions {
             name: name.to_owned(),
             state,
         };
-        backend.commit_tx(tx, write).await
+        backend.commit_tx(tx, vec![write]).await
     }
 
     async fn status_of(&self, row: Row) -> Result<SubscriptionStatus> {

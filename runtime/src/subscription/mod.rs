@@ -17,7 +17,9 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::filter::Filter;
 use crate::store::Store;
 
-pub use admin::{Lag, SubscriptionState, SubscriptionStatus, Subscriptions};
+pub use admin::{
+    Lag, ParkedEvent, ParkedRequest, SubscriptionState, SubscriptionStatus, Subscriptions,
+};
 use row::{Row, Spec, Write};
 pub use tx::{SqlValue, Transaction};
 
@@ -40,6 +42,22 @@ impl Start {
     fn text(self) -> String {
         serde_json::to_string(&self).unwrap_or_default()
     }
+}
+
+/// What a subscription does with an event its handler keeps failing on, after the retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnFailure {
+    /// Stop the subscription at the event: its state becomes failed, with the error and the
+    /// event's cursor stored, until it is resumed.
+    #[default]
+    Stop,
+    /// Park the event (stored with its error; see [`Subscriptions::parked`]) and go on. The
+    /// later events of its aggregate wait behind it, so each aggregate's events are still
+    /// handled in order, until an operator retries or skips it
+    /// ([`Subscriptions::retry_parked`], [`Subscriptions::skip_parked`]); other aggregates go
+    /// on.
+    Park,
 }
 
 /// What a durable subscription does with each batch of events. The batch's checkpoint commits
@@ -107,10 +125,11 @@ pub trait Handler: Send {
 /// several processes may run the same subscription: they share its partitions evenly, and take
 /// over the partitions of one that stops or dies.
 ///
-/// A batch that fails is tried again with exponential backoff; when it keeps failing it is
-/// split to find the event, the events before it are checkpointed, and the subscription stops
-/// at that event: its state becomes failed, with the error and the event's cursor stored (see
-/// [`Subscriptions`]), and [`run`](Subscription::run) returns [`Error::SubscriptionFailed`].
+/// A batch that fails (the handler returns an error or panics) is tried again with
+/// exponential backoff; when it keeps failing it is split to find the event, the events before
+/// it are checkpointed, and [`OnFailure`] decides: stop at that event (its state becomes failed,
+/// with the error and the event's cursor stored, see [`Subscriptions`], and
+/// [`run`](Subscription::run) returns [`Error::SubscriptionFailed`]), or park it and go on.
 /// Nothing is ever skipped silently.
 ///
 /// ```no_run
@@ -142,6 +161,7 @@ pub struct Subscription {
     start: Start,
     batch_size: usize,
     partitions: u32,
+    on_failure: OnFailure,
     poll_interval: Option<Duration>,
     lease: Duration,
     max_attempts: u32,
@@ -161,6 +181,7 @@ impl Store {
             start: Start::Beginning,
             batch_size: 100,
             partitions: 1,
+            on_failure: OnFailure::Stop,
             poll_interval: None,
             lease: Duration::from_secs(30),
             max_attempts: 5,
@@ -223,6 +244,12 @@ impl Subscription {
     pub fn retries(mut self, max_attempts: u32, first_backoff: Duration) -> Self {
         self.max_attempts = max_attempts.max(1);
         self.first_backoff = first_backoff;
+        self
+    }
+
+    /// What to do with an event the handler keeps failing on (default: stop).
+    pub fn on_failure(mut self, policy: OnFailure) -> Self {
+        self.on_failure = policy;
         self
     }
 
@@ -344,7 +371,7 @@ impl Subscription {
             start: self.start.text(),
             cursor: self.initial_cursor().await?,
         };
-        backend.commit_tx(state, write).await
+        backend.commit_tx(state, vec![write]).await
     }
 
     /// [`open`](Subscription::open), where a mismatch of filter or start is no error (reset

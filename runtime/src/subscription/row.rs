@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::aggregate::AggregateId;
 use crate::event::FeedCursor;
 
 /// A subscription as it is created: the first open writes it, later opens compare with it.
@@ -78,6 +79,25 @@ pub(crate) enum Write {
     },
     /// The worker stops: the partition is free to claim at once.
     Release { lease: Lease },
+    /// Renews the lease without moving the cursor: fences a transaction that writes no
+    /// checkpoint (a replay of parked events).
+    Renew { lease: Lease },
+    /// Parks the event `parked.event_id` (insert, or update a parked row of its aggregate).
+    Park { parked: Parked },
+    /// A replay of a parked aggregate delivered its events up to `next - 1` (`Some(next)`), or
+    /// all of them (`None`: the aggregate is no longer parked).
+    Unpark {
+        name: String,
+        aggregate: AggregateId,
+        next: Option<u64>,
+    },
+    /// An operator asks for the parked event `event_id` to be retried (`retry`) or skipped
+    /// (`skip`) by the worker holding its partition.
+    MarkParked {
+        name: String,
+        event_id: uuid::Uuid,
+        state: &'static str,
+    },
     /// The worker `owner` stops running `name`: its heartbeat goes.
     Leave { name: String, owner: String },
     /// Pause (`paused`) or resume (`active`, errors cleared) every partition of `name`.
@@ -98,8 +118,14 @@ impl Write {
         match self {
             Write::Checkpoint { lease, .. }
             | Write::Fail { lease, .. }
+            | Write::Renew { lease }
             | Write::Release { lease } => Some(lease),
-            Write::Leave { .. } | Write::State { .. } | Write::Reset { .. } => None,
+            Write::Park { .. }
+            | Write::Unpark { .. }
+            | Write::MarkParked { .. }
+            | Write::Leave { .. }
+            | Write::State { .. }
+            | Write::Reset { .. } => None,
         }
     }
 
@@ -108,30 +134,60 @@ impl Write {
         match self {
             Write::Checkpoint { lease, .. }
             | Write::Fail { lease, .. }
+            | Write::Renew { lease }
             | Write::Release { lease } => &lease.name,
-            Write::Leave { name, .. } | Write::State { name, .. } | Write::Reset { name, .. } => {
-                name
-            }
+            Write::Park { parked } => &parked.name,
+            Write::Unpark { name, .. }
+            | Write::MarkParked { name, .. }
+            | Write::Leave { name, .. }
+            | Write::State { name, .. }
+            | Write::Reset { name, .. } => name,
         }
     }
 
     /// The error for a write that matched no row.
     pub fn missed(&self) -> Option<crate::Error> {
         match self {
-            Write::Checkpoint { lease, .. } | Write::Fail { lease, .. } => {
-                Some(crate::Error::LeaseLost {
-                    name: lease.name.clone(),
-                    partition: lease.partition,
-                    token: lease.token,
-                })
-            }
-            // Releasing a lease already lost, or leaving twice, changes nothing.
-            Write::Release { .. } | Write::Leave { .. } => None,
+            Write::Checkpoint { lease, .. }
+            | Write::Fail { lease, .. }
+            | Write::Renew { lease } => Some(crate::Error::LeaseLost {
+                name: lease.name.clone(),
+                partition: lease.partition,
+                token: lease.token,
+            }),
+            // Releasing a lease already lost, or leaving twice, changes nothing; parking
+            // upserts; an aggregate unparked twice is unparked.
+            Write::Release { .. }
+            | Write::Leave { .. }
+            | Write::Park { .. }
+            | Write::Unpark { .. } => None,
+            Write::MarkParked { name, event_id, .. } => Some(crate::Error::ParkedEventNotFound {
+                name: name.clone(),
+                event_id: *event_id,
+            }),
             Write::State { name, .. } | Write::Reset { name, .. } => {
                 Some(crate::Error::SubscriptionNotFound { name: name.clone() })
             }
         }
     }
+}
+
+/// An event parked by a subscription, with the later events of its aggregate held behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Parked {
+    pub name: String,
+    pub aggregate: AggregateId,
+    pub partition: u32,
+    /// The aggregate's first version not yet delivered (the parked event's, until a replay).
+    pub version: u64,
+    pub event_id: uuid::Uuid,
+    /// The parked event's cursor, as JSON.
+    pub cursor: String,
+    pub error: String,
+    pub attempts: u32,
+    /// `parked`, or what an operator asked for: `retry` or `skip`.
+    pub state: String,
+    pub parked_at: SystemTime,
 }
 
 /// The error cursor as stored: JSON text.

@@ -1,7 +1,7 @@
 //! The worker loop of a durable subscription: claim a fair share of its partitions, deliver
 //! each partition's batches with retries, checkpoint under the lease, give partitions back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::time::{Duration, SystemTime};
@@ -10,17 +10,33 @@ use futures_util::FutureExt;
 use futures_util::future::Fuse;
 use tracing::Instrument;
 
-use super::row::{Claim, Lease, Write};
-use super::{Handler, Subscription, Transaction, failed};
+use super::row::{Claim, Lease, Parked, Write, cursor_text};
+use super::{Handler, OnFailure, Subscription, Transaction, failed};
+use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::store::HELD_BACK_FIRST_PAUSE;
 
-/// A partition this worker holds: its fencing token and the cursor it has reached.
-#[derive(Debug, Clone, Copy)]
+/// A partition this worker holds: its fencing token, the cursor it has reached, the
+/// aggregates whose events it holds back behind a parked one, and the parked events an operator
+/// asked to retry or skip.
+#[derive(Debug, Clone)]
 struct Held {
     token: u64,
     cursor: FeedCursor,
+    parked: HashSet<AggregateId>,
+    replays: Vec<Parked>,
+}
+
+impl Held {
+    fn new(token: u64, cursor: FeedCursor) -> Held {
+        Held {
+            token,
+            cursor,
+            parked: HashSet::new(),
+            replays: Vec::new(),
+        }
+    }
 }
 
 /// The lease a write is made under: a partition and the token this worker holds on it.
@@ -152,17 +168,32 @@ impl Subscription {
                 partition,
                 token: at.token,
             };
+            while let Some(parked) = at.replays.pop() {
+                match self.replay(handler, slot, at, parked).await {
+                    Ok(delivered) => pass.delivered += delivered,
+                    Err(Error::LeaseLost { .. }) => {
+                        pass.lost.push(partition);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if pass.lost.contains(&partition) {
+                continue;
+            }
             let filter = self.filter.clone().in_partition(partition, self.partitions);
-            let page = self
+            let mut page = self
                 .store
                 .read_feed_matching(at.cursor, self.batch_size, &filter)
                 .await?;
             pass.held_back |= page.held_back.is_some();
+            // The events of parked aggregates wait behind the parked one.
+            page.events.retain(|e| !at.parked.contains(&e.aggregate_id));
             let outcome = if page.is_empty() {
                 if page.scanned <= at.cursor {
                     continue;
                 }
-                // Nothing matched: move past what was looked at, so it is not read again.
+                // Nothing to deliver: move past what was looked at, so it is not read again.
                 self.checkpoint_only(slot, at.cursor, page.scanned).await
             } else {
                 let span = tracing::info_span!(
@@ -173,7 +204,7 @@ impl Subscription {
                     from = ?page.first().map(|e| e.cursor),
                     to = ?page.scanned,
                 );
-                self.deliver(handler, &page.events, slot, at.cursor, page.scanned)
+                self.deliver(handler, &page.events, slot, at, page.scanned)
                     .instrument(span)
                     .await
             };
@@ -211,16 +242,12 @@ impl Subscription {
                         return Err(failed(&row));
                     }
                     paused |= row.state == "paused";
-                    let entry = held.entry(partition).or_insert(Held {
-                        token: row.token,
-                        cursor: row.cursor,
-                    });
+                    let entry = held
+                        .entry(partition)
+                        .or_insert_with(|| Held::new(row.token, row.cursor));
                     if entry.token != row.token {
                         // Lost and claimed again: the stored cursor is the one to go on from.
-                        *entry = Held {
-                            token: row.token,
-                            cursor: row.cursor,
-                        };
+                        *entry = Held::new(row.token, row.cursor);
                     }
                 }
                 None => {
@@ -255,13 +282,20 @@ impl Subscription {
                     return Err(failed(&row));
                 }
                 paused |= row.state == "paused";
-                held.insert(
-                    row.partition,
-                    Held {
-                        token: row.token,
-                        cursor: row.cursor,
-                    },
-                );
+                held.insert(row.partition, Held::new(row.token, row.cursor));
+            }
+        }
+        // What is parked in the partitions held, and what an operator asked to replay.
+        for at in held.values_mut() {
+            at.parked.clear();
+            at.replays.clear();
+        }
+        for parked in backend.parked(&self.name, None).await? {
+            if let Some(at) = held.get_mut(&parked.partition) {
+                at.parked.insert(parked.aggregate);
+                if parked.state != "parked" {
+                    at.replays.push(parked);
+                }
             }
         }
         Ok(paused)
@@ -305,9 +339,14 @@ impl Subscription {
 
     /// Makes `write` in a transaction of its own.
     async fn write(&self, write: Write) -> Result<()> {
+        self.commit(vec![write]).await
+    }
+
+    /// Makes `writes` in a transaction of their own.
+    async fn commit(&self, writes: Vec<Write>) -> Result<()> {
         let backend = &self.store.inner.backend;
         let state = backend.begin_tx().await?;
-        backend.commit_tx(state, write).await
+        backend.commit_tx(state, writes).await
     }
 
     /// This worker's claim on `partition`.
@@ -346,55 +385,185 @@ impl Subscription {
     }
 
     /// Delivers one batch, with retries; when it keeps failing, event by event, to checkpoint
-    /// the events before the one that fails and stop there.
+    /// the events before the one that fails and then stop there, or park it and go on (see
+    /// [`OnFailure`]). `at` is the partition: its cursor before the batch, its parked aggregates.
     async fn deliver<H: Handler>(
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
         slot: Slot,
-        from: FeedCursor,
+        at: &mut Held,
         through: FeedCursor,
     ) -> Result<()> {
-        let Some(message) = self
-            .with_retries(handler, events, slot, from, through)
+        let from = at.cursor;
+        let checkpoint = |from: FeedCursor, cursor: FeedCursor| {
+            vec![Write::Checkpoint {
+                lease: self.lease_of(slot),
+                from,
+                cursor,
+            }]
+        };
+        let message = match self
+            .with_retries(handler, events, slot, Some(from), &|| {
+                checkpoint(from, through)
+            })
             .await?
-        else {
-            return Ok(());
+        {
+            None => return Ok(()),
+            Some(message) => message,
         };
-        let Some(first) = events.first() else {
-            return Ok(());
-        };
-        if events.len() == 1 {
-            return self.fail(slot, first.cursor, message).await;
-        }
         let mut from = from;
+        let mut failure = Some(message);
         for (index, event) in events.iter().enumerate() {
             let upto = if index + 1 == events.len() {
                 through
             } else {
                 event.cursor
             };
-            let one = std::slice::from_ref(event);
-            if let Some(message) = self.with_retries(handler, one, slot, from, upto).await? {
-                return self.fail(slot, event.cursor, message).await;
+            if at.parked.contains(&event.aggregate_id) {
+                // Held back behind an event of its aggregate parked in this batch.
+                continue;
             }
-            from = upto;
+            let one = std::slice::from_ref(event);
+            // A batch of one that failed already is not tried again.
+            let message = match failure.take().filter(|_| events.len() == 1) {
+                Some(message) => Some(message),
+                None => {
+                    self.with_retries(handler, one, slot, Some(from), &|| checkpoint(from, upto))
+                        .await?
+                }
+            };
+            let Some(message) = message else {
+                from = upto;
+                continue;
+            };
+            match self.on_failure {
+                OnFailure::Stop => return self.fail(slot, event.cursor, message).await,
+                OnFailure::Park => {
+                    let mut writes = checkpoint(from, upto);
+                    writes.push(Write::Park {
+                        parked: self.parked(slot, event, message),
+                    });
+                    self.commit(writes).await?;
+                    at.parked.insert(event.aggregate_id);
+                    from = upto;
+                }
+            }
+        }
+        if from != through {
+            // The last events were held back: move past them.
+            self.checkpoint_only(slot, from, through).await?;
         }
         Ok(())
     }
 
-    /// Tries a batch up to `max_attempts` times; `Ok(Some(error))` when every try failed.
+    /// The parked row for `event`, failed with `message`.
+    fn parked(&self, slot: Slot, event: &RecordedEvent, message: String) -> Parked {
+        tracing::warn!(
+            subscription = %self.name,
+            partition = slot.partition,
+            event = %event.event_id,
+            aggregate = %event.aggregate_id,
+            error = %message,
+            "event parked; later events of its aggregate wait behind it"
+        );
+        Parked {
+            name: self.name.clone(),
+            aggregate: event.aggregate_id,
+            partition: slot.partition,
+            version: event.version,
+            event_id: event.event_id,
+            cursor: cursor_text(event.cursor),
+            error: message,
+            attempts: self.max_attempts,
+            state: "parked".to_owned(),
+            parked_at: SystemTime::now(),
+        }
+    }
+
+    /// Delivers the events of a parked aggregate an operator asked to retry (from the parked
+    /// event) or skip (from the one after it), up to the partition's cursor, in batches; each
+    /// batch records how far the replay got in its own transaction. Unparks the aggregate when
+    /// done; parks it again at the batch that keeps failing. Returns the events delivered.
+    async fn replay<H: Handler>(
+        &self,
+        handler: &mut H,
+        slot: Slot,
+        at: &mut Held,
+        parked: Parked,
+    ) -> Result<u64> {
+        let after = if parked.state == "skip" {
+            parked.version
+        } else {
+            parked.version.saturating_sub(1)
+        };
+        let events: Vec<RecordedEvent> = self
+            .store
+            .inner
+            .backend
+            .read_stream(parked.aggregate, after)
+            .await?
+            .into_iter()
+            .filter(|e| e.cursor <= at.cursor && self.filter.admits(e))
+            .collect();
+        let unpark = |next: Option<u64>| {
+            vec![
+                Write::Renew {
+                    lease: self.lease_of(slot),
+                },
+                Write::Unpark {
+                    name: self.name.clone(),
+                    aggregate: parked.aggregate,
+                    next,
+                },
+            ]
+        };
+        if events.is_empty() {
+            self.commit(unpark(None)).await?;
+            at.parked.remove(&parked.aggregate);
+            return Ok(0);
+        }
+        let mut delivered = 0;
+        let chunks: Vec<&[RecordedEvent]> = events.chunks(self.batch_size).collect();
+        for (index, chunk) in chunks.iter().enumerate() {
+            let next = (index + 1 < chunks.len())
+                .then(|| chunk.last().map(|e| e.version + 1))
+                .flatten();
+            let failed = self
+                .with_retries(handler, chunk, slot, None, &|| unpark(next))
+                .await?;
+            if let (Some(message), Some(first)) = (failed, chunk.first()) {
+                let writes = vec![
+                    Write::Renew {
+                        lease: self.lease_of(slot),
+                    },
+                    Write::Park {
+                        parked: self.parked(slot, first, message),
+                    },
+                ];
+                self.commit(writes).await?;
+                return Ok(delivered);
+            }
+            delivered += chunk.len() as u64;
+        }
+        at.parked.remove(&parked.aggregate);
+        Ok(delivered)
+    }
+
+    /// Tries a batch up to `max_attempts` times, committing `writes()` with it; `Ok(Some(error))`
+    /// when every try failed. `from`: the cursor the partition must still be at for a retry
+    /// (`None`: only the lease is checked).
     async fn with_retries<H: Handler>(
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
         slot: Slot,
-        from: FeedCursor,
-        through: FeedCursor,
+        from: Option<FeedCursor>,
+        writes: &(dyn Fn() -> Vec<Write> + Sync),
     ) -> Result<Option<String>> {
         let mut backoff = self.first_backoff;
         for attempt in 1..=self.max_attempts {
-            match self.attempt(handler, events, slot, from, through).await {
+            match self.attempt(handler, events, writes()).await {
                 Ok(()) => return Ok(None),
                 Err(Failure::Stop(e)) => return Err(e),
                 Err(Failure::Handler(message)) => {
@@ -420,14 +589,14 @@ impl Subscription {
         Ok(None)
     }
 
-    /// [`Error::LeaseLost`] unless this worker still holds `slot` with the cursor at `from`.
-    async fn still_at(&self, slot: Slot, from: FeedCursor) -> Result<()> {
+    /// [`Error::LeaseLost`] unless this worker still holds `slot` (with the cursor at `from`).
+    async fn still_at(&self, slot: Slot, from: Option<FeedCursor>) -> Result<()> {
         let backend = &self.store.inner.backend;
         match backend
             .subscription_claim(&self.claim(slot.partition))
             .await?
         {
-            Some(row) if row.token == slot.token && row.cursor == from => Ok(()),
+            Some(row) if row.token == slot.token && from.is_none_or(|f| row.cursor == f) => Ok(()),
             _ => Err(Error::LeaseLost {
                 name: self.name.clone(),
                 partition: slot.partition,
@@ -436,28 +605,27 @@ impl Subscription {
         }
     }
 
-    /// One try: the handler in a fresh transaction, then the checkpoint from `from` to
-    /// `through` in it.
+    /// One try: the handler in a fresh transaction, then `writes` in it.
     async fn attempt<H: Handler>(
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
-        slot: Slot,
-        from: FeedCursor,
-        through: FeedCursor,
+        writes: Vec<Write>,
     ) -> std::result::Result<(), Failure> {
         let backend = &self.store.inner.backend;
         let mut state = backend.begin_tx().await.map_err(Failure::Stop)?;
-        handler
-            .handle(events, &mut Transaction { state: &mut state })
-            .await
-            .map_err(|e| Failure::Handler(e.to_string()))?;
-        let write = Write::Checkpoint {
-            lease: self.lease_of(slot),
-            from,
-            cursor: through,
-        };
-        match backend.commit_tx(state, write).await {
+        // A handler that panics fails the batch like one that returns an error.
+        let handled = std::panic::AssertUnwindSafe(
+            handler.handle(events, &mut Transaction { state: &mut state }),
+        )
+        .catch_unwind()
+        .await;
+        match handled {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Failure::Handler(e.to_string())),
+            Err(panic) => return Err(Failure::Handler(panic_message(panic.as_ref()))),
+        }
+        match backend.commit_tx(state, writes).await {
             Ok(()) => Ok(()),
             Err(e @ Error::LeaseLost { .. }) => Err(Failure::Stop(e)),
             // The handler's own SQL runs at commit on SQLite: its failure is the handler's.
@@ -488,4 +656,14 @@ impl Subscription {
             message,
         })
     }
+}
+
+/// The text of a panic's payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    format!("the handler panicked: {text}")
 }

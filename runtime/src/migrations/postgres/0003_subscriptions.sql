@@ -20,6 +20,24 @@ CREATE TABLE IF NOT EXISTS {schema}.{prefix}subscribers (
     CONSTRAINT {prefix}subscribers_pk PRIMARY KEY (name, owner)
 );
 
+-- Events a subscription parked after its handler kept failing on them, one per aggregate: the
+-- later events of that aggregate are held back for the subscription until the parked one is
+-- retried or skipped. `version` is the aggregate's first version not yet delivered; `state` is
+-- parked, or what an operator asked for (retry, skip).
+CREATE TABLE IF NOT EXISTS {schema}.{prefix}parked (
+    name         text NOT NULL,
+    aggregate_id uuid NOT NULL,
+    partition    integer NOT NULL,
+    version      bigint NOT NULL,
+    event_id     uuid NOT NULL,
+    cursor       text NOT NULL,
+    error        text NOT NULL,
+    attempts     integer NOT NULL,
+    state        text NOT NULL DEFAULT 'parked',
+    parked_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT {prefix}parked_pk PRIMARY KEY (name, aggregate_id)
+);
+
 INSERT INTO {schema}.{prefix}schema_migrations (version, name)
 VALUES (3, 'durable subscriptions')
 ON CONFLICT DO NOTHING;

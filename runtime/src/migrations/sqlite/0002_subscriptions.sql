@@ -20,5 +20,23 @@ CREATE TABLE IF NOT EXISTS {prefix}subscribers (
     PRIMARY KEY (name, owner)
 ) WITHOUT ROWID;
 
+-- Events a subscription parked after its handler kept failing on them, one per aggregate: the
+-- later events of that aggregate are held back for the subscription until the parked one is
+-- retried or skipped. `version` is the aggregate's first version not yet delivered; `state` is
+-- parked, or what an operator asked for (retry, skip).
+CREATE TABLE IF NOT EXISTS {prefix}parked (
+    name         TEXT NOT NULL,
+    aggregate_id BLOB NOT NULL,
+    partition    INTEGER NOT NULL,
+    version      INTEGER NOT NULL,
+    event_id     BLOB NOT NULL,
+    cursor       TEXT NOT NULL,
+    error        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'parked',
+    parked_at    INTEGER NOT NULL,
+    PRIMARY KEY (name, aggregate_id)
+) WITHOUT ROWID;
+
 INSERT OR IGNORE INTO {prefix}schema_migrations (version, name, applied_at)
 VALUES (2, 'durable subscriptions', CAST(strftime('%s', 'now') AS INTEGER) * 1000000);

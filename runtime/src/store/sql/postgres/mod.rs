@@ -49,7 +49,7 @@ use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, Listen, LoadRequest, LoadedStream, Locate,
     Store, StoreOptions,
 };
-use crate::subscription::row::{Claim, Row as SubscriptionRow, Spec, Write};
+use crate::subscription::row::{Claim, Parked, Row as SubscriptionRow, Spec, Write};
 use crate::subscription::tx::TxState;
 
 /// How long a connection may sit idle before it is pinged on checkout: a hot connection is
@@ -286,8 +286,16 @@ impl Backend for PostgresBackend {
         Box::pin(self.begin_tx())
     }
 
-    fn commit_tx(&self, tx: TxState, write: Write) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.commit_tx(tx, write))
+    fn commit_tx(&self, tx: TxState, writes: Vec<Write>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.commit_tx(tx, writes))
+    }
+
+    fn parked<'a>(
+        &'a self,
+        name: &'a str,
+        partition: Option<u32>,
+    ) -> BoxFuture<'a, Result<Vec<Parked>>> {
+        Box::pin(self.parked(name, partition))
     }
 
     fn changes(&self) -> u64 {

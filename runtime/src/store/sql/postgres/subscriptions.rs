@@ -13,7 +13,7 @@ use crate::store::sql::backend_error;
 use crate::store::sql::records::epoch;
 use crate::store::{from_micros, to_i64, to_u64};
 use crate::subscription::SqlValue;
-use crate::subscription::row::{Claim, Lease, Row, Spec, Write, cursor_text};
+use crate::subscription::row::{Claim, Lease, Parked, Row, Spec, Write, cursor_text};
 use crate::subscription::tx::TxState;
 
 /// The statements of subscriptions, rendered at open.
@@ -30,6 +30,12 @@ pub(super) struct Statements {
     reset: std::sync::Arc<str>,
     heartbeat: std::sync::Arc<str>,
     leave: std::sync::Arc<str>,
+    renew: std::sync::Arc<str>,
+    park: std::sync::Arc<str>,
+    unpark_progress: std::sync::Arc<str>,
+    unpark: std::sync::Arc<str>,
+    mark_parked: std::sync::Arc<str>,
+    select_parked: std::sync::Arc<str>,
 }
 
 const COLUMNS: &str = "name, partition, partitions, COALESCE(filter, ''), start_at, cursor_epoch, \
@@ -49,6 +55,7 @@ impl Statements {
     pub fn new(names: &Names) -> Statements {
         let table = names.table("subscriptions");
         let workers = names.table("subscribers");
+        let parked = names.table("parked");
         let s = |text: String| -> std::sync::Arc<str> { text.into() };
         Statements {
             insert: s(format!(
@@ -118,6 +125,35 @@ impl Statements {
             )),
             leave: s(format!(
                 "DELETE FROM {workers} WHERE name = $1 AND owner = $2"
+            )),
+            renew: s(format!(
+                "UPDATE {table} SET lease_expires_at = {}, updated_at = now() WHERE {LEASED}",
+                from_now(5)
+            )),
+            park: s(format!(
+                "INSERT INTO {parked} (name, aggregate_id, partition, version, event_id, cursor, \
+                 error, attempts, state, parked_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now()) \
+                 ON CONFLICT (name, aggregate_id) DO UPDATE SET partition = excluded.partition, \
+                 version = excluded.version, event_id = excluded.event_id, \
+                 cursor = excluded.cursor, error = excluded.error, attempts = excluded.attempts, \
+                 state = excluded.state, parked_at = excluded.parked_at"
+            )),
+            unpark_progress: s(format!(
+                "UPDATE {parked} SET version = $3, state = 'retry' \
+                 WHERE name = $1 AND aggregate_id = $2"
+            )),
+            unpark: s(format!(
+                "DELETE FROM {parked} WHERE name = $1 AND aggregate_id = $2"
+            )),
+            mark_parked: s(format!(
+                "UPDATE {parked} SET state = $3 WHERE name = $1 AND event_id = $2"
+            )),
+            select_parked: s(format!(
+                "SELECT name, aggregate_id, partition, version, event_id, cursor, error, \
+                 attempts, state, (EXTRACT(EPOCH FROM parked_at) * 1000000)::int8 \
+                 FROM {parked} WHERE name = $1 AND ($2::int4 IS NULL OR partition = $2) \
+                 ORDER BY parked_at, event_id"
             )),
         }
     }
@@ -266,20 +302,61 @@ impl PostgresBackend {
         Ok(TxState::Postgres(tx))
     }
 
-    pub(super) async fn commit_tx(&self, tx: TxState, write: Write) -> Result<()> {
+    pub(super) async fn commit_tx(&self, tx: TxState, writes: Vec<Write>) -> Result<()> {
         let TxState::Postgres(mut tx) = tx else {
             return Err(Error::Corrupt(
                 "a PostgreSQL store was given another store's transaction".to_owned(),
             ));
         };
-        let changed = self.write(&mut tx, &write).await?;
-        if changed == 0
-            && let Some(error) = write.missed()
-        {
-            // Dropping `tx` rolls the handler's writes back.
-            return Err(error);
+        for write in &writes {
+            let changed = self.write(&mut tx, write).await?;
+            if changed == 0
+                && let Some(error) = write.missed()
+            {
+                // Dropping `tx` rolls the handler's writes back.
+                return Err(error);
+            }
         }
         tx.commit().await.map_err(backend_error)
+    }
+
+    pub(super) async fn parked(&self, name: &str, partition: Option<u32>) -> Result<Vec<Parked>> {
+        let partition = partition
+            .map(|p| {
+                i32::try_from(p)
+                    .map_err(|_| Error::Config(format!("partition {p} is out of range")))
+            })
+            .transpose()?;
+        let rows = query(&self.subs.select_parked)
+            .bind(name)
+            .bind(partition)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend_error)?;
+        rows.iter()
+            .map(|r| {
+                let name: String = get(r, 0)?;
+                let small = |v: i32, what: &str| {
+                    u32::try_from(v).map_err(|_| {
+                        Error::Corrupt(format!(
+                            "parked event of {name:?}: {what} {v} is out of range"
+                        ))
+                    })
+                };
+                Ok(Parked {
+                    aggregate: get::<uuid::Uuid>(r, 1)?.into(),
+                    partition: small(get(r, 2)?, "partition")?,
+                    version: to_u64(get(r, 3)?, "parked version")?,
+                    event_id: get(r, 4)?,
+                    cursor: get(r, 5)?,
+                    error: get(r, 6)?,
+                    attempts: small(get(r, 7)?, "attempts")?,
+                    state: get(r, 8)?,
+                    parked_at: from_micros(get(r, 9)?),
+                    name,
+                })
+            })
+            .collect()
     }
 
     /// Makes `write` over `conn`; the rows it changed.
@@ -326,6 +403,48 @@ impl PostgresBackend {
                 let (n, p, o, t) = lease_params(lease)?;
                 query(&self.subs.release).bind(n).bind(p).bind(o).bind(t)
             }
+            Write::Renew { lease } => {
+                let (n, p, o, t) = lease_params(lease)?;
+                query(&self.subs.renew)
+                    .bind(n)
+                    .bind(p)
+                    .bind(o)
+                    .bind(t)
+                    .bind(lease.duration.as_secs_f64())
+            }
+            Write::Park { parked: p } => query(&self.subs.park)
+                .bind(p.name.as_str())
+                .bind(*p.aggregate.as_uuid())
+                .bind(i32::try_from(p.partition).unwrap_or(i32::MAX))
+                .bind(to_i64(p.version, "parked version")?)
+                .bind(p.event_id)
+                .bind(p.cursor.as_str())
+                .bind(p.error.as_str())
+                .bind(i32::try_from(p.attempts).unwrap_or(i32::MAX))
+                .bind(p.state.as_str()),
+            Write::Unpark {
+                name,
+                aggregate,
+                next: Some(next),
+            } => query(&self.subs.unpark_progress)
+                .bind(name.as_str())
+                .bind(*aggregate.as_uuid())
+                .bind(to_i64(*next, "parked version")?),
+            Write::Unpark {
+                name,
+                aggregate,
+                next: None,
+            } => query(&self.subs.unpark)
+                .bind(name.as_str())
+                .bind(*aggregate.as_uuid()),
+            Write::MarkParked {
+                name,
+                event_id,
+                state,
+            } => query(&self.subs.mark_parked)
+                .bind(name.as_str())
+                .bind(*event_id)
+                .bind(*state),
             Write::Leave { name, owner } => query(&self.subs.leave)
                 .bind(name.as_str())
                 .bind(owner.as_str()),

@@ -41,7 +41,7 @@ use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
     Store, StoreOptions,
 };
-use crate::subscription::row::{Claim, Row, Spec, Write};
+use crate::subscription::row::{Claim, Parked, Row, Spec, Write};
 use crate::subscription::tx::TxState;
 
 /// What every thread of one store shares: statements, the type-name cache, the commit signal.
@@ -243,7 +243,18 @@ impl Backend for SqliteBackend {
         Box::pin(std::future::ready(state))
     }
 
-    fn commit_tx(&self, tx: TxState, write: Write) -> BoxFuture<'_, Result<()>> {
+    fn parked<'a>(
+        &'a self,
+        name: &'a str,
+        partition: Option<u32>,
+    ) -> BoxFuture<'a, Result<Vec<Parked>>> {
+        let name = name.to_owned();
+        self.read(move |conn, shared| {
+            subscriptions::parked(conn, &shared.subscriptions, &name, partition)
+        })
+    }
+
+    fn commit_tx(&self, tx: TxState, writes: Vec<Write>) -> BoxFuture<'_, Result<()>> {
         let TxState::Sqlite(work) = tx else {
             return Box::pin(std::future::ready(Err(Error::Corrupt(
                 "a SQLite store was given another store's transaction".to_owned(),
@@ -252,7 +263,7 @@ impl Backend for SqliteBackend {
         let shared = self.shared.clone();
         Box::pin(
             self.writer
-                .run(move |conn| subscriptions::commit(conn, &shared.subscriptions, work, &write)),
+                .run(move |conn| subscriptions::commit(conn, &shared.subscriptions, work, &writes)),
         )
     }
 

@@ -10,9 +10,10 @@ use rusqlite::{Connection, OptionalExtension, Row as SqlRow, TransactionBehavior
 use crate::error::{Error, Result};
 use crate::event::FeedCursor;
 use crate::store::sql::backend_error;
+use crate::store::sql::records::uuid_from_bytes;
 use crate::store::{from_micros, to_i64, to_micros, to_u64};
 use crate::subscription::SqlValue;
-use crate::subscription::row::{Claim, Row, Spec, Write, cursor_text};
+use crate::subscription::row::{Claim, Parked, Row, Spec, Write, cursor_text};
 use crate::subscription::tx::SqliteWork;
 
 /// The statements of subscriptions, with the table prefix filled in.
@@ -32,6 +33,12 @@ pub(super) struct Statements {
     heartbeat: String,
     count_workers: String,
     leave: String,
+    renew: String,
+    park: String,
+    unpark_progress: String,
+    unpark: String,
+    mark_parked: String,
+    select_parked: String,
 }
 
 const COLUMNS: &str = "name, partition, partitions, filter, start_at, cursor_position, \
@@ -44,6 +51,7 @@ impl Statements {
     pub fn new(prefix: &str) -> Statements {
         let table = format!("{prefix}subscriptions");
         let workers = format!("{prefix}subscribers");
+        let parked = format!("{prefix}parked");
         Statements {
             insert: format!(
                 "INSERT OR IGNORE INTO {table} (name, partition, partitions, filter, start_at, \
@@ -96,6 +104,31 @@ impl Statements {
             ),
             count_workers: format!("SELECT count(*) FROM {workers} WHERE name = ?1"),
             leave: format!("DELETE FROM {workers} WHERE name = ?1 AND owner = ?2"),
+            renew: format!(
+                "UPDATE {table} SET lease_expires_at = ?5 + ?6, updated_at = ?5 WHERE {LEASED}"
+            ),
+            park: format!(
+                "INSERT INTO {parked} (name, aggregate_id, partition, version, event_id, cursor, \
+                 error, attempts, state, parked_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT (name, aggregate_id) DO UPDATE SET partition = excluded.partition, \
+                 version = excluded.version, event_id = excluded.event_id, \
+                 cursor = excluded.cursor, error = excluded.error, attempts = excluded.attempts, \
+                 state = excluded.state, parked_at = excluded.parked_at"
+            ),
+            unpark_progress: format!(
+                "UPDATE {parked} SET version = ?3, state = 'retry' \
+                 WHERE name = ?1 AND aggregate_id = ?2"
+            ),
+            unpark: format!("DELETE FROM {parked} WHERE name = ?1 AND aggregate_id = ?2"),
+            mark_parked: format!(
+                "UPDATE {parked} SET state = ?3 WHERE name = ?1 AND event_id = ?2"
+            ),
+            select_parked: format!(
+                "SELECT name, aggregate_id, partition, version, event_id, cursor, error, \
+                 attempts, state, parked_at FROM {parked} \
+                 WHERE name = ?1 AND (?2 IS NULL OR partition = ?2) ORDER BY parked_at, event_id"
+            ),
         }
     }
 }
@@ -275,12 +308,12 @@ pub(super) fn rows(conn: &Connection, sql: &Statements, name: Option<&str>) -> R
     raw.into_iter().map(RawRow::checked).collect()
 }
 
-/// Runs the handler's queued `work`, then `write`, in one transaction.
+/// Runs the handler's queued `work`, then `writes`, in one transaction.
 pub(super) fn commit(
     conn: &mut Connection,
     sql: &Statements,
     work: Vec<SqliteWork>,
-    write: &Write,
+    writes: &[Write],
 ) -> Result<()> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -288,6 +321,15 @@ pub(super) fn commit(
     for job in work {
         job(&tx).map_err(Error::Backend)?;
     }
+    for write in writes {
+        // Dropping `tx` on an error rolls the handler's writes back.
+        one_write(&tx, sql, write)?;
+    }
+    tx.commit().map_err(backend_error)
+}
+
+/// Makes one write in `tx`.
+fn one_write(tx: &rusqlite::Transaction<'_>, sql: &Statements, write: &Write) -> Result<()> {
     let now = now();
     let leased = |l: &crate::subscription::row::Lease| -> Result<(String, u32, String, i64)> {
         Ok((
@@ -325,6 +367,50 @@ pub(super) fn commit(
             tx.prepare_cached(&sql.release)
                 .and_then(|mut s| s.execute((n, p, o, t, now)))
         }
+        Write::Renew { lease } => {
+            let (n, p, o, t) = leased(lease)?;
+            tx.prepare_cached(&sql.renew)
+                .and_then(|mut s| s.execute((n, p, o, t, now, micros(lease.duration))))
+        }
+        Write::Park { parked } => {
+            let p = parked;
+            tx.prepare_cached(&sql.park).and_then(|mut s| {
+                s.execute(rusqlite::params![
+                    p.name,
+                    p.aggregate.as_uuid().as_bytes().as_slice(),
+                    p.partition,
+                    i64::try_from(p.version).unwrap_or(i64::MAX),
+                    p.event_id.as_bytes().as_slice(),
+                    p.cursor,
+                    p.error,
+                    p.attempts,
+                    p.state,
+                    to_micros(p.parked_at),
+                ])
+            })
+        }
+        Write::Unpark {
+            name,
+            aggregate,
+            next,
+        } => {
+            let id = aggregate.as_uuid().as_bytes().as_slice();
+            match next {
+                Some(next) => tx.prepare_cached(&sql.unpark_progress).and_then(|mut s| {
+                    s.execute((name, id, i64::try_from(*next).unwrap_or(i64::MAX)))
+                }),
+                None => tx
+                    .prepare_cached(&sql.unpark)
+                    .and_then(|mut s| s.execute((name, id))),
+            }
+        }
+        Write::MarkParked {
+            name,
+            event_id,
+            state,
+        } => tx
+            .prepare_cached(&sql.mark_parked)
+            .and_then(|mut s| s.execute((name, event_id.as_bytes().as_slice(), state))),
         Write::Leave { name, owner } => tx
             .prepare_cached(&sql.leave)
             .and_then(|mut s| s.execute((name, owner))),
@@ -343,13 +429,10 @@ pub(super) fn commit(
         }
     }
     .map_err(backend_error)?;
-    if changed == 0
-        && let Some(error) = write.missed()
-    {
-        // Dropping `tx` rolls the handler's writes back.
-        return Err(error);
+    match write.missed() {
+        Some(error) if changed == 0 => Err(error),
+        _ => Ok(()),
     }
-    tx.commit().map_err(backend_error)
 }
 
 /// Runs `sql` with `params` bound to `?1`/`$1`, … in order, on `tx`.
@@ -402,6 +485,83 @@ fn numbered(sql: &str) -> std::borrow::Cow<'_, str> {
         out.push(c);
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// The events `name` parked (in `partition`, or in all), oldest first.
+pub(super) fn parked(
+    conn: &Connection,
+    sql: &Statements,
+    name: &str,
+    partition: Option<u32>,
+) -> Result<Vec<Parked>> {
+    type Raw = (
+        String,
+        Vec<u8>,
+        i64,
+        i64,
+        Vec<u8>,
+        String,
+        String,
+        i64,
+        String,
+        i64,
+    );
+    let rows: Vec<Raw> = conn
+        .prepare_cached(&sql.select_parked)
+        .and_then(|mut s| {
+            s.query_map((name, partition), |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                ))
+            })?
+            .collect()
+        })
+        .map_err(backend_error)?;
+    rows.into_iter()
+        .map(
+            |(
+                name,
+                aggregate,
+                partition,
+                version,
+                event_id,
+                cursor,
+                error,
+                attempts,
+                state,
+                at,
+            )| {
+                let small = |v: i64, what: &str| {
+                    u32::try_from(v).map_err(|_| {
+                        Error::Corrupt(format!(
+                            "parked event of {name:?}: {what} {v} is out of range"
+                        ))
+                    })
+                };
+                Ok(Parked {
+                    aggregate: uuid_from_bytes(&aggregate, "parked aggregate id")?.into(),
+                    partition: small(partition, "partition")?,
+                    version: to_u64(version, "parked version")?,
+                    event_id: uuid_from_bytes(&event_id, "parked event id")?,
+                    cursor,
+                    error,
+                    attempts: small(attempts, "attempts")?,
+                    state,
+                    parked_at: from_micros(at),
+                    name,
+                })
+            },
+        )
+        .collect()
 }
 
 #[cfg(test)]
