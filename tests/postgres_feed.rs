@@ -577,6 +577,23 @@ async fn a_filtered_reader_does_not_skip_a_late_commit() {
         conformance::read_matching_to_end(&store, FeedCursor::START, 10, &filter).await;
     assert!(before.is_empty(), "no deposits yet");
     let mut follow = store.follow(start, filter.clone());
+    let subscription = store
+        .subscription("late")
+        .filter(filter.clone())
+        .start(annals::subscription::Start::After(start))
+        .poll_interval(Duration::from_millis(10));
+    subscription.open().await.unwrap();
+    let seen = Seen::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = {
+        let (subscription, mut seen) = (subscription.clone(), seen.clone());
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            subscription.run(&mut seen, shutdown).await
+        })
+    };
 
     // A deposit committed inside a transaction that stays open, then one that commits at once.
     let mut tx_a = raw.begin().await.unwrap();
@@ -598,7 +615,29 @@ async fn a_filtered_reader_does_not_skip_a_late_commit() {
             "the cursor stays before the open transaction"
         );
     }
+    // A running subscription delivers B neither, and keeps its cursor before A.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        seen.ids().is_empty(),
+        "the subscription must not pass an open transaction"
+    );
+    let status = &store.subscriptions().status("late").await.unwrap()[0];
+    assert_eq!(status.cursor, start);
+    assert!(
+        status.lag.held_back.is_some(),
+        "its status says it is held back"
+    );
     tx_a.commit().await.unwrap();
+    tokio::time::timeout(LIMIT, async {
+        while seen.ids().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the subscription delivers both");
+    stop.send(()).unwrap();
+    worker.await.unwrap().unwrap();
+    assert_eq!(seen.ids(), [a_event, b_event], "A then B, each once");
     let (read, _) = conformance::read_matching_to_end(&store, start, 10, &filter).await;
     assert_eq!(ids(&read), [a_event, b_event], "A then B, each once");
     // The live stream gives the same two, in the same order.
@@ -613,4 +652,28 @@ async fn a_filtered_reader_does_not_skip_a_late_commit() {
     }
     assert_eq!(streamed, [a_event, b_event]);
     store.close().await;
+}
+
+/// The ids of the events a subscription delivered, in order.
+#[derive(Default, Clone)]
+struct Seen(std::sync::Arc<std::sync::Mutex<Vec<uuid::Uuid>>>);
+
+impl Seen {
+    fn ids(&self) -> Vec<uuid::Uuid> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl annals::subscription::Handler for Seen {
+    async fn handle(
+        &mut self,
+        events: &[RecordedEvent],
+        _: &mut annals::Transaction<'_>,
+    ) -> Result<(), annals::BoxError> {
+        self.0
+            .lock()
+            .unwrap()
+            .extend(events.iter().map(|e| e.event_id));
+        Ok(())
+    }
 }

@@ -504,6 +504,20 @@ pub async fn subscription_starts_where_asked(store: &Store) {
     let mut rest = Collect::default();
     assert_eq!(catch_up(&after, &mut rest).await.unwrap(), 2);
     assert_eq!(rest.deposits(), [1, 5]);
+    // From a time: the events recorded at or after it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let noon = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    deposit(store, alice, 6).await;
+    let since = store
+        .subscription("since-noon")
+        .filter(Filter::all().event::<Deposited>())
+        .start(Start::At(noon));
+    let mut later = Collect::default();
+    assert_eq!(catch_up(&since, &mut later).await.unwrap(), 1);
+    assert_eq!(later.deposits(), [6]);
+    let status = &store.subscriptions().status("since-noon").await.unwrap()[0];
+    assert_eq!(status.start, Start::At(noon_micros(noon)));
 }
 
 /// Paused, a subscription delivers nothing until it is resumed.
@@ -1107,4 +1121,13 @@ pub async fn subscription_parks_a_poison_event_and_goes_on(store: &Store) {
             "each effect once"
         );
     }
+}
+
+/// `time` as the store keeps a start time: to the microsecond.
+fn noon_micros(time: std::time::SystemTime) -> std::time::SystemTime {
+    let micros = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    std::time::UNIX_EPOCH + Duration::from_micros(micros as u64)
 }

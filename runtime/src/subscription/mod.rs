@@ -7,7 +7,7 @@ pub(crate) mod tx;
 mod worker;
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,30 @@ pub enum Start {
     End,
     /// The events after this cursor.
     After(FeedCursor),
+    /// The events from the first one recorded at or after this time, in feed order. Found
+    /// by reading the feed from the beginning, once, when the subscription is first opened.
+    At(#[serde(with = "micros")] SystemTime),
+}
+
+/// A time as microseconds since the Unix epoch, as stored.
+mod micros {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let micros = t
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        micros.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let micros = u64::deserialize(d)?;
+        Ok(UNIX_EPOCH
+            .checked_add(Duration::from_micros(micros))
+            .unwrap_or(UNIX_EPOCH))
+    }
 }
 
 impl Start {
@@ -313,7 +337,27 @@ impl Subscription {
                     .await?
                     .scanned
             }
+            Start::At(time) => self.cursor_before(time).await?,
         })
+    }
+
+    /// The cursor of the last event before the first one recorded at or after `time` (as far as
+    /// the feed can be read now).
+    async fn cursor_before(&self, time: SystemTime) -> Result<FeedCursor> {
+        const PAGE: usize = 1000;
+        let mut cursor = FeedCursor::START;
+        loop {
+            let page = self.store.read_feed(cursor, PAGE).await?;
+            for event in &page {
+                if event.recorded_at >= time {
+                    return Ok(cursor);
+                }
+                cursor = event.cursor;
+            }
+            if page.len() < PAGE {
+                return Ok(cursor);
+            }
+        }
     }
 
     /// Delivers events to `handler` until `shutdown` resolves, then finishes the batch in
@@ -330,8 +374,9 @@ impl Subscription {
     }
 
     /// Delivers every event there is now to `handler`, then returns how many it delivered:
-    /// for tests, batch jobs and rebuilds. Returns at once with 0 when another worker holds the
-    /// lease, or the subscription is paused.
+    /// for tests, batch jobs and rebuilds. It takes every partition no other worker holds, and
+    /// returns at once with 0 when they all are held, or the subscription is paused. While the
+    /// feed is held back by an open transaction (PostgreSQL), it waits for it to end.
     pub async fn catch_up<H: Handler>(&self, handler: &mut H) -> Result<u64> {
         self.work(handler, std::future::pending(), true).await
     }
