@@ -668,3 +668,50 @@ async fn begin_in_needs_a_postgres_store_and_a_transaction() {
     reader.close().await;
     store.close().await;
 }
+
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_when_the_callers_transaction_commits() {
+    let Some(schema) = support::fresh_schema() else {
+        return;
+    };
+    // Polls once a minute: only a notification wakes it in time.
+    let waiting = schema
+        .open_with(schema.options().poll_interval(Duration::from_secs(60)))
+        .await;
+    let store = schema.open().await;
+    let x = conformance::open_account(&store, "x", "x", 0).await;
+    let cursor = conformance::read_feed_to_end(&waiting, FeedCursor::START, 10)
+        .await
+        .last()
+        .unwrap()
+        .cursor;
+    // The first wait starts the listener.
+    assert!(
+        !waiting
+            .wait_for_events(cursor, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    let waiter = {
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            waiting
+                .wait_for_events(cursor, Duration::from_secs(50))
+                .await
+        })
+    };
+    let raw = schema.raw_pool().await;
+    let mut tx = raw.begin().await.unwrap();
+    deposit_bound(&store, &mut tx, x).await.unwrap();
+    tx.commit().await.unwrap();
+    // 30 s is well before the 60 s poll.
+    let woken = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("woken before the poll interval")
+        .expect("no panic")
+        .unwrap();
+    assert!(woken);
+    waiting.close().await;
+    store.close().await;
+}
