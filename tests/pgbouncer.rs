@@ -1,6 +1,7 @@
 //! annals behind pgbouncer in transaction mode (`.ci/pgbouncer` installs the binaries): a
 //! pgbouncer that keeps prepared statements (1.21 or newer) works, with `LISTEN` at the server
-//! or polling; one that does not (Debian's 1.18) is refused at open with an error that says
+//! or polling, and with more units of work in the caller's transactions than it has server
+//! connections; one that does not (Debian's 1.18) is refused at open with an error that says
 //! what to do.
 
 #![cfg(feature = "postgres")]
@@ -12,6 +13,7 @@ mod pgbouncer;
 mod support;
 
 use std::collections::HashSet;
+use std::str::FromStr;
 use std::time::Duration;
 
 use annals::prelude::*;
@@ -174,6 +176,132 @@ async fn waiters_wake_through_a_listen_at_the_server_or_by_polling() {
     for store in [writer, listening, polling] {
         store.close().await;
     }
+}
+
+/// One unit of work in the caller's transaction through the pooler: the unit's own row and a
+/// deposit to `account` from a context bound to the transaction, re-run in a new transaction
+/// on a conflict (the test's time limit bounds the retries). Returns the deposit's event id,
+/// which the row holds too.
+async fn deposit_with_row(
+    store: &Store,
+    app: &sqlx::PgPool,
+    table: &str,
+    number: &str,
+    account: AggregateId,
+) -> Result<uuid::Uuid, Error> {
+    loop {
+        let mut tx = app.begin().await.unwrap();
+        let mut ctx = store.begin_in(&mut tx)?;
+        let mut a = ctx.load::<Account>(account).await?;
+        let event_id = ctx.apply(&mut a, Deposited { amount: 1 })?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} (number, event_id) VALUES ($1, $2)"
+        )))
+        .bind(number)
+        .bind(event_id)
+        .execute(ctx.connection())
+        .await
+        .unwrap();
+        match ctx.commit().await {
+            Ok(()) => {
+                tx.commit().await.unwrap();
+                return Ok(event_id);
+            }
+            Err(e) if e.is_conflict() => tx.rollback().await.unwrap(),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg_attr(
+    any(annals_skip_postgres, annals_skip_pgbouncer),
+    ignore = "DATABASE_URL or ANNALS_PGBOUNCER is not set"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_bound_units_than_server_connections_through_pgbouncer() {
+    const UNITS: usize = 8;
+    const ITERATIONS: usize = 25;
+    let Some((schema, bouncer)) = bouncer() else {
+        return;
+    };
+    let store = Store::open_with(&bouncer.url, schema.options().listen(Listen::Off))
+        .await
+        .unwrap();
+    // The application's own pool through the pooler: twice as many clients as pgbouncer has
+    // server connections (4), each unit holding one transaction at a time.
+    let connect = sqlx::postgres::PgConnectOptions::from_str(&bouncer.url)
+        .unwrap()
+        .extra_float_digits(None);
+    let app = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(UNITS as u32)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let table = format!("{}.orders", schema.name);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (number text PRIMARY KEY, event_id uuid NOT NULL UNIQUE)"
+    )))
+    .execute(&app)
+    .await
+    .unwrap();
+    let mut accounts = Vec::new();
+    for i in 0..4 {
+        accounts.push(conformance::open_account(&store, &format!("a{i}"), "owner", 0).await);
+    }
+    let tasks: Vec<_> = (0..UNITS)
+        .map(|u| {
+            let (store, app, table, accounts) =
+                (store.clone(), app.clone(), table.clone(), accounts.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..ITERATIONS {
+                    let account = accounts[(u + i) % accounts.len()];
+                    let number = format!("{u}-{i}");
+                    ids.push(deposit_with_row(&store, &app, &table, &number, account).await?);
+                }
+                Ok::<_, Error>(ids)
+            })
+        })
+        .collect();
+    let mut committed = HashSet::new();
+    for task in tasks {
+        let ids = tokio::time::timeout(LIMIT, task)
+            .await
+            .expect("finished in time")
+            .expect("no panic")
+            .expect("every unit committed");
+        committed.extend(ids);
+    }
+    assert_eq!(committed.len(), UNITS * ITERATIONS);
+
+    // Every committed unit left its row and its event, and nothing else did.
+    let rows: Vec<uuid::Uuid> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT event_id FROM {table}")))
+            .fetch_all(&app)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), UNITS * ITERATIONS);
+    assert_eq!(rows.into_iter().collect::<HashSet<_>>(), committed);
+    let feed = conformance::read_feed_to_end(&store, FeedCursor::START, 64).await;
+    let deposits: HashSet<uuid::Uuid> = feed
+        .iter()
+        .filter(|e| e.event_type == "account.deposited")
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(feed.len(), 4 + UNITS * ITERATIONS);
+    assert_eq!(deposits, committed);
+    let mut total = 0;
+    for id in &accounts {
+        total += store
+            .begin_read_only()
+            .load::<Account>(*id)
+            .await
+            .unwrap()
+            .balance;
+    }
+    assert_eq!(total, (UNITS * ITERATIONS) as i64);
+    app.close().await;
+    store.close().await;
 }
 
 #[cfg_attr(

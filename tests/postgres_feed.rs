@@ -281,6 +281,19 @@ async fn concurrent_writers_keep_each_aggregate_in_order() {
 #[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_transaction_older_than_its_load_keeps_version_order() {
+    older_transaction_keeps_version_order(false).await;
+}
+
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_context_in_an_older_transaction_keeps_version_order() {
+    older_transaction_keeps_version_order(true).await;
+}
+
+/// A caller's transaction that took its id before a commit its context then loads: the
+/// context's events still follow that commit in the feed, whether it loaded through the pool
+/// (`commit_in`) or over the transaction (`bound`, a context from `begin_in`).
+async fn older_transaction_keeps_version_order(bound: bool) {
     let Some((store, schema)) = support::open_fresh().await else {
         return;
     };
@@ -303,11 +316,21 @@ async fn caller_transaction_older_than_its_load_keeps_version_order() {
     .unwrap();
     // ...then another commit extends X, and only then does the caller's context load X.
     let other = deposit(&store, x, 1).await;
-    let mut ctx = store.begin();
-    let mut account = ctx.load::<Account>(x).await.unwrap();
-    assert_eq!(account.version(), 2);
-    let mine = ctx.apply(&mut account, Deposited { amount: 2 }).unwrap();
-    ctx.commit_in(&mut tx).await.unwrap();
+    let mine = if bound {
+        let mut ctx = store.begin_in(&mut tx).unwrap();
+        let mut account = ctx.load::<Account>(x).await.unwrap();
+        assert_eq!(account.version(), 2);
+        let mine = ctx.apply(&mut account, Deposited { amount: 2 }).unwrap();
+        ctx.commit().await.unwrap();
+        mine
+    } else {
+        let mut ctx = store.begin();
+        let mut account = ctx.load::<Account>(x).await.unwrap();
+        assert_eq!(account.version(), 2);
+        let mine = ctx.apply(&mut account, Deposited { amount: 2 }).unwrap();
+        ctx.commit_in(&mut tx).await.unwrap();
+        mine
+    };
     tx.commit().await.unwrap();
 
     let read = read_count(&store, cursor, 2).await;

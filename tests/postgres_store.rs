@@ -15,17 +15,6 @@ use conformance::domain::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-async fn orders_table(schema: &support::Schema, raw: &sqlx::PgPool) -> String {
-    let table = format!("{}.orders", schema.name);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE {table} (number text PRIMARY KEY, total bigint NOT NULL)"
-    )))
-    .execute(raw)
-    .await
-    .unwrap();
-    table
-}
-
 async fn place_order(store: &Store, raw: &sqlx::PgPool, table: &str, commit: bool) -> AggregateId {
     let mut tx = raw.begin().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -69,7 +58,7 @@ async fn commit_in_user_transaction_rolled_back_writes_nothing() {
         return;
     };
     let raw = schema.raw_pool().await;
-    let table = orders_table(&schema, &raw).await;
+    let table = schema.orders_table(&raw).await;
     let id = place_order(&store, &raw, &table, false).await;
 
     assert_eq!(order_count(&raw, &table).await, 0);
@@ -98,7 +87,7 @@ async fn commit_in_user_transaction_committed_writes_both() {
         return;
     };
     let raw = schema.raw_pool().await;
-    let table = orders_table(&schema, &raw).await;
+    let table = schema.orders_table(&raw).await;
     let id = place_order(&store, &raw, &table, true).await;
 
     assert_eq!(order_count(&raw, &table).await, 1);
@@ -895,28 +884,19 @@ async fn commit_in_at_each_isolation_level() {
         return;
     };
     let raw = schema.raw_pool().await;
-    let table = orders_table(&schema, &raw).await;
+    let table = schema.orders_table(&raw).await;
     for level in ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"] {
         let x = conformance::open_account(&store, &format!("x {level}"), "x", 0).await;
-        let isolate = format!("SET TRANSACTION ISOLATION LEVEL {level}");
 
         // Loaded before the transaction's first statement: it commits at every level.
-        let mut tx = raw.begin().await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(isolate.clone()))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        let mut tx = support::begin_at(&raw, level).await;
         deposit_in(&store, &mut tx, x).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(conformance::versions(&store, x).await, [1, 2], "{level}");
 
         // The transaction's snapshot comes first (it reads its own table), then another
         // commit extends X, and only then does the context load X.
-        let mut tx = raw.begin().await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(isolate.clone()))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        let mut tx = support::begin_at(&raw, level).await;
         sqlx::query(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
             .execute(&mut *tx)
             .await

@@ -5,7 +5,7 @@
 
 use crate::aggregate::AggregateId;
 use crate::error::Error;
-use crate::store::{Locate, Store};
+use crate::store::{Locate, Store, Via};
 
 /// The aggregates of a commit whose clashes the context reports in its own terms, whatever the
 /// backend said: the same outcome on every store.
@@ -35,8 +35,9 @@ impl ClashRules {
         self.chosen_ids.push((id, first_event));
     }
 
-    /// Turns a commit error into the one the context documents.
-    pub(crate) async fn classify(&self, store: &Store, error: Error) -> Error {
+    /// Turns a commit error into the one the context documents, reading the store `via` the
+    /// connections the context reads through.
+    pub(crate) async fn classify(&self, store: &Store, via: &mut Via<'_>, error: Error) -> Error {
         match error {
             Error::KeyTaken {
                 aggregate_type,
@@ -58,7 +59,7 @@ impl ClashRules {
                     aggregate_type: &aggregate_type,
                     key: &key,
                 };
-                let actual = match store.inner.backend.locate(locate).await {
+                let actual = match store.locate_via(via, locate).await {
                     Ok(Some(row)) => row.version,
                     _ => 0,
                 };
@@ -69,7 +70,7 @@ impl ClashRules {
                     actual,
                 }
             }
-            other => self.chosen_id_taken(store).await.unwrap_or(other),
+            other => self.chosen_id_taken(store, via).await.unwrap_or(other),
         }
     }
 
@@ -106,14 +107,14 @@ impl ClashRules {
     /// After a failed commit: `IdTaken` when an id chosen with `create_with_id` is held in the
     /// store by an aggregate this commit did not write. Backends report such a clash in
     /// different ways (a conflict, a unique violation), so the context asks the store.
-    async fn chosen_id_taken(&self, store: &Store) -> Option<Error> {
+    async fn chosen_id_taken(&self, store: &Store, via: &mut Via<'_>) -> Option<Error> {
         for (id, first_event) in &self.chosen_ids {
-            let Ok(Some(row)) = store.inner.backend.locate(Locate::Id(*id)).await else {
+            let Ok(Some(row)) = store.locate_via(via, Locate::Id(*id)).await else {
                 continue;
             };
             // A commit reported as failed may still have landed (a connection lost after the
             // database committed): then the aggregate is this context's own.
-            let ours = match store.inner.backend.read_stream(*id, 0).await {
+            let ours = match store.read_stream_via(via, *id, 0).await {
                 Ok(events) => events.first().map(|e| e.event_id) == *first_event,
                 Err(_) => false,
             };

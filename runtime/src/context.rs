@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::metadata::Metadata;
 use crate::rebuild::snapshot_due;
-use crate::store::{Change, CommitBatch, StagedEvent, StagedSnapshot, Store};
+use crate::store::{Change, CommitBatch, StagedEvent, StagedSnapshot, Store, Via};
 
 /// What a context knows of one aggregate it loaded or created.
 #[derive(Debug)]
@@ -206,20 +206,29 @@ impl Context {
     /// first; nothing of this context is written then. A context with nothing staged (and every
     /// read-only context) commits without touching the store.
     pub async fn commit(self) -> Result<()> {
-        let clashes = self.clash_rules();
-        let Some((store, batch)) = self.into_batch() else {
+        let Some((clashes, store, batch)) = self.into_commit()? else {
             return Ok(());
         };
-        batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = commit_span(&batch, false);
         match store.inner.backend.commit(&batch).instrument(span).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(clashes.classify(&store, e).await),
+            Err(e) => Err(clashes.classify(&store, &mut Via::Store, e).await),
         }
     }
 
+    /// What a commit of this context needs: what a clash means, the store, and the batch,
+    /// within the store's commit size; `None` when there is nothing to write.
+    pub(crate) fn into_commit(self) -> Result<Option<(ClashRules, Store, CommitBatch)>> {
+        let clashes = self.clash_rules();
+        let Some((store, batch)) = self.into_batch() else {
+            return Ok(None);
+        };
+        batch.check_size(store.inner.options.max_commit_bytes)?;
+        Ok(Some((clashes, store, batch)))
+    }
+
     /// What a key or id clash at commit means for the aggregates this context created.
-    pub(crate) fn clash_rules(&self) -> ClashRules {
+    fn clash_rules(&self) -> ClashRules {
         let mut rules = ClashRules::default();
         for t in self
             .tracked
@@ -242,7 +251,7 @@ impl Context {
     }
 
     /// The store and what to write, or `None` when nothing is staged.
-    pub(crate) fn into_batch(self) -> Option<(Store, CommitBatch)> {
+    fn into_batch(self) -> Option<(Store, CommitBatch)> {
         let loaded = self
             .tracked
             .iter()
@@ -326,11 +335,9 @@ impl Context {
     /// ```
     #[cfg(feature = "sqlite")]
     pub fn commit_in_sqlite(self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
-        let clashes = self.clash_rules();
-        let Some((store, batch)) = self.into_batch() else {
+        let Some((clashes, store, batch)) = self.into_commit()? else {
             return Ok(());
         };
-        batch.check_size(store.inner.options.max_commit_bytes)?;
         let _entered = commit_span(&batch, true).entered();
         crate::store::sql::sqlite::commit_in(&store, tx, &batch)
             .map_err(|e| clashes.classify_without_store(e))
@@ -365,6 +372,14 @@ impl Context {
     /// The connection must be to the store's database. A long-open transaction holds back
     /// readers of the global feed (see [`Store::read_feed`](crate::Store::read_feed)) until it
     /// ends: keep it short. Fails with [`Error::Config`] on a store that is not PostgreSQL.
+    ///
+    /// This context loads, and diagnoses a failed commit, through the store's pool, on a
+    /// connection apart from the one the transaction holds: a unit of work takes two at once,
+    /// and behind a transaction-mode pooler (pgbouncer) more concurrent units than server
+    /// connections can wait on each other for good. A context bound to the transaction,
+    /// [`Store::begin_in`] (a [`TxContext`](crate::TxContext)), loads and commits over the
+    /// transaction's connection alone, sees what the transaction wrote, and leaves the
+    /// transaction usable after a failed commit: prefer it.
     ///
     /// Every isolation level works. At `REPEATABLE READ` and `SERIALIZABLE` the transaction's
     /// snapshot is taken at its first statement: when an aggregate this context loaded was
@@ -406,24 +421,20 @@ impl Context {
     /// # Ok(()) }
     /// ```
     pub async fn commit_in(self, conn: &mut sqlx::PgConnection) -> Result<()> {
-        let clashes = self.clash_rules();
-        let Some((store, batch)) = self.into_batch() else {
+        let Some((clashes, store, batch)) = self.into_commit()? else {
             return Ok(());
         };
-        batch.check_size(store.inner.options.max_commit_bytes)?;
         let span = commit_span(&batch, true);
-        match crate::store::sql::postgres::commit_in(&store, conn, &batch)
-            .instrument(span)
-            .await
-        {
+        let backend = crate::store::sql::postgres::of(&store)?;
+        match backend.commit_in(conn, &batch).instrument(span).await {
             Ok(()) => Ok(()),
-            Err(e) => Err(clashes.classify(&store, e).await),
+            Err(e) => Err(clashes.classify(&store, &mut Via::Store, e).await),
         }
     }
 }
 
 /// The span of one commit: `annals.commit`, with the aggregates and events it writes.
-fn commit_span(batch: &CommitBatch, in_caller_tx: bool) -> tracing::Span {
+pub(crate) fn commit_span(batch: &CommitBatch, in_caller_tx: bool) -> tracing::Span {
     tracing::debug_span!(
         "annals.commit",
         aggregates = batch.changes.len(),

@@ -53,7 +53,7 @@
 //! | span | when | fields |
 //! | --- | --- | --- |
 //! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot) |
-//! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, `in_caller_tx` (true for `commit_in`) |
+//! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, `in_caller_tx` (true for `commit_in` and `TxContext::commit`) |
 //!
 //! Events: `DEBUG` "conflict, retrying" with `attempt` from the retry helper; `WARN` when a stored
 //! snapshot does not decode (the load rebuilds from events) or a snapshot is over the size limit
@@ -80,6 +80,8 @@ mod retry;
 mod store;
 pub mod subscription;
 mod transact;
+#[cfg(feature = "postgres")]
+mod tx_context;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 pub use annals_macros::{Aggregate, Event};
@@ -109,6 +111,8 @@ pub use rusqlite;
 #[cfg(feature = "postgres")]
 pub use sqlx;
 pub use store::{Listen, Store, StoreOptions, Synchronous};
+#[cfg(feature = "postgres")]
+pub use tx_context::TxContext;
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {

@@ -8,7 +8,7 @@ use crate::context::{Context, Origin, Tracked};
 use crate::error::{Error, Result, Target};
 use crate::event::StoredPayload;
 use crate::rebuild::rebuild;
-use crate::store::{LoadRequest, Locate};
+use crate::store::{LoadRequest, Locate, Via};
 
 impl Context {
     /// A new aggregate with a fresh id and no natural key. It exists in the store once this
@@ -53,15 +53,21 @@ impl Context {
         &mut self,
         id: impl Into<AggregateId>,
     ) -> Result<Root<A>> {
-        let id = id.into();
+        self.create_with_id_via(&mut Via::Store, id.into()).await
+    }
+
+    /// [`create_with_id`](Context::create_with_id), reading `via`.
+    pub(crate) async fn create_with_id_via<A: Aggregate>(
+        &mut self,
+        via: &mut Via<'_>,
+        id: AggregateId,
+    ) -> Result<Root<A>> {
         self.writable()?;
         let found = match self.by_id.get(&id).and_then(|&i| self.tracked.get(i)) {
             Some(t) => Some(t.aggregate_type.to_owned()),
             None => self
                 .store
-                .inner
-                .backend
-                .locate(Locate::Id(id))
+                .locate_via(via, Locate::Id(id))
                 .await?
                 .map(|row| row.aggregate_type),
         };
@@ -80,17 +86,27 @@ impl Context {
     /// context; a concurrent context that commits the same key first makes this context's
     /// commit fail with `KeyTaken`.
     pub async fn create_with_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
+        self.create_with_key_via(&mut Via::Store, key).await
+    }
+
+    /// [`create_with_key`](Context::create_with_key), reading `via`.
+    pub(crate) async fn create_with_key_via<A: Aggregate>(
+        &mut self,
+        via: &mut Via<'_>,
+        key: &str,
+    ) -> Result<Root<A>> {
         self.writable()?;
         check_key(key)?;
         let taken = self.by_key.contains_key(&(A::NAME, key.to_owned()))
             || self
                 .store
-                .inner
-                .backend
-                .locate(Locate::Key {
-                    aggregate_type: A::NAME,
-                    key,
-                })
+                .locate_via(
+                    via,
+                    Locate::Key {
+                        aggregate_type: A::NAME,
+                        key,
+                    },
+                )
                 .await?
                 .is_some();
         if taken {
@@ -132,10 +148,19 @@ impl Context {
     /// # Ok(()) }
     /// ```
     pub async fn load<A: Aggregate>(&mut self, id: AggregateId) -> Result<Root<A>> {
+        self.load_via(&mut Via::Store, id).await
+    }
+
+    /// [`load`](Context::load), reading `via`.
+    pub(crate) async fn load_via<A: Aggregate>(
+        &mut self,
+        via: &mut Via<'_>,
+        id: AggregateId,
+    ) -> Result<Root<A>> {
         if let Some(&index) = self.by_id.get(&id) {
-            return self.reload::<A>(index).await;
+            return self.reload::<A>(via, index).await;
         }
-        match self.fetch::<A>(Locate::Id(id), None).await? {
+        match self.fetch::<A>(via, Locate::Id(id), None).await? {
             Some(loaded) => self.track_loaded(loaded),
             None => Err(Error::NotFound {
                 aggregate_type: A::NAME.to_owned(),
@@ -178,7 +203,16 @@ impl Context {
     /// # Ok(()) }
     /// ```
     pub async fn load_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
-        match self.find_by_key::<A>(key).await? {
+        self.load_by_key_via(&mut Via::Store, key).await
+    }
+
+    /// [`load_by_key`](Context::load_by_key), reading `via`.
+    pub(crate) async fn load_by_key_via<A: Aggregate>(
+        &mut self,
+        via: &mut Via<'_>,
+        key: &str,
+    ) -> Result<Root<A>> {
+        match self.find_by_key_via::<A>(via, key).await? {
             Some(root) => Ok(root),
             None => Err(Error::NotFound {
                 aggregate_type: A::NAME.to_owned(),
@@ -209,18 +243,27 @@ impl Context {
     /// # Ok(()) }
     /// ```
     pub async fn find_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Option<Root<A>>> {
+        self.find_by_key_via(&mut Via::Store, key).await
+    }
+
+    /// [`find_by_key`](Context::find_by_key), reading `via`.
+    pub(crate) async fn find_by_key_via<A: Aggregate>(
+        &mut self,
+        via: &mut Via<'_>,
+        key: &str,
+    ) -> Result<Option<Root<A>>> {
         check_key(key)?;
         if let Some(&index) = self.by_key.get(&(A::NAME, key.to_owned())) {
-            return self.reload::<A>(index).await.map(Some);
+            return self.reload::<A>(via, index).await.map(Some);
         }
         let locate = Locate::Key {
             aggregate_type: A::NAME,
             key,
         };
-        match self.fetch::<A>(locate, None).await? {
+        match self.fetch::<A>(via, locate, None).await? {
             Some(loaded) => match self.by_id.get(&loaded.id) {
                 // Loaded by id earlier in this context: keep that view.
-                Some(&index) => self.reload::<A>(index).await.map(Some),
+                Some(&index) => self.reload::<A>(via, index).await.map(Some),
                 None => self.track_loaded(loaded).map(Some),
             },
             None => Ok(None),
@@ -232,8 +275,9 @@ impl Context {
     ///
     /// When another context creates the same key between this load and this context's commit,
     /// the commit fails with [`Error::Conflict`] (not [`Error::KeyTaken`]), writing nothing: a
-    /// retry ([`Store::transact_with_retry`]) then loads the aggregate the other context
-    /// created. So many tasks signing up one key at once all succeed through the retry helper.
+    /// retry ([`Store::transact_with_retry`](crate::Store::transact_with_retry)) then loads the
+    /// aggregate the other context created. So many tasks signing up one key at once all
+    /// succeed through the retry helper.
     ///
     /// ```
     /// # use annals::prelude::*;
@@ -264,7 +308,16 @@ impl Context {
     /// # Ok(()) }
     /// ```
     pub async fn load_or_create_by_key<A: Aggregate>(&mut self, key: &str) -> Result<Root<A>> {
-        match self.find_by_key::<A>(key).await? {
+        self.load_or_create_by_key_via(&mut Via::Store, key).await
+    }
+
+    /// [`load_or_create_by_key`](Context::load_or_create_by_key), reading `via`.
+    pub(crate) async fn load_or_create_by_key_via<A: Aggregate>(
+        &mut self,
+        via: &mut Via<'_>,
+        key: &str,
+    ) -> Result<Root<A>> {
+        match self.find_by_key_via::<A>(via, key).await? {
             Some(root) => Ok(root),
             None => {
                 self.writable()?;
@@ -327,7 +380,7 @@ impl Context {
 
     /// A fresh root for an aggregate this context already tracks: the committed state it
     /// started from, plus the events it staged since.
-    async fn reload<A: Aggregate>(&mut self, index: usize) -> Result<Root<A>> {
+    async fn reload<A: Aggregate>(&mut self, via: &mut Via<'_>, index: usize) -> Result<Root<A>> {
         let (id, aggregate_type, is_new, base) = match self.tracked.get(index) {
             Some(t) => (t.id, t.aggregate_type, t.is_new, t.base),
             None => return Err(Error::Corrupt("context index out of range".to_owned())),
@@ -347,7 +400,7 @@ impl Context {
                 state: A::default(),
             }
         } else {
-            match self.fetch::<A>(Locate::Id(id), Some(base)).await? {
+            match self.fetch::<A>(via, Locate::Id(id), Some(base)).await? {
                 Some(root) => root,
                 None => {
                     return Err(Error::NotFound {
@@ -371,9 +424,10 @@ impl Context {
         Ok(root)
     }
 
-    /// Reads and rebuilds one aggregate from the store.
+    /// Reads and rebuilds one aggregate from the store, `via` the context's connections.
     async fn fetch<A: Aggregate>(
         &self,
+        via: &mut Via<'_>,
         locate: Locate<'_>,
         up_to: Option<u64>,
     ) -> Result<Option<Root<A>>> {
@@ -385,13 +439,12 @@ impl Context {
             events = tracing::field::Empty,
         );
         async {
-            let backend = &self.store.inner.backend;
             let request = LoadRequest {
                 locate,
                 snapshot_version: A::SNAPSHOT_EVERY.map(|_| A::SNAPSHOT_VERSION),
                 up_to,
             };
-            let Some(stream) = backend.load(request).await? else {
+            let Some(stream) = self.store.load_via(via, request).await? else {
                 return Ok(None);
             };
             let span = tracing::Span::current();
@@ -416,7 +469,7 @@ impl Context {
                         snapshot_version: None,
                         ..request
                     };
-                    match backend.load(request).await? {
+                    match self.store.load_via(via, request).await? {
                         Some(stream) => rebuild::<A>(&stream).map(Some),
                         None => Ok(None),
                     }

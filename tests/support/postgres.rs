@@ -84,6 +84,19 @@ impl Schema {
         exists
     }
 
+    /// Creates the caller's own table `orders` (number, total) in this schema, for writes that
+    /// commit together with a context's events; returns its qualified name.
+    pub async fn orders_table(&self, raw: &sqlx::PgPool) -> String {
+        let table = format!("{}.orders", self.name);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {table} (number text PRIMARY KEY, total bigint NOT NULL)"
+        )))
+        .execute(raw)
+        .await
+        .expect("create the orders table");
+        table
+    }
+
     /// `"{schema}".annals_{table}`.
     pub fn table(&self, table: &str) -> String {
         format!("\"{}\".annals_{table}", self.name)
@@ -126,6 +139,22 @@ fn clean_up(url: &str, sql: String) {
         });
     });
     let _ = cleanup.join();
+}
+
+/// A transaction on `raw` at the isolation `level` ("READ COMMITTED", "REPEATABLE READ",
+/// "SERIALIZABLE"), before its first statement.
+pub async fn begin_at(
+    raw: &sqlx::PgPool,
+    level: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = raw.begin().await.expect("begin a transaction");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET TRANSACTION ISOLATION LEVEL {level}"
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("set the isolation level");
+    tx
 }
 
 /// A fresh store on a schema of its own, or `None` when no server is configured.

@@ -21,10 +21,12 @@ pub(crate) mod memory;
 mod options;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql;
+mod via;
 
 pub use options::{Listen, StoreOptions, Synchronous};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql::{Dialect, Migration, migrations};
+pub(crate) use via::Via;
 
 /// Wakes the waiters of [`Store::wait_for_events`] in this process when a commit lands. It
 /// counts the wake-ups, so a waiter that read the feed before a commit and registers after it

@@ -1,6 +1,7 @@
 //! Commits: the bind arrays of one commit statement, running it (on the pool in autocommit, or
-//! on a caller's connection inside its transaction), and turning a failure into the error a
-//! caller can act on (which aggregate conflicted, which key was taken).
+//! on a caller's connection inside its transaction, under a savepoint for a context bound to
+//! it), and turning a failure into the error a caller can act on (which aggregate conflicted,
+//! which key was taken), read on the pool or over the bound connection.
 
 use std::collections::HashMap;
 
@@ -31,15 +32,173 @@ fn outcome_unknown(e: &sqlx::Error) -> bool {
     }
 }
 
+/// The savepoint a bound context's commit runs under in the caller's transaction, its release
+/// and its rollback.
+const SAVEPOINT: &str = "SAVEPOINT annals_commit";
+const RELEASE: &str = "RELEASE SAVEPOINT annals_commit";
+const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT annals_commit";
+
+/// A conflict inside a caller's transaction where no aggregate moved in the store: the caller's
+/// snapshot is what is behind, taken (REPEATABLE READ, SERIALIZABLE) before a version the
+/// context loaded from the pool was committed.
+fn stale_if_unmoved(conflict: Error) -> Error {
+    match conflict {
+        Error::Conflict {
+            aggregate_type,
+            aggregate,
+            expected,
+            actual,
+        } if expected == actual => Error::StaleTransaction {
+            aggregate_type,
+            aggregate,
+            loaded: expected,
+        },
+        other => other,
+    }
+}
+
+/// What the commit statement did.
+enum Sent {
+    /// Every event was inserted.
+    Written,
+    /// A version check failed: nothing was written.
+    VersionMoved,
+    /// The statement failed.
+    Failed(sqlx::Error),
+}
+
 impl PostgresBackend {
+    /// Commits `batch` on the pool, in autocommit: the statement is the whole transaction.
+    pub(super) async fn run_commit(&self, batch: &CommitBatch) -> Result<()> {
+        match self.send_commit(&self.pool, batch, false).await? {
+            Sent::Written => {
+                self.wake.changed.notify();
+                self.wake.commits.notify_one();
+                Ok(())
+            }
+            Sent::VersionMoved => Err(self.diagnose_on_pool(batch, None).await),
+            // Once the statement was sent, a lost connection leaves its outcome unknown.
+            Sent::Failed(e) if outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
+                aggregates: batch
+                    .changes
+                    .iter()
+                    .map(|c| (c.id, c.new_version()))
+                    .collect(),
+                source: Box::new(e),
+            }),
+            Sent::Failed(e) => Err(self.diagnose_on_pool(batch, Some(e)).await),
+        }
+    }
+
+    /// Commits `batch` on the caller's connection, inside the transaction it has open, and
+    /// notifies waiters when that transaction commits; a failure is diagnosed from fresh reads
+    /// on the pool (what [`Context::commit_in`](crate::Context::commit_in) documents: a version
+    /// the caller's snapshot cannot see is [`Error::StaleTransaction`]). Nothing is committed
+    /// yet, so a lost connection is a plain error: the caller's own commit will fail.
+    pub(crate) async fn commit_in(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+    ) -> Result<()> {
+        match self.send_commit(&mut *conn, batch, true).await? {
+            Sent::Written => self.notify_in(conn).await,
+            Sent::VersionMoved => Err(stale_if_unmoved(self.diagnose_on_pool(batch, None).await)),
+            Sent::Failed(e) => Err(self.diagnose_on_pool(batch, Some(e)).await),
+        }
+    }
+
+    /// Commits `batch` on the connection of the caller's transaction that a context is bound to,
+    /// and diagnoses a failure over the same connection: the store's pool is not used (but to
+    /// write a type name outside the registry, see `commit_args`). The statement runs under a
+    /// savepoint, rolled back on any failure, so the transaction stays usable and holds nothing
+    /// of the context.
+    pub(crate) async fn commit_bound(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+    ) -> Result<()> {
+        if let Err(e) = sqlx::query(SAVEPOINT).execute(&mut *conn).await {
+            return Err(match e.as_database_error().and_then(|db| db.code()) {
+                Some(code) if code == "25P01" => Error::Config(
+                    "a context from begin_in commits inside the caller's transaction: begin one \
+                     on the connection before"
+                        .to_owned(),
+                ),
+                _ => backend_error(e),
+            });
+        }
+        // What failed: the statement (`Some`), a version check (`None`), or another step.
+        let failed = match self.send_commit(&mut *conn, batch, true).await {
+            Ok(Sent::Written) => match self.notify_in(conn).await {
+                Ok(()) => {
+                    return sqlx::query(RELEASE)
+                        .execute(&mut *conn)
+                        .await
+                        .map(drop)
+                        .map_err(backend_error);
+                }
+                Err(e) => Err(e),
+            },
+            Ok(Sent::VersionMoved) => Ok(None),
+            Ok(Sent::Failed(e)) => Ok(Some(e)),
+            Err(e) => Err(e),
+        };
+        // Undo the statement (and what a failure aborted) before reading over the connection.
+        if let Err(rollback) = sqlx::query(ROLLBACK).execute(&mut *conn).await {
+            // The connection is gone, most likely: the first failure says the most.
+            return Err(match failed {
+                Ok(Some(e)) => backend_error(e),
+                Ok(None) => backend_error(rollback),
+                Err(e) => e,
+            });
+        }
+        match failed {
+            Ok(failed) => Err(self.diagnose(conn, batch, failed).await),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tells waiters of every process, when the caller's transaction commits, that there are new
+    /// events.
+    async fn notify_in(&self, conn: &mut PgConnection) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1::text, '')")
+            .bind(self.names.channel.as_str())
+            .execute(&mut *conn)
+            .await
+            .map(drop)
+            .map_err(backend_error)
+    }
+
+    /// The error a caller can act on for a commit that failed (`failed`: the statement's own
+    /// error; `None`: a version check), read over `conn`.
+    async fn diagnose(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+        failed: Option<sqlx::Error>,
+    ) -> Error {
+        match failed {
+            Some(e) => self.commit_error(conn, batch, e).await,
+            None => self.conflict(conn, batch, None).await,
+        }
+    }
+
+    /// [`diagnose`](PostgresBackend::diagnose), read on a connection of the pool.
+    async fn diagnose_on_pool(&self, batch: &CommitBatch, failed: Option<sqlx::Error>) -> Error {
+        match self.pool.acquire().await {
+            Ok(mut conn) => self.diagnose(&mut conn, batch, failed).await,
+            Err(e) => backend_error(e),
+        }
+    }
+
     /// Runs the commit statement of `batch` on `executor`: the pool (autocommit) or a caller's
     /// connection inside its transaction.
-    pub(super) async fn run_commit<'e>(
+    async fn send_commit<'e>(
         &self,
         executor: impl PgExecutor<'e>,
         batch: &CommitBatch,
         in_caller_tx: bool,
-    ) -> Result<()> {
+    ) -> Result<Sent> {
         check_message(batch, MAX_MESSAGE)?;
         let args = self.commit_args(batch).await?;
         let shape = Shape {
@@ -106,29 +265,11 @@ impl PostgresBackend {
                 .unzip();
             q = q.bind(ids).bind(versions);
         }
-        match q.execute(executor).await {
-            Ok(done) if done.rows_affected() == event_count => {
-                if !in_caller_tx {
-                    self.wake.changed.notify();
-                    self.wake.commits.notify_one();
-                }
-                Ok(())
-            }
-            Ok(_) if in_caller_tx => Err(self.conflict_in_caller_tx(batch).await),
-            Ok(_) => Err(self.conflict(batch, None).await),
-            // In autocommit the statement is the whole transaction: once it was sent, a lost
-            // connection leaves its outcome unknown. In a caller's transaction nothing is
-            // committed yet, and the caller's own commit will fail.
-            Err(e) if !in_caller_tx && outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
-                aggregates: batch
-                    .changes
-                    .iter()
-                    .map(|c| (c.id, c.new_version()))
-                    .collect(),
-                source: Box::new(e),
-            }),
-            Err(e) => Err(self.commit_error(batch, e).await),
-        }
+        Ok(match q.execute(executor).await {
+            Ok(done) if done.rows_affected() == event_count => Sent::Written,
+            Ok(_) => Sent::VersionMoved,
+            Err(e) => Sent::Failed(e),
+        })
     }
 
     /// The bind arrays of a commit, with type names turned into ids.
@@ -213,33 +354,20 @@ impl PostgresBackend {
         Ok(args)
     }
 
-    /// The conflict behind a failed version check inside a caller's transaction. When no
-    /// aggregate moved in the store, the caller's snapshot is what is behind: it was taken
-    /// (REPEATABLE READ, SERIALIZABLE) before a version the context loaded was committed.
-    async fn conflict_in_caller_tx(&self, batch: &CommitBatch) -> Error {
-        match self.conflict(batch, None).await {
-            Error::Conflict {
-                aggregate_type,
-                aggregate,
-                expected,
-                actual,
-            } if expected == actual => Error::StaleTransaction {
-                aggregate_type,
-                aggregate,
-                loaded: expected,
-            },
-            other => other,
-        }
-    }
-
     /// The conflict behind a failed version check: the first changed aggregate whose version is
-    /// not the one expected (`hint`: the aggregate the database named, if any).
-    async fn conflict(&self, batch: &CommitBatch, hint: Option<AggregateId>) -> Error {
+    /// not the one expected (`hint`: the aggregate the database named, if any), as read over
+    /// `conn`.
+    async fn conflict(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+        hint: Option<AggregateId>,
+    ) -> Error {
         let ids: Vec<uuid::Uuid> = batch.changes.iter().map(|c| *c.id.as_uuid()).collect();
         let rows: Vec<(uuid::Uuid, i64)> =
             match sqlx::query_as(AssertSqlSafe(self.sql.versions.clone()))
                 .bind(ids)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await
             {
                 Ok(rows) => rows,
@@ -278,8 +406,13 @@ impl PostgresBackend {
         }
     }
 
-    /// Maps a failed commit statement to the error a caller can act on.
-    async fn commit_error(&self, batch: &CommitBatch, e: sqlx::Error) -> Error {
+    /// Maps a failed commit statement to the error a caller can act on, reading over `conn`.
+    async fn commit_error(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+        e: sqlx::Error,
+    ) -> Error {
         let (code, constraint) = match e.as_database_error() {
             Some(db) => (
                 db.code().map(|c| c.into_owned()),
@@ -290,11 +423,11 @@ impl PostgresBackend {
         let prefix = &self.names.prefix;
         match (code.as_deref(), constraint.as_deref()) {
             (Some("23505"), Some(c)) if c == format!("{prefix}aggregates_key_uq") => {
-                self.key_taken(batch).await
+                self.key_taken(conn, batch).await
             }
             (Some("23505"), Some(c)) if c == format!("{prefix}aggregates_pk") => {
                 let new = batch.changes.iter().find(|c| c.is_new).map(|c| c.id);
-                self.conflict(batch, new).await
+                self.conflict(conn, batch, new).await
             }
             (Some("23505"), Some(c)) if c == format!("{prefix}events_event_id_uq") => {
                 Error::Corrupt(format!("an event id of this commit is already stored: {e}"))
@@ -305,7 +438,7 @@ impl PostgresBackend {
                 if c == format!("{prefix}events_stream_uq")
                     && batch.changes.iter().any(|c| c.is_new) =>
             {
-                self.conflict(batch, None).await
+                self.conflict(conn, batch, None).await
             }
             (Some("23505"), Some(c)) if c == format!("{prefix}events_stream_uq") => {
                 Error::Corrupt(format!(
@@ -318,11 +451,11 @@ impl PostgresBackend {
             // are the retryable conflict; a key another commit took meanwhile is named as such.
             (Some("40001" | "40P01"), _) => {
                 if batch.changes.iter().all(|c| c.is_new)
-                    && let Some(taken) = self.taken_key(batch).await
+                    && let Some(taken) = self.taken_key(conn, batch).await
                 {
                     return taken;
                 }
-                self.conflict(batch, None).await
+                self.conflict(conn, batch, None).await
             }
             _ => backend_error(e),
         }
@@ -330,7 +463,7 @@ impl PostgresBackend {
 
     /// [`Error::KeyTaken`] for the first key of `batch`'s new aggregates that is committed
     /// now, if any.
-    async fn taken_key(&self, batch: &CommitBatch) -> Option<Error> {
+    async fn taken_key(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Option<Error> {
         for change in batch.changes.iter().filter(|c| c.is_new) {
             let Some(key) = change.key.as_deref() else {
                 continue;
@@ -339,7 +472,7 @@ impl PostgresBackend {
                 aggregate_type: change.aggregate_type,
                 key,
             };
-            if let Ok(Some(_)) = self.locate_row(locate).await {
+            if let Ok(Some(_)) = self.locate_on(conn, locate).await {
                 return Some(Error::KeyTaken {
                     aggregate_type: change.aggregate_type.to_owned(),
                     key: key.to_owned(),
@@ -350,7 +483,7 @@ impl PostgresBackend {
     }
 
     /// The key error of a commit whose new aggregate's key was taken meanwhile.
-    async fn key_taken(&self, batch: &CommitBatch) -> Error {
+    async fn key_taken(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Error {
         let keyed: Vec<(&'static str, &str)> = batch
             .changes
             .iter()
@@ -364,7 +497,7 @@ impl PostgresBackend {
                     aggregate_type,
                     key,
                 };
-                if let Ok(Some(_)) = self.locate_row(locate).await {
+                if let Ok(Some(_)) = self.locate_on(conn, locate).await {
                     taken = Some((aggregate_type, key));
                     break;
                 }
@@ -377,21 +510,6 @@ impl PostgresBackend {
             },
             None => Error::Corrupt("a key clash without a keyed aggregate".to_owned()),
         }
-    }
-
-    /// caller commits.
-    pub(super) async fn commit_in(
-        &self,
-        conn: &mut PgConnection,
-        batch: &CommitBatch,
-    ) -> Result<()> {
-        self.run_commit(&mut *conn, batch, true).await?;
-        sqlx::query("SELECT pg_notify($1::text, '')")
-            .bind(self.names.channel.as_str())
-            .execute(&mut *conn)
-            .await
-            .map_err(backend_error)?;
-        Ok(())
     }
 }
 

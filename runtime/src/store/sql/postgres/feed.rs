@@ -32,13 +32,23 @@ impl PostgresBackend {
         after_version: u64,
     ) -> Result<Vec<RecordedEvent>> {
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        self.stream_records_on(&mut conn, id, after_version).await
+    }
+
+    /// [`stream_records`](PostgresBackend::stream_records) over `conn`.
+    pub(crate) async fn stream_records_on(
+        &self,
+        conn: &mut PgConnection,
+        id: AggregateId,
+        after_version: u64,
+    ) -> Result<Vec<RecordedEvent>> {
         let rows = query(&self.sql.read_stream)
             .bind(*id.as_uuid())
             .bind(to_i64(after_version, "aggregate version")?)
             .fetch_all(&mut *conn)
             .await
             .map_err(backend_error)?;
-        self.records(&mut conn, &rows).await
+        self.records(conn, &rows).await
     }
 
     /// Up to `limit` events of the feed after `after`, and who holds back the events after

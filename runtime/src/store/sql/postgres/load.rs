@@ -20,7 +20,7 @@ impl PostgresBackend {
     }
 
     /// The row of one aggregate, read over `conn`.
-    pub(super) async fn locate_on(
+    pub(crate) async fn locate_on(
         &self,
         conn: &mut PgConnection,
         locate: Locate<'_>,
@@ -77,9 +77,19 @@ impl PostgresBackend {
         )
     }
 
-    /// The rebuild material of one aggregate, in one statement on one connection.
+    /// The rebuild material of one aggregate, in one statement on a connection of the pool.
     pub(super) async fn load_stream(
         &self,
+        request: LoadRequest<'_>,
+    ) -> Result<Option<LoadedStream>> {
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        self.load_stream_on(&mut conn, request).await
+    }
+
+    /// The rebuild material of one aggregate, in one statement over `conn`.
+    pub(crate) async fn load_stream_on(
+        &self,
+        conn: &mut PgConnection,
         request: LoadRequest<'_>,
     ) -> Result<Option<LoadedStream>> {
         let snapshot_version = request
@@ -91,7 +101,6 @@ impl PostgresBackend {
             .map(|v| to_i64(v, "aggregate version"))
             .transpose()?;
         let with_snapshots = usize::from(snapshot_version.is_some());
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let rows = match request.locate {
             Locate::Id(id) => {
                 let sql = self.sql.load.get(with_snapshots).ok_or_else(no_statement)?;
@@ -106,7 +115,7 @@ impl PostgresBackend {
                 key,
             } => {
                 let Some(type_id) = self
-                    .known_type_id(&mut conn, TypeKind::Aggregate, aggregate_type)
+                    .known_type_id(conn, TypeKind::Aggregate, aggregate_type)
                     .await?
                 else {
                     return Ok(None);
@@ -150,10 +159,10 @@ impl PostgresBackend {
             };
         };
         let event_types = self
-            .types_with_ids(&mut conn, TypeKind::Event, StreamRow::type_ids(&events))
+            .types_with_ids(conn, TypeKind::Event, StreamRow::type_ids(&events))
             .await?;
         let events = stream_events(events, &event_types)?;
-        let row = self.header(&mut conn, header, [6, 2, 5, 1]).await?;
+        let row = self.header(conn, header, [6, 2, 5, 1]).await?;
         let snapshot = match get::<Option<i64>>(header, 3)? {
             Some(version) => Some(snapshot(version, get(header, 4)?)?),
             None => None,

@@ -31,7 +31,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Connection, Postgres, Row};
 
 use self::names::Names;
@@ -236,7 +236,7 @@ impl Backend for PostgresBackend {
         if self.options.read_only {
             return Box::pin(std::future::ready(Err(Error::ReadOnly)));
         }
-        Box::pin(self.run_commit(&self.pool, batch, false))
+        Box::pin(self.run_commit(batch))
     }
 
     fn read_stream<'a>(
@@ -354,24 +354,22 @@ pub(super) fn to_i32(value: u32, what: &str) -> Result<i32> {
 
 pub(crate) use self::subscriptions::execute;
 
-/// Commits `ctx`'s batch on the caller's connection, inside the transaction it has open: what
-/// [`Context::commit_in`](crate::Context::commit_in) runs on a PostgreSQL store.
-pub(crate) async fn commit_in(
-    store: &Store,
-    conn: &mut PgConnection,
-    batch: &CommitBatch,
-) -> Result<()> {
-    let Some(backend) = store
+/// The PostgreSQL backend of `store`: what committing or loading inside a caller's
+/// transaction runs on ([`Context::commit_in`](crate::Context::commit_in),
+/// [`Store::begin_in`](crate::Store::begin_in)). [`Error::Config`] on another store.
+pub(crate) fn of(store: &Store) -> Result<&PostgresBackend> {
+    store
         .inner
         .backend
         .as_any()
         .downcast_ref::<PostgresBackend>()
-    else {
-        return Err(Error::Config(
-            "commit_in needs a PostgreSQL store (postgres://…)".to_owned(),
-        ));
-    };
-    backend.commit_in(conn, batch).await
+        .ok_or_else(|| {
+            Error::Config(
+                "committing or loading inside a caller's transaction (commit_in, begin_in) \
+                 needs a PostgreSQL store (postgres://…)"
+                    .to_owned(),
+            )
+        })
 }
 
 /// An open that failed for a reason the operator must fix becomes [`Error::Config`] that says
