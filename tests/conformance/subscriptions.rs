@@ -48,17 +48,7 @@ impl Handler for Collect {
         tx: &mut Transaction<'_>,
     ) -> Result<(), BoxError> {
         if let Some(table) = &self.table {
-            for event in events {
-                // A plain INSERT: a second delivery of a committed event fails on the key.
-                tx.execute(
-                    &format!("INSERT INTO {table} (event_id, position) VALUES ($1, $2)"),
-                    &[
-                        event.event_id.into(),
-                        SqlValue::Int(event.position() as i64),
-                    ],
-                )
-                .await?;
-            }
+            record_effects(tx, table, events).await?;
         }
         if self.flaky > 0 {
             self.flaky -= 1;
@@ -99,6 +89,26 @@ impl Handler for Collect {
         self.resets += 1;
         Ok(())
     }
+}
+
+/// Writes each event's effect into `table` with a plain INSERT: a second delivery of a
+/// committed event fails on the key.
+async fn record_effects(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    events: &[RecordedEvent],
+) -> Result<(), BoxError> {
+    for event in events {
+        tx.execute(
+            &format!("INSERT INTO {table} (event_id, position) VALUES ($1, $2)"),
+            &[
+                event.event_id.into(),
+                SqlValue::Int(event.position() as i64),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// True on the SQL stores (where handlers run SQL): the memory store refuses SQL.
@@ -773,16 +783,7 @@ impl Handler for Record {
         tx: &mut Transaction<'_>,
     ) -> Result<(), BoxError> {
         if let Some(table) = &self.table {
-            for event in events {
-                tx.execute(
-                    &format!("INSERT INTO {table} (event_id, position) VALUES ($1, $2)"),
-                    &[
-                        event.event_id.into(),
-                        SqlValue::Int(event.position() as i64),
-                    ],
-                )
-                .await?;
-            }
+            record_effects(tx, table, events).await?;
         }
         self.seen.lock().unwrap().extend(events.iter().cloned());
         Ok(())

@@ -105,6 +105,25 @@ impl SqliteBackend {
         }
     }
 
+    /// Runs `work` on the writer thread with the subscription statements; [`Error::ReadOnly`]
+    /// on a read-only store.
+    fn write_subscriptions<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection, &subscriptions::Statements) -> Result<T>
+            + Send
+            + 'static,
+    {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        let shared = self.shared.clone();
+        Box::pin(
+            self.writer
+                .run(move |conn| work(conn, &shared.subscriptions)),
+        )
+    }
+
     /// Commits `batch` inside the caller's transaction `conn` (see `Context::commit_in_sqlite`).
     pub(crate) fn commit_in(&self, conn: &rusqlite::Connection, batch: &CommitBatch) -> Result<()> {
         if self.read_only {
@@ -192,39 +211,18 @@ impl Backend for SqliteBackend {
     }
 
     fn subscription_open<'a>(&'a self, spec: &'a Spec) -> BoxFuture<'a, Result<Row>> {
-        if self.read_only {
-            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
-        }
-        let shared = self.shared.clone();
         let spec = spec.clone();
-        Box::pin(
-            self.writer
-                .run(move |conn| subscriptions::open(conn, &shared.subscriptions, &spec)),
-        )
+        self.write_subscriptions(move |conn, sql| subscriptions::open(conn, sql, &spec))
     }
 
     fn subscription_claim<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Option<Row>>> {
-        if self.read_only {
-            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
-        }
-        let shared = self.shared.clone();
         let claim = claim.clone();
-        Box::pin(
-            self.writer
-                .run(move |conn| subscriptions::claim(conn, &shared.subscriptions, &claim)),
-        )
+        self.write_subscriptions(move |conn, sql| subscriptions::claim(conn, sql, &claim))
     }
 
     fn subscription_heartbeat<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<u32>> {
-        if self.read_only {
-            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
-        }
-        let shared = self.shared.clone();
         let claim = claim.clone();
-        Box::pin(
-            self.writer
-                .run(move |conn| subscriptions::heartbeat(conn, &shared.subscriptions, &claim)),
-        )
+        self.write_subscriptions(move |conn, sql| subscriptions::heartbeat(conn, sql, &claim))
     }
 
     fn subscription_rows<'a>(&'a self, name: Option<&'a str>) -> BoxFuture<'a, Result<Vec<Row>>> {
