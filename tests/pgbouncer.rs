@@ -1,12 +1,15 @@
 //! annals behind pgbouncer in transaction mode (`.ci/pgbouncer` installs the binaries): a
 //! pgbouncer that keeps prepared statements (1.21 or newer) works, with `LISTEN` at the server
 //! or polling, and with more units of work in the caller's transactions than it has server
-//! connections; one that does not (Debian's 1.18) is refused at open with an error that says
-//! what to do.
+//! connections, and runs a partitioned subscription's workers (leases are rows, not session
+//! locks); one that does not (Debian's 1.18) is refused at open with an error that says what to
+//! do.
 
 #![cfg(feature = "postgres")]
 
 mod conformance;
+#[path = "support/ledger.rs"]
+mod ledger;
 #[path = "support/pgbouncer.rs"]
 mod pgbouncer;
 #[path = "support/postgres.rs"]
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 use annals::prelude::*;
 use annals::{Error, Listen};
+use conformance::domain;
 use conformance::domain::*;
 use pgbouncer::Pgbouncer;
 
@@ -329,4 +333,104 @@ async fn a_pgbouncer_that_loses_prepared_statements_is_refused_at_open() {
     // Nothing was written: the refusal came before the migrations.
     let exists = schema.exists().await;
     assert!(!exists);
+}
+
+/// Two workers of a partitioned subscription through the pooler, with polling: the read model
+/// in the store's schema holds each deposit once, and its sums are the writers'.
+#[cfg_attr(
+    annals_skip_pgbouncer,
+    ignore = "ANNALS_PGBOUNCER is not set: run `bash .ci/pgbouncer`"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscription_workers_through_pgbouncer() {
+    let Some((schema, bouncer)) = bouncer() else {
+        return;
+    };
+    let store = Store::open_with(&bouncer.url, schema.options().listen(Listen::Off))
+        .await
+        .unwrap();
+    let mut ledger = ledger::Ledger {
+        tables: format!("\"{}\".model", schema.name),
+    };
+    ledger::soak_subscription(&store)
+        .reset(&mut ledger)
+        .await
+        .unwrap();
+    let mut accounts = Vec::new();
+    for i in 0..8 {
+        accounts.push(conformance::open_account(&store, &format!("b{i}"), "owner", 0).await);
+    }
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, mut handler) = (store.clone(), ledger.clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(async move {
+                let worker = ledger::soak_subscription(&store);
+                worker
+                    .run(&mut handler, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            });
+            (stop, task)
+        })
+        .collect();
+    let mut expected: std::collections::HashMap<String, i64> = Default::default();
+    for round in 1..=10 {
+        for &id in &accounts {
+            store
+                .transact_with_retry(Retry::attempts(100), async |ctx| {
+                    let mut a = ctx.load::<Account>(id).await?;
+                    ctx.apply(&mut a, Deposited { amount: round })?;
+                    Ok::<_, Error>(())
+                })
+                .await
+                .unwrap();
+            *expected.entry(id.to_string()).or_default() += round;
+        }
+    }
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("soak").await.unwrap();
+            if status
+                .iter()
+                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the workers catch up");
+    for (stop, task) in workers {
+        stop.send(()).unwrap();
+        tokio::time::timeout(LIMIT, task)
+            .await
+            .expect("stopped in time")
+            .unwrap()
+            .unwrap();
+    }
+    let direct = schema.raw_pool().await;
+    let effects: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}_effects",
+        ledger.tables
+    )))
+    .fetch_one(&direct)
+    .await
+    .unwrap();
+    assert_eq!(effects, 80, "each deposit once");
+    let sums: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT account, total FROM {}_sums",
+        ledger.tables
+    )))
+    .fetch_all(&direct)
+    .await
+    .unwrap();
+    assert_eq!(
+        sums.into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+        expected
+    );
+    store.close().await;
 }
