@@ -279,6 +279,7 @@ impl Context {
             changes,
             loaded,
             recorded_at: SystemTime::now(),
+            inline: self.store.inner.options.inline.clone(),
         };
         Some((self.store, batch))
     }

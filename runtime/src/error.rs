@@ -364,6 +364,17 @@ pub enum Error {
         message: String,
     },
 
+    /// An inline projection failed (its `project`, or one of its statements): the commit
+    /// failed with it, and nothing of it was written.
+    #[error("inline projection {name:?} failed, so the commit wrote nothing: {source}")]
+    InlineProjection {
+        /// The projection's name.
+        name: String,
+        /// What failed.
+        #[source]
+        source: BoxError,
+    },
+
     /// No event parked by this subscription has this id.
     #[error("subscription {name:?} has no parked event {event_id}")]
     ParkedEventNotFound {

@@ -157,6 +157,31 @@ impl State {
     }
 }
 
+/// The records `batch` will have once applied to a feed of `stored` events.
+fn records_of(batch: &CommitBatch, stored: usize) -> Result<Vec<RecordedEvent>> {
+    batch
+        .events_in_order()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (change, event))| {
+            let position = (stored + i) as u64 + 1;
+            Ok(RecordedEvent {
+                cursor: FeedCursor::at_position(position),
+                aggregate_id: change.id,
+                aggregate_type: change.aggregate_type.to_owned(),
+                version: event.version,
+                event_type: event.name.to_owned(),
+                schema_version: event.schema_version,
+                payload: event.payload.clone(),
+                event_id: event.event_id,
+                recorded_at: batch.recorded_at,
+                metadata: Metadata::decode(event.metadata.as_deref())
+                    .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?,
+            })
+        })
+        .collect()
+}
+
 /// Makes `write` on one subscription row it matched.
 fn apply_write(row: &mut Row, write: &Write, now: SystemTime) {
     match write {
@@ -423,6 +448,11 @@ impl Backend for MemoryBackend {
             tokio::task::yield_now().await;
             let mut state = self.state()?;
             state.check(batch)?;
+            if !batch.inline.is_empty() {
+                // No SQL to run here, but a projection that fails fails the commit.
+                let records = records_of(batch, state.events.len())?;
+                batch.inline.statements(&records)?;
+            }
             state.apply(batch);
             drop(state);
             self.committed.notify();

@@ -13,6 +13,7 @@ use crate::event::{FeedCursor, RecordedEvent};
 use crate::feed::FeedPage;
 use crate::filter::Filter;
 use crate::registry::{Registry, registry};
+use crate::subscription::inline::Inline;
 use crate::subscription::row::{Claim, Parked, Row, Spec, Write};
 use crate::subscription::tx::TxState;
 
@@ -175,6 +176,8 @@ pub(crate) struct CommitBatch {
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub loaded: Vec<(AggregateId, u64)>,
     pub recorded_at: SystemTime,
+    /// The store's inline projections, run in the commit's transaction.
+    pub inline: Inline,
 }
 
 impl CommitBatch {

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::subscription::InlineProjection;
+use crate::subscription::inline::Inline;
 
 /// SQLite's `synchronous` setting for the store file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,6 +85,8 @@ pub struct StoreOptions {
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
+    /// The inline projections (see [`inline_projection`](StoreOptions::inline_projection)).
+    pub(crate) inline: Inline,
 }
 
 impl Default for StoreOptions {
@@ -102,6 +106,7 @@ impl Default for StoreOptions {
             hold_back_warning: Duration::from_secs(30),
             migrate: true,
             read_only: false,
+            inline: Inline::default(),
         }
     }
 }
@@ -110,6 +115,13 @@ impl StoreOptions {
     /// The defaults.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Adds an inline projection: a read model updated in every commit's own transaction (see
+    /// [`InlineProjection`]). A store without one commits as it always does.
+    pub fn inline_projection(mut self, projection: impl InlineProjection) -> Self {
+        self.inline = self.inline.with(std::sync::Arc::new(projection));
+        self
     }
 
     /// Sets the table prefix.

@@ -2,6 +2,7 @@
 //! in the same transaction as its handler's own writes.
 
 mod admin;
+pub(crate) mod inline;
 pub(crate) mod row;
 pub(crate) mod tx;
 mod worker;
@@ -20,6 +21,7 @@ use crate::store::Store;
 pub use admin::{
     Lag, ParkedEvent, ParkedRequest, SubscriptionState, SubscriptionStatus, Subscriptions,
 };
+pub use inline::{InlineProjection, SqlBatch};
 use row::{Row, Spec, Write};
 pub use tx::{SqlValue, Transaction};
 

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::store::sql::backend_error;
 use crate::store::sql::types::{TypeKind, TypeMap};
 use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros};
+use crate::subscription::inline::statement_failed;
 
 /// True for a failure of the connection itself, after which the server may have committed
 /// what was sent: the socket broke, the protocol lost its footing, or the session was ended by
@@ -69,7 +70,11 @@ enum Sent {
 
 impl PostgresBackend {
     /// Commits `batch` on the pool, in autocommit: the statement is the whole transaction.
+    /// With inline projections, a transaction holds the statement and theirs.
     pub(super) async fn run_commit(&self, batch: &CommitBatch) -> Result<()> {
+        if !batch.inline.is_empty() {
+            return self.commit_projected(batch).await;
+        }
         match self.send_commit(&self.pool, batch, false).await? {
             Sent::Written => {
                 self.wake.changed.notify();
@@ -90,6 +95,66 @@ impl PostgresBackend {
         }
     }
 
+    /// Commits `batch` and runs the inline projections on its events, in one transaction.
+    async fn commit_projected(&self, batch: &CommitBatch) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        match self.send_commit(&mut *tx, batch, false).await? {
+            Sent::Written => {}
+            // Dropping `tx` rolls back; nothing was committed, whatever the failure.
+            Sent::VersionMoved => {
+                drop(tx);
+                return Err(self.diagnose_on_pool(batch, None).await);
+            }
+            Sent::Failed(e) => {
+                drop(tx);
+                return Err(self.diagnose_on_pool(batch, Some(e)).await);
+            }
+        }
+        self.project(&mut tx, batch).await?;
+        match tx.commit().await {
+            Ok(()) => {
+                self.wake.changed.notify();
+                self.wake.commits.notify_one();
+                Ok(())
+            }
+            Err(e) if outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
+                aggregates: batch
+                    .changes
+                    .iter()
+                    .map(|c| (c.id, c.new_version()))
+                    .collect(),
+                source: Box::new(e),
+            }),
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+
+    /// Runs the inline projections of `batch` on its events, just written over `conn`.
+    async fn project(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Result<()> {
+        if batch.inline.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<uuid::Uuid> = batch
+            .changes
+            .iter()
+            .flat_map(|c| c.events.iter().map(|e| e.event_id))
+            .collect();
+        let rows = query(&self.sql.records_by_id)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        let events = self.records(conn, &rows).await?;
+        for (name, statements) in batch.inline.statements(&events)? {
+            for (sql, params) in statements {
+                super::subscriptions::execute(conn, &sql, &params)
+                    .await
+                    .map_err(|e| statement_failed(name, e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Commits `batch` on the caller's connection, inside the transaction it has open, and
     /// notifies waiters when that transaction commits; a failure is diagnosed from fresh reads
     /// on the pool (what [`Context::commit_in`](crate::Context::commit_in) documents: a version
@@ -101,7 +166,10 @@ impl PostgresBackend {
         batch: &CommitBatch,
     ) -> Result<()> {
         match self.send_commit(&mut *conn, batch, true).await? {
-            Sent::Written => self.notify_in(conn).await,
+            Sent::Written => {
+                self.project(conn, batch).await?;
+                self.notify_in(conn).await
+            }
             Sent::VersionMoved => Err(stale_if_unmoved(self.diagnose_on_pool(batch, None).await)),
             Sent::Failed(e) => Err(self.diagnose_on_pool(batch, Some(e)).await),
         }
@@ -129,7 +197,7 @@ impl PostgresBackend {
         }
         // What failed: the statement (`Some`), a version check (`None`), or another step.
         let failed = match self.send_commit(&mut *conn, batch, true).await {
-            Ok(Sent::Written) => match self.notify_in(conn).await {
+            Ok(Sent::Written) => match self.project_and_notify(conn, batch).await {
                 Ok(()) => {
                     return sqlx::query(RELEASE)
                         .execute(&mut *conn)
@@ -156,6 +224,12 @@ impl PostgresBackend {
             Ok(failed) => Err(self.diagnose(conn, batch, failed).await),
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs the inline projections, then [`notify_in`](PostgresBackend::notify_in).
+    async fn project_and_notify(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Result<()> {
+        self.project(conn, batch).await?;
+        self.notify_in(conn).await
     }
 
     /// Tells waiters of every process, when the caller's transaction commits, that there are new

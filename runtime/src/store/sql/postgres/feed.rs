@@ -176,7 +176,11 @@ impl PostgresBackend {
 
     /// Turns rows of [`RECORD_COLUMNS`](super::render::RECORD_COLUMNS) into records, re-reading
     /// a type table over `conn` when a row names a type this process has not seen.
-    async fn records(&self, conn: &mut PgConnection, rows: &[PgRow]) -> Result<Vec<RecordedEvent>> {
+    pub(super) async fn records(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[PgRow],
+    ) -> Result<Vec<RecordedEvent>> {
         let rows = rows.iter().map(record_row).collect::<Result<Vec<_>>>()?;
         let mut aggregates = self.types.get(TypeKind::Aggregate);
         let mut events = self.types.get(TypeKind::Event);

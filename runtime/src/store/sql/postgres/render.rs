@@ -81,6 +81,8 @@ pub(super) struct Statements {
     pub versions: Arc<str>,
     pub read_stream: Arc<str>,
     pub read_feed: Arc<str>,
+    /// The records of the events with the given ids, by position (for inline projections).
+    pub records_by_id: Arc<str>,
     /// The filtered feed, one statement per [`FilterShape`] index.
     pub read_feed_matching: Vec<Arc<str>>,
     pub schema_version: Arc<str>,
@@ -145,6 +147,11 @@ impl Statements {
             )
             .into(),
             read_feed: feed_sql(names, None).into(),
+            records_by_id: format!(
+                "SELECT {RECORD_COLUMNS} FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
+                 WHERE e.event_id = ANY($1::uuid[]) ORDER BY e.position"
+            )
+            .into(),
             read_feed_matching: (0..FilterShape::COUNT)
                 .map(|index| feed_sql(names, Some(FilterShape::from_index(index))).into())
                 .collect(),

@@ -65,6 +65,7 @@ mod tests {
             }],
             loaded: Vec::new(),
             recorded_at: std::time::SystemTime::now(),
+            inline: Default::default(),
         }
     }
 

@@ -10,9 +10,11 @@ use super::names::{self, Resolver};
 use super::render::EVENT_CHUNK;
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
+use crate::event::FeedCursor;
 use crate::store::sql::backend_error;
 use crate::store::sql::types::{TypeKind, TypeMap};
 use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
+use crate::subscription::inline::statement_failed;
 
 /// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction.
 pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
@@ -67,6 +69,16 @@ fn write(
 ) -> Result<()> {
     let sql = &shared.sql;
     let recorded_at = to_micros(batch.recorded_at);
+    // Where this commit's events will start, for the inline projections.
+    let before = if batch.inline.is_empty() {
+        0
+    } else {
+        let end: Option<i64> = conn
+            .prepare_cached(&sql.feed_end)
+            .and_then(|mut stmt| stmt.query_row((), |row| row.get(0)))
+            .map_err(backend_error)?;
+        to_u64(end.unwrap_or(0), "position")?
+    };
     for change in &batch.changes {
         claim(
             conn,
@@ -110,6 +122,28 @@ fn write(
                     recorded_at,
                 ))
                 .map_err(backend_error)?;
+        }
+    }
+    if !batch.inline.is_empty() {
+        project(conn, shared, batch, before)?;
+    }
+    Ok(())
+}
+
+/// Runs the inline projections on the events this commit wrote (after position `before`), in
+/// its transaction.
+fn project(conn: &Connection, shared: &Shared, batch: &CommitBatch, before: u64) -> Result<()> {
+    let events = super::feed::read_feed(
+        conn,
+        shared,
+        FeedCursor::at_position(before),
+        batch.event_count(),
+    )?
+    .into_events();
+    for (name, statements) in batch.inline.statements(&events)? {
+        for (sql, params) in statements {
+            super::subscriptions::execute(conn, &sql, &params)
+                .map_err(|e| statement_failed(name, e))?;
         }
     }
     Ok(())

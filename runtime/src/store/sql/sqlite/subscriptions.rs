@@ -436,11 +436,7 @@ fn one_write(tx: &rusqlite::Transaction<'_>, sql: &Statements, write: &Write) ->
 }
 
 /// Runs `sql` with `params` bound to `?1`/`$1`, … in order, on `tx`.
-pub(crate) fn execute(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    params: &[SqlValue],
-) -> Result<()> {
+pub(crate) fn execute(tx: &Connection, sql: &str, params: &[SqlValue]) -> Result<()> {
     use rusqlite::types::Value;
     let values = params.iter().map(|p| match p {
         SqlValue::Null => Value::Null,
