@@ -64,6 +64,7 @@
 #![warn(missing_docs)]
 
 mod aggregate;
+mod cache;
 mod clash;
 mod codec;
 mod context;
@@ -127,6 +128,42 @@ pub mod __private {
     /// True when `name` is one of `names`.
     pub fn lists(names: &[&str], name: &str) -> bool {
         names.contains(&name)
+    }
+
+    pub use crate::aggregate::Handler;
+
+    /// Finds out at compile time whether an aggregate's state is `Clone`: `(&CloneProbe::<T>::NEW)
+    /// .clone_for_cache(value)` resolves to [`CloneByClone`] when `T: Clone` (a method taking
+    /// the receiver as it is), else to [`CloneNone`] (one more auto-reference).
+    pub struct CloneProbe<T>(core::marker::PhantomData<T>);
+
+    impl<T> CloneProbe<T> {
+        /// The probe.
+        pub const NEW: Self = CloneProbe(core::marker::PhantomData);
+    }
+
+    /// A copy through `Clone`.
+    pub trait CloneByClone<T> {
+        /// `Some(value.clone())`.
+        fn clone_for_cache(&self, value: &T) -> Option<T>;
+    }
+
+    impl<T: Clone> CloneByClone<T> for CloneProbe<T> {
+        fn clone_for_cache(&self, value: &T) -> Option<T> {
+            Some(value.clone())
+        }
+    }
+
+    /// No copy: the state is not `Clone`.
+    pub trait CloneNone<T> {
+        /// `None`.
+        fn clone_for_cache(&self, value: &T) -> Option<T>;
+    }
+
+    impl<T> CloneNone<T> for &CloneProbe<T> {
+        fn clone_for_cache(&self, _: &T) -> Option<T> {
+            None
+        }
     }
 
     /// The error for a name that no variant of an event enum is registered under.

@@ -297,6 +297,7 @@ impl Context {
             base: 0,
             events: Vec::new(),
             snapshot: None,
+            cached: None,
         });
         Root {
             id,
@@ -321,6 +322,7 @@ impl Context {
             base: root.version,
             events: Vec::new(),
             snapshot: None,
+            cached: None,
         });
         Ok(root)
     }
@@ -377,6 +379,9 @@ impl Context {
         locate: Locate<'_>,
         up_to: Option<u64>,
     ) -> Result<Option<Root<A>>> {
+        if let Some(found) = self.fetch_cached::<A>(locate, up_to).await? {
+            return Ok(found);
+        }
         let span = tracing::debug_span!(
             "annals.load",
             aggregate_type = A::NAME,
@@ -390,6 +395,7 @@ impl Context {
                 locate,
                 snapshot_version: A::SNAPSHOT_EVERY.map(|_| A::SNAPSHOT_VERSION),
                 up_to,
+                after: None,
             };
             let Some(stream) = backend.load(request).await? else {
                 return Ok(None);
@@ -426,6 +432,7 @@ impl Context {
         }
         .instrument(span)
         .await
+        .inspect(|loaded| self.remember(loaded))
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod domain;
 
 use std::cell::Cell;

@@ -204,7 +204,8 @@ impl Backend for MemoryBackend {
                 return Ok(None);
             };
             let up_to = request.up_to.map_or(row.version, |v| v.min(row.version));
-            let snapshot = request.snapshot_version.and_then(|shape| {
+            let snapshot = request.snapshot_version.filter(|_| request.after.is_none());
+            let snapshot = snapshot.and_then(|shape| {
                 state
                     .snapshots
                     .get(&(row.id, shape))?
@@ -215,7 +216,9 @@ impl Backend for MemoryBackend {
                         payload: payload.clone(),
                     })
             });
-            let from = snapshot.as_ref().map_or(0, |s| s.version);
+            let from = request
+                .after
+                .unwrap_or_else(|| snapshot.as_ref().map_or(0, |s| s.version));
             let indexes = state.streams.get(&row.id).map_or(&[][..], Vec::as_slice);
             let mut events = Vec::new();
             for &index in indexes {

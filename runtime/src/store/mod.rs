@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::aggregate::AggregateId;
+use crate::cache::AggregateCache;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
@@ -89,6 +90,10 @@ pub(crate) struct LoadRequest<'a> {
     pub snapshot_version: Option<u32>,
     /// Read no further than this version (the version an earlier load in the same context saw).
     pub up_to: Option<u64>,
+    /// The caller holds the state at this version (from the aggregate cache): no snapshot, only
+    /// the events above it. The row still carries the stored version, so a caller whose version
+    /// is ahead of the store's sees it.
+    pub after: Option<u64>,
 }
 
 /// A snapshot as stored.
@@ -268,6 +273,8 @@ pub(crate) struct StoreInner {
     pub backend: Box<dyn Backend>,
     pub registry: &'static Registry,
     pub options: StoreOptions,
+    /// The aggregate cache, when [`StoreOptions::aggregate_cache`] turns it on.
+    pub cache: Option<AggregateCache>,
 }
 
 /// A handle to an event store. Cheap to clone; all clones share one backend and its
@@ -361,13 +368,30 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Store> {
         backend.prepare(registry).await?;
+        let cache =
+            (options.aggregate_cache > 0).then(|| AggregateCache::new(options.aggregate_cache));
         Ok(Store {
             inner: Arc::new(StoreInner {
                 backend,
                 registry,
                 options,
+                cache,
             }),
         })
+    }
+
+    /// Empties the aggregate cache (see [`StoreOptions::aggregate_cache`]) of this handle and
+    /// its clones: every aggregate is loaded in full once more. Call it after restoring the
+    /// database from a backup while this handle stays open.
+    pub fn clear_aggregate_cache(&self) {
+        if let Some(cache) = &self.inner.cache {
+            cache.clear();
+        }
+    }
+
+    /// How many aggregates the aggregate cache holds now (0 when it is off).
+    pub fn cached_aggregates(&self) -> usize {
+        self.inner.cache.as_ref().map_or(0, AggregateCache::len)
     }
 
     /// The registry this store was validated against.

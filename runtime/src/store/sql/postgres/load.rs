@@ -90,15 +90,22 @@ impl PostgresBackend {
             .up_to
             .map(|v| to_i64(v, "aggregate version"))
             .transpose()?;
+        let after = request
+            .after
+            .map(|v| to_i64(v, "aggregate version"))
+            .transpose()?;
+        // A load after a cached version reads no snapshot: only the events above that version.
+        let snapshot_version = snapshot_version.filter(|_| after.is_none());
         let with_snapshots = usize::from(snapshot_version.is_some());
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
         let rows = match request.locate {
             Locate::Id(id) => {
                 let sql = self.sql.load.get(with_snapshots).ok_or_else(no_statement)?;
                 let mut q = query(sql).bind(*id.as_uuid()).bind(up_to);
-                if let Some(shape) = snapshot_version {
-                    q = q.bind(shape);
-                }
+                q = match snapshot_version {
+                    Some(shape) => q.bind(shape),
+                    None => q.bind(after.unwrap_or(0)),
+                };
                 q.fetch_all(&mut *conn).await.map_err(backend_error)?
             }
             Locate::Key {
@@ -117,9 +124,10 @@ impl PostgresBackend {
                     .get(2 + with_snapshots)
                     .ok_or_else(no_statement)?;
                 let mut q = query(sql).bind(type_id).bind(key).bind(up_to);
-                if let Some(shape) = snapshot_version {
-                    q = q.bind(shape);
-                }
+                q = match snapshot_version {
+                    Some(shape) => q.bind(shape),
+                    None => q.bind(after.unwrap_or(0)),
+                };
                 q.fetch_all(&mut *conn).await.map_err(backend_error)?
             }
         };

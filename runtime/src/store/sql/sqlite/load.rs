@@ -40,6 +40,7 @@ pub(super) struct Request {
     target: Target,
     snapshot_version: Option<u32>,
     up_to: Option<u64>,
+    after: Option<u64>,
 }
 
 impl From<LoadRequest<'_>> for Request {
@@ -48,6 +49,7 @@ impl From<LoadRequest<'_>> for Request {
             target: request.locate.into(),
             snapshot_version: request.snapshot_version,
             up_to: request.up_to,
+            after: request.after,
         }
     }
 }
@@ -122,7 +124,8 @@ pub(super) fn load(
     let up_to = request.up_to.map_or(row.version, |v| v.min(row.version));
     let id = row.id.as_uuid().as_bytes().as_slice();
     let up_to_i64 = to_i64(up_to, "version")?;
-    let snapshot = match request.snapshot_version {
+    let shape = request.snapshot_version.filter(|_| request.after.is_none());
+    let snapshot = match shape {
         Some(shape) => conn
             .prepare_cached(&sql.snapshot)
             .map_err(backend_error)?
@@ -135,7 +138,9 @@ pub(super) fn load(
             .transpose()?,
         None => None,
     };
-    let from = snapshot.as_ref().map_or(0, |s| s.version);
+    let from = request
+        .after
+        .unwrap_or_else(|| snapshot.as_ref().map_or(0, |s| s.version));
     let mut stmt = conn.prepare_cached(&sql.stream).map_err(backend_error)?;
     let mut rows = stmt
         .query((id, to_i64(from, "version")?, up_to_i64))
