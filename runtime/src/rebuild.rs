@@ -72,7 +72,7 @@ fn apply_events<A: Aggregate>(
         let stored = StoredPayload {
             name: &event.name,
             schema_version: event.schema_version,
-            payload: &event.payload,
+            payload: stream.payload(event)?,
             position: event.position,
         };
         let found = handlers

@@ -221,17 +221,20 @@ impl Backend for MemoryBackend {
                 .unwrap_or_else(|| snapshot.as_ref().map_or(0, |s| s.version));
             let indexes = state.streams.get(&row.id).map_or(&[][..], Vec::as_slice);
             let mut events = Vec::new();
+            let mut payloads = Vec::new();
             for &index in indexes {
                 let Some(e) = state.events.get(index) else {
                     continue;
                 };
                 if e.version > from && e.version <= up_to {
+                    let start = payloads.len();
+                    payloads.extend_from_slice(&e.payload);
                     events.push(StreamEvent {
                         version: e.version,
                         position: index as u64 + 1,
                         name: e.name.clone(),
                         schema_version: e.schema_version,
-                        payload: e.payload.clone(),
+                        payload: start..payloads.len(),
                     });
                 }
             }
@@ -239,6 +242,7 @@ impl Backend for MemoryBackend {
                 row: row.clone(),
                 snapshot,
                 events,
+                payloads,
             }))
         })
     }

@@ -2,6 +2,7 @@
 //! storage engine implements, and the only place a concrete database is named.
 
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -111,7 +112,8 @@ pub(crate) struct StreamEvent {
     /// Shared with the backend's type cache: no allocation per event.
     pub name: Arc<str>,
     pub schema_version: u32,
-    pub payload: Vec<u8>,
+    /// Where the payload lies in [`LoadedStream::payloads`].
+    pub payload: Range<usize>,
 }
 
 /// The answer to a [`LoadRequest`]: the row, the newest usable snapshot and the events after it,
@@ -121,6 +123,21 @@ pub(crate) struct LoadedStream {
     pub row: AggregateRow,
     pub snapshot: Option<StoredSnapshot>,
     pub events: Vec<StreamEvent>,
+    /// The events' payloads one after the other: one buffer for a whole load, not one
+    /// allocation per event.
+    pub payloads: Vec<u8>,
+}
+
+impl LoadedStream {
+    /// The payload of `event`, one of this stream's events.
+    pub fn payload(&self, event: &StreamEvent) -> Result<&[u8]> {
+        self.payloads.get(event.payload.clone()).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "the payload of the event at position {} lies outside its load",
+                event.position
+            ))
+        })
+    }
 }
 
 /// An event staged by a context, encoded and ready to insert.

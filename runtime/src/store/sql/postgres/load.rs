@@ -135,17 +135,27 @@ impl PostgresBackend {
         // events.
         let mut header = None;
         let mut events = Vec::with_capacity(rows.len().saturating_sub(1));
+        let mut payloads = Vec::new();
+        // The distinct type ids, to check against the cache once each: runs of one type are
+        // common.
+        let mut type_ids: Vec<i64> = Vec::new();
         for row in &rows {
             let Some(position) = get::<Option<i64>>(row, 0)? else {
                 header = Some(row);
                 continue;
             };
+            let event_type_id = i64::from(get::<i32>(row, 2)?);
+            if type_ids.last() != Some(&event_type_id) && !type_ids.contains(&event_type_id) {
+                type_ids.push(event_type_id);
+            }
+            let start = payloads.len();
+            payloads.extend_from_slice(get::<&[u8]>(row, 4)?);
             events.push(StreamRow {
                 version: get(row, 1)?,
                 position,
-                event_type_id: i64::from(get::<i32>(row, 2)?),
+                event_type_id,
                 schema_version: get(row, 3)?,
-                payload: get(row, 4)?,
+                payload: start..payloads.len(),
             });
         }
         let Some(header) = header else {
@@ -158,7 +168,7 @@ impl PostgresBackend {
             };
         };
         let event_types = self
-            .types_with_ids(&mut conn, TypeKind::Event, StreamRow::type_ids(&events))
+            .types_with_ids(&mut conn, TypeKind::Event, type_ids.into_iter())
             .await?;
         let events = stream_events(events, &event_types)?;
         let row = self.header(&mut conn, header, [6, 2, 5, 1]).await?;
@@ -170,6 +180,7 @@ impl PostgresBackend {
             row,
             snapshot,
             events,
+            payloads,
         }))
     }
 }

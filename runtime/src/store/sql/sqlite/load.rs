@@ -149,17 +149,21 @@ pub(super) fn load(
     let mut stream = Vec::with_capacity(expected.min(1 << 16));
     // The distinct type ids, to check against the cache once each: runs of one type are common.
     let mut type_ids: Vec<i64> = Vec::new();
+    let mut payloads = Vec::new();
     while let Some(r) = rows.next().map_err(backend_error)? {
         let event_type_id = r.get(2).map_err(backend_error)?;
         if type_ids.last() != Some(&event_type_id) && !type_ids.contains(&event_type_id) {
             type_ids.push(event_type_id);
         }
+        let start = payloads.len();
+        let payload = r.get_ref(4).map_err(backend_error)?;
+        payloads.extend_from_slice(payload.as_blob().map_err(backend_error)?);
         stream.push(StreamRow {
             version: r.get(0).map_err(backend_error)?,
             position: r.get(1).map_err(backend_error)?,
             event_type_id,
             schema_version: r.get(3).map_err(backend_error)?,
-            payload: r.get(4).map_err(backend_error)?,
+            payload: start..payloads.len(),
         });
     }
     let events = types.map_with(TypeKind::Event, type_ids.into_iter())?;
@@ -167,5 +171,6 @@ pub(super) fn load(
         row,
         snapshot,
         events: records::stream_events(stream, &events)?,
+        payloads,
     }))
 }
