@@ -39,6 +39,32 @@ async fn account_at_version_5(cached: &Store) -> AggregateId {
     id
 }
 
+/// After the store went back to version 2 behind `cached`'s back: the cached handle loads
+/// version 2, and commits on top of it.
+async fn loads_the_restored_version(cached: &Store, id: AggregateId) {
+    assert_eq!(balance(cached, id).await, (10, 2));
+    deposit(cached, id, 100).await;
+    assert_eq!(balance(cached, id).await, (110, 3));
+}
+
+/// After event 3 was made undecodable behind the store's back: only full loads read it.
+async fn only_full_loads_read_the_broken_event(cached: &Store, other: &Store, id: AggregateId) {
+    let full = other.begin_read_only().load::<Account>(id).await;
+    assert!(matches!(full, Err(Error::Decode { .. })), "{full:?}");
+    assert_eq!(balance(cached, id).await, (16, 5));
+    cached.clear_aggregate_cache();
+    let full = cached.begin_read_only().load::<Account>(id).await;
+    assert!(matches!(full, Err(Error::Decode { .. })), "{full:?}");
+}
+
+/// A context of `store` with a deposit of `amount` to `id` staged.
+async fn staged_deposit(store: &Store, id: AggregateId, amount: i64) -> Context {
+    let mut ctx = store.begin();
+    let mut a = ctx.load::<Account>(id).await.unwrap();
+    ctx.apply(&mut a, Deposited { amount }).unwrap();
+    ctx
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
@@ -72,9 +98,7 @@ mod sqlite {
             [&blob],
         )
         .unwrap();
-        assert_eq!(balance(&cached, id).await, (10, 2));
-        deposit(&cached, id, 100).await;
-        assert_eq!(balance(&cached, id).await, (110, 3));
+        loads_the_restored_version(&cached, id).await;
     }
 
     #[tokio::test]
@@ -87,21 +111,14 @@ mod sqlite {
             [id.as_uuid().as_bytes().as_slice()],
         )
         .unwrap();
-        let full = other.begin_read_only().load::<Account>(id).await;
-        assert!(matches!(full, Err(Error::Decode { .. })), "{full:?}");
-        assert_eq!(balance(&cached, id).await, (16, 5));
-        cached.clear_aggregate_cache();
-        let full = cached.begin_read_only().load::<Account>(id).await;
-        assert!(matches!(full, Err(Error::Decode { .. })), "{full:?}");
+        only_full_loads_read_the_broken_event(&cached, &other, id).await;
     }
 
     #[tokio::test]
     async fn a_commit_in_the_callers_transaction_rolled_back_leaves_no_trace() {
         let (_dir, cached, other, mut conn) = open().await;
         let id = account_at_version_5(&cached).await;
-        let mut ctx = cached.begin();
-        let mut a = ctx.load::<Account>(id).await.unwrap();
-        ctx.apply(&mut a, Deposited { amount: 1_000 }).unwrap();
+        let ctx = staged_deposit(&cached, id, 1_000).await;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .unwrap();
@@ -112,9 +129,7 @@ mod sqlite {
         assert_eq!(balance(&cached, id).await, (21, 6));
 
         // Committed by the caller, it is seen too.
-        let mut ctx = cached.begin();
-        let mut a = ctx.load::<Account>(id).await.unwrap();
-        ctx.apply(&mut a, Deposited { amount: 7 }).unwrap();
+        let ctx = staged_deposit(&cached, id, 7).await;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .unwrap();
@@ -162,9 +177,7 @@ mod postgres {
         .execute(&raw)
         .await
         .unwrap();
-        assert_eq!(balance(&cached, id).await, (10, 2));
-        deposit(&cached, id, 100).await;
-        assert_eq!(balance(&cached, id).await, (110, 3));
+        loads_the_restored_version(&cached, id).await;
         cached.close().await;
     }
 
@@ -184,12 +197,7 @@ mod postgres {
         .execute(&raw)
         .await
         .unwrap();
-        let full = other.begin_read_only().load::<Account>(id).await;
-        assert!(matches!(full, Err(Error::Decode { .. })), "{full:?}");
-        assert_eq!(balance(&cached, id).await, (16, 5));
-        cached.clear_aggregate_cache();
-        let full = cached.begin_read_only().load::<Account>(id).await;
-        assert!(matches!(full, Err(Error::Decode { .. })), "{full:?}");
+        only_full_loads_read_the_broken_event(&cached, &other, id).await;
         cached.close().await;
     }
 
@@ -200,18 +208,14 @@ mod postgres {
             return;
         };
         let id = account_at_version_5(&cached).await;
-        let mut ctx = cached.begin();
-        let mut a = ctx.load::<Account>(id).await.unwrap();
-        ctx.apply(&mut a, Deposited { amount: 1_000 }).unwrap();
+        let ctx = staged_deposit(&cached, id, 1_000).await;
         let mut tx = raw.begin().await.unwrap();
         ctx.commit_in(&mut tx).await.unwrap();
         tx.rollback().await.unwrap();
         deposit(&other, id, 5).await;
         assert_eq!(balance(&cached, id).await, (21, 6));
 
-        let mut ctx = cached.begin();
-        let mut a = ctx.load::<Account>(id).await.unwrap();
-        ctx.apply(&mut a, Deposited { amount: 7 }).unwrap();
+        let ctx = staged_deposit(&cached, id, 7).await;
         let mut tx = raw.begin().await.unwrap();
         ctx.commit_in(&mut tx).await.unwrap();
         tx.commit().await.unwrap();

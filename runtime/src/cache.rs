@@ -165,7 +165,11 @@ impl Entries {
         if let Some(entry) = self.by_id.remove(&id)
             && let Some(key) = entry.key
         {
-            self.by_key.remove(&(entry.aggregate_type, key));
+            let key = (entry.aggregate_type, key);
+            // The key may name a newer aggregate by now (after a restore): leave that one's.
+            if self.by_key.get(&key) == Some(&id) {
+                self.by_key.remove(&key);
+            }
         }
     }
 
@@ -428,6 +432,20 @@ mod tests {
         cache.evict(id);
         assert!(cache.get::<Count>(by_key, None).is_none());
         assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn a_key_taken_over_by_another_aggregate_stays_with_it() {
+        let cache = AggregateCache::new(4);
+        let (old, new) = (AggregateId::new(), AggregateId::new());
+        put(&cache, old, Some("k"), 2);
+        put(&cache, new, Some("k"), 1);
+        cache.evict(old);
+        let by_key = Locate::Key {
+            aggregate_type: Count::NAME,
+            key: "k",
+        };
+        assert_eq!(cache.get::<Count>(by_key, None).map(|c| c.id), Some(new));
     }
 
     #[test]

@@ -140,46 +140,7 @@ pub async fn a_failed_closure_leaves_no_trace_in_the_cache(cached: &Store, other
 }
 
 pub async fn contended_increments_from_two_handles(cached: &Store, other: &Store) {
-    const TASKS: u64 = 6;
-    const INCREMENTS: u64 = 25;
-    let id = cached
-        .transact(async |ctx| {
-            let mut c = ctx.create::<Counter>()?;
-            ctx.apply(&mut c, CounterEvent::Reset(0))?;
-            Ok::<_, Error>(c.id())
-        })
-        .await
-        .unwrap();
-    let handles: Vec<_> = (0..TASKS)
-        .map(|task| {
-            let store = if task % 2 == 0 { cached } else { other }.clone();
-            tokio::spawn(async move {
-                for _ in 0..INCREMENTS {
-                    store
-                        .transact_with_retry(Retry::attempts(10_000), async move |ctx| {
-                            let mut c = ctx.load::<Counter>(id).await?;
-                            ctx.apply(&mut c, CounterEvent::Incremented)?;
-                            Ok::<_, Error>(())
-                        })
-                        .await?;
-                }
-                Ok::<_, Error>(())
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle
-            .await
-            .expect("task did not panic")
-            .expect("no error reached the caller");
-    }
-    for store in [cached, other] {
-        let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
-        assert_eq!(
-            (counter.value, counter.version()),
-            (TASKS * INCREMENTS, TASKS * INCREMENTS + 1)
-        );
-    }
+    super::contended_increments_across(&[cached.clone(), other.clone()], 6, 25).await;
 }
 
 pub async fn the_cache_holds_at_most_its_capacity(cached: &Store, other: &Store) {

@@ -213,13 +213,15 @@ impl StoreOptions {
     /// per commit.
     ///
     /// **What it holds.** Aggregates whose state is `Clone` (`#[derive(Clone)]` beside
-    /// `#[derive(Aggregate)]`): the cache hands every load a clone and keeps a clone of what a
-    /// commit wrote. Other aggregates are loaded in full, as without the cache. The cache
+    /// `#[derive(Aggregate)]`; a hand-written `Clone` must make an equal copy): the cache hands
+    /// every load a clone and keeps a clone of what a commit wrote. Cloning a state is cheaper
+    /// than encoding and decoding it, and needs no serde. Other aggregates are loaded in full,
+    /// as without the cache. The cache
     /// belongs to the store handle and is shared by its clones; two handles (two
     /// [`Store::open`](crate::Store::open) calls, two processes) have one each.
     ///
     /// **Memory.** At most `entries` states, each the size of the aggregate's state with what
-    /// it owns on the heap, plus about 150 bytes of bookkeeping and its natural key. When full,
+    /// it owns on the heap, plus about 200 bytes of bookkeeping and its natural key. When full,
     /// the least recently used entries are evicted (CLOCK order).
     ///
     /// **Why it never returns stale state.** An entry is the state after exactly the first `n`
