@@ -52,12 +52,13 @@
 //!
 //! | span | when | fields |
 //! | --- | --- | --- |
-//! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot) |
+//! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot, or after `cached_version` for an aggregate from the [aggregate cache](StoreOptions::aggregate_cache)) |
 //! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, `in_caller_tx` (true for `commit_in`) |
 //!
 //! Events: `DEBUG` "conflict, retrying" with `attempt` from the retry helper; `WARN` when a stored
 //! snapshot does not decode (the load rebuilds from events) or a snapshot is over the size limit
-//! (not staged); `INFO` for each migration applied at open; on PostgreSQL, `WARN` when the
+//! (not staged); `DEBUG` when a cached aggregate is ahead of the store (it is evicted and loaded
+//! in full); `INFO` for each migration applied at open; on PostgreSQL, `WARN` when the
 //! `LISTEN` connection is lost (waiters poll until it is back).
 
 #![forbid(unsafe_code)]
