@@ -306,7 +306,9 @@ fn feed_sql(events: &str, aggregates: &str, feed_epoch: &str) -> String {
 /// (NULL: the latest), then the snapshot shape, or for the variants without snapshots the
 /// version to read after (0, or the version an aggregate cache holds). The variants without
 /// snapshots leave the snapshot table out altogether: a smaller plan is a cheaper one to start
-/// on every execution.
+/// on every execution. Bounding the events on both sides makes the plan an ordered scan of the
+/// (aggregate, sequence) index: with an upper bound alone PostgreSQL 15 chose a bitmap scan and a
+/// sort, twice the server time for a 10,000-event load.
 fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
     let aggregates = names.table("aggregates");
     let events = names.table("events");
