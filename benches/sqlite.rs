@@ -11,6 +11,11 @@
 //! timestamps.
 //!
 //! - W1: sequential commits, each creating an aggregate with one event.
+//! - W2: 8 concurrent tasks, each running one-event deposit commands (load, apply, commit) on
+//!   an aggregate of its own, a fresh one every round; the raw side runs the least SQL a
+//!   deposit that decides nothing from the state needs (`BEGIN IMMEDIATE; SELECT max(sequence)
+//!   …; INSERT …; COMMIT`, no load), annals runs as opened by default and with an aggregate
+//!   cache (`StoreOptions::aggregate_cache`). No sqlx side.
 //! - W3: sequential commits, each creating an aggregate with 100 events.
 //! - W4: loading one 10,000-event aggregate (rows read, payloads decoded, state folded).
 //! - W5: the same aggregate with a snapshot every 100 events: snapshot plus 50 events.
@@ -22,6 +27,7 @@ mod raw_rusqlite;
 #[path = "sqlite_raw/sqlx.rs"]
 mod raw_sqlx;
 
+use std::cell::Cell;
 use std::future::Future;
 use std::time::Duration;
 
@@ -36,7 +42,7 @@ use harness::ledger::*;
 /// One workload's medians on the three sides.
 struct Line {
     row: Row,
-    sqlx: Duration,
+    sqlx: Option<Duration>,
 }
 
 /// Runs the three sides in turn for `rounds` rounds, rotating which goes first, and keeps each
@@ -90,6 +96,8 @@ async fn annals_create<A: Aggregate + annals::Handles<Moved> + Apply<Moved>>(
 
 struct Sides {
     store: Store,
+    /// A second handle on the annals file, with an aggregate cache.
+    cached: Store,
     rusqlite: RawRusqlite,
     sqlx: RawSqlx,
 }
@@ -126,6 +134,85 @@ async fn commits(sides: &Sides, rounds: usize, commits: usize, events: &[Moved])
     )
     .await;
     [r, a, s]
+}
+
+/// W2: `TASKS` tasks at once, each running `commands` deposits on an aggregate of its own, on
+/// raw rusqlite (least SQL), annals and annals with its cache: (rusqlite, annals, cached).
+async fn deposits(sides: &Sides, rounds: usize, commands: usize) -> [Duration; 3] {
+    const TASKS: usize = 8;
+    let one = [moved(1)];
+    let mut raw_ids = Vec::new();
+    let mut annals_ids = Vec::new();
+    let mut cached_ids = Vec::new();
+    for _ in 0..TASKS * rounds {
+        let t = sides.rusqlite.ledger_type;
+        raw_ids.push(sides.rusqlite.create(t, &one, None).await);
+        annals_ids.push(annals_create::<Ledger>(&sides.store, &one).await);
+        cached_ids.push(annals_create::<Ledger>(&sides.cached, &one).await);
+    }
+    let round = [const { Cell::new(0usize) }; 3];
+    let (r, a, c) = compare3(
+        rounds,
+        || {
+            let ids = &raw_ids[round[0].get() * TASKS..][..TASKS];
+            round[0].set(round[0].get() + 1);
+            let raw = &sides.rusqlite;
+            timed(async move {
+                let tasks = ids.iter().map(|&id| async move {
+                    for _ in 0..commands {
+                        raw.deposit(id, &moved(2)).await;
+                    }
+                });
+                futures_join_all(tasks).await;
+            })
+        },
+        || {
+            let ids = &annals_ids[round[1].get() * TASKS..][..TASKS];
+            round[1].set(round[1].get() + 1);
+            let store = &sides.store;
+            timed(async move {
+                futures_join_all(ids.iter().map(|&id| deposit_commands(store, id, commands))).await;
+            })
+        },
+        || {
+            let ids = &cached_ids[round[2].get() * TASKS..][..TASKS];
+            round[2].set(round[2].get() + 1);
+            let store = &sides.cached;
+            timed(async move {
+                futures_join_all(ids.iter().map(|&id| deposit_commands(store, id, commands))).await;
+            })
+        },
+    )
+    .await;
+    [r, a, c]
+}
+
+/// `commands` deposit commands on `id` through annals: load, apply, commit.
+async fn deposit_commands(store: &Store, id: AggregateId, commands: usize) {
+    for _ in 0..commands {
+        store
+            .transact(async |ctx| {
+                let mut ledger = ctx.load::<Ledger>(id).await?;
+                ctx.apply(&mut ledger, moved(2))?;
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs the futures concurrently on this task, and waits for all of them.
+async fn futures_join_all<F: Future<Output = ()>>(futures: impl IntoIterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Writes one aggregate of `events` events on each side, checks that all rebuild the same
@@ -214,20 +301,21 @@ fn line(
             annals,
             goal,
         },
-        sqlx,
+        sqlx: Some(sqlx),
     }
 }
 
 async fn run(synchronous: Synchronous) -> Vec<Line> {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_with(
-        &format!("sqlite://{}", dir.path().join("annals.db").display()),
-        StoreOptions::new().synchronous(synchronous),
-    )
-    .await
-    .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("annals.db").display());
+    let options = StoreOptions::new().synchronous(synchronous);
+    let store = Store::open_with(&url, options.clone()).await.unwrap();
+    let cached = Store::open_with(&url, options.aggregate_cache(10_000))
+        .await
+        .unwrap();
     let sides = Sides {
         store,
+        cached,
         rusqlite: RawRusqlite::open(&dir.path().join("rusqlite.db"), synchronous).await,
         sqlx: RawSqlx::open(&dir.path().join("sqlx.db"), synchronous).await,
     };
@@ -244,6 +332,26 @@ async fn run(synchronous: Synchronous) -> Vec<Line> {
         times,
         ">= 0.9x",
     ));
+
+    let n = size(250, 5);
+    let [raw, plain, with_cache] = deposits(&sides, rounds, n).await;
+    let measure = Measure::Throughput { ops: 8 * n };
+    for (name, what, annals, goal) in [
+        ("W2", "", plain, ""),
+        ("W2c", ", cache", with_cache, ">= 0.95x"),
+    ] {
+        lines.push(Line {
+            row: Row {
+                name,
+                what: format!("8 tasks x {n} deposits{what}, least SQL"),
+                measure,
+                raw,
+                annals,
+                goal,
+            },
+            sqlx: None,
+        });
+    }
 
     let n = size(100, 3);
     let hundred: Vec<Moved> = (0..100).map(moved).collect();
@@ -277,6 +385,7 @@ async fn run(synchronous: Synchronous) -> Vec<Line> {
     lines.push(line("W5", what, Measure::Time, per_load, "<= 1.1x"));
 
     sides.store.close().await;
+    sides.cached.close().await;
     lines
 }
 
@@ -287,28 +396,35 @@ fn print(synchronous: Synchronous, lines: &[Line]) {
         "", "workload", "raw rusqlite", "annals", "ratio", "goal", "raw sqlx", "vs sqlx"
     );
     for Line { row, sqlx } in lines {
-        let old = Row {
-            name: row.name,
-            what: String::new(),
-            measure: row.measure,
-            raw: *sqlx,
-            annals: row.annals,
-            goal: "",
+        let (sqlx_figure, vs_sqlx) = match sqlx {
+            Some(sqlx) => {
+                let old = Row {
+                    name: row.name,
+                    what: String::new(),
+                    measure: row.measure,
+                    raw: *sqlx,
+                    annals: row.annals,
+                    goal: "",
+                };
+                // annals against sqlx, in the direction where higher is better.
+                let ratio = match row.measure {
+                    Measure::Throughput { .. } => old.ratio(),
+                    Measure::Time => 1.0 / old.ratio(),
+                };
+                (figure(row.measure, *sqlx), format!("{ratio:>8.2}x"))
+            }
+            None => ("-".to_owned(), "-".to_owned()),
         };
         println!(
-            "{:<4} {:<40} {:>16} {:>16} {:>6.2}x  {:<8} {:>16} {:>8.2}x",
+            "{:<4} {:<40} {:>16} {:>16} {:>6.2}x  {:<8} {:>16} {:>9}",
             row.name,
             row.what,
             figure(row.measure, row.raw),
             figure(row.measure, row.annals),
             row.ratio(),
             row.goal,
-            figure(row.measure, *sqlx),
-            // annals against sqlx, in the direction where higher is better.
-            match row.measure {
-                Measure::Throughput { .. } => old.ratio(),
-                Measure::Time => 1.0 / old.ratio(),
-            },
+            sqlx_figure,
+            vs_sqlx,
         );
     }
 }

@@ -11,6 +11,40 @@ conformance_suite!(
     support::open_fresh()
 );
 
+/// The whole suite again on a store with an aggregate cache.
+mod with_cache {
+    use super::support;
+
+    crate::conformance_suite!(
+        attributes = [#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]],
+        async {
+            let schema = support::fresh_schema()?;
+            let store = schema
+                .open_with(schema.options().aggregate_cache(1_000))
+                .await;
+            Some((store, schema))
+        }
+    );
+}
+
+/// Two handles on one schema, the first with an aggregate cache.
+mod cache {
+    use super::support;
+
+    crate::cache_suite!(
+        attributes = [#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]],
+        async {
+            let schema = support::fresh_schema()?;
+            let options = schema
+                .options()
+                .aggregate_cache(crate::conformance::cache::CAPACITY);
+            let cached = schema.open_with(options).await;
+            let other = schema.open().await;
+            Some((cached, other, schema))
+        }
+    );
+}
+
 #[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test]
 async fn commit_too_large_is_refused() {
@@ -33,6 +67,10 @@ fn every_postgres_test_is_ignored_without_a_server() {
         ("tests/postgres_feed.rs", include_str!("postgres_feed.rs")),
         ("tests/postgres_store.rs", include_str!("postgres_store.rs")),
         ("tests/pgbouncer.rs", include_str!("pgbouncer.rs")),
+        (
+            "tests/aggregate_cache.rs",
+            include_str!("aggregate_cache.rs"),
+        ),
     ];
     for (file, source) in files {
         let lines: Vec<&str> = source.lines().collect();

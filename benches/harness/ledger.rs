@@ -14,7 +14,7 @@ pub struct Moved {
 }
 
 /// The state both ledgers fold their events into.
-#[derive(Serialize, Deserialize, Default, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Default, Debug, PartialEq, Clone)]
 pub struct Totals {
     pub balance: i64,
     pub moves: u64,
@@ -29,11 +29,12 @@ impl Totals {
     }
 }
 
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+// `Clone`, so that a store with an aggregate cache keeps ledgers in it.
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug, Clone)]
 #[aggregate(name = "bench.ledger", events(Moved))]
 pub struct Ledger(pub Totals);
 
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug, Clone)]
 #[aggregate(name = "bench.snapped_ledger", events(Moved), snapshot_every = 100)]
 pub struct SnappedLedger(pub Totals);
 

@@ -6,6 +6,7 @@
 pub mod ledger;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 /// True under `ANNALS_BENCH_QUICK=1`: tiny sizes, a smoke run of every code path.
@@ -76,6 +77,23 @@ where
         }
     }
     (median(&mut raw_times), median(&mut annals_times))
+}
+
+/// A boxed run of one side, for [`compare_all`].
+pub type Run<'a> = Box<dyn FnMut(usize) -> Pin<Box<dyn Future<Output = Duration> + 'a>> + 'a>;
+
+/// [`compare`] for any number of sides: each round runs every side once, the first side of
+/// the round rotating, and each side's median time is returned, in the order given.
+pub async fn compare_all(rounds: usize, mut sides: Vec<Run<'_>>) -> Vec<Duration> {
+    let n = sides.len();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(rounds); n];
+    for round in 0..rounds {
+        for turn in 0..n {
+            let side = (round + turn) % n;
+            times[side].push(sides[side](round).await);
+        }
+    }
+    times.iter_mut().map(|t| median(t)).collect()
 }
 
 fn median(times: &mut [Duration]) -> Duration {

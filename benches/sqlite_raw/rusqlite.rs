@@ -188,6 +188,38 @@ impl RawRusqlite {
         id
     }
 
+    /// The least SQL for one deposit, deciding nothing from the aggregate's state: the next
+    /// sequence read in the write transaction that inserts the event.
+    pub async fn deposit(&self, id: uuid::Uuid, event: &Moved) {
+        let payload = serde_json::to_vec(event).unwrap();
+        let event_id = uuid::Uuid::now_v7();
+        let moved_type = self.moved_type;
+        self.on_writer(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .unwrap();
+            let id = id.as_bytes().as_slice();
+            let last: Option<i64> = tx
+                .prepare_cached("SELECT max(sequence) FROM raw_events WHERE aggregate_id = ?1")
+                .unwrap()
+                .query_row([id], |r| r.get(0))
+                .unwrap();
+            tx.prepare_cached("INSERT INTO raw_events (aggregate_id, sequence, event_type_id, schema_version, payload, metadata, recorded_at, event_id) VALUES (?1, ?2, ?3, 1, ?4, NULL, ?5, ?6)")
+                .unwrap()
+                .execute((
+                    id,
+                    last.unwrap_or(0) + 1,
+                    moved_type,
+                    payload.as_slice(),
+                    micros_now(),
+                    event_id.as_bytes().as_slice(),
+                ))
+                .unwrap();
+            tx.commit().unwrap();
+        })
+        .await
+    }
+
     /// One load by hand: the row, the newest snapshot (if asked), the events after it, decoded
     /// and folded on the reader thread.
     pub async fn load<S>(&self, id: uuid::Uuid, with_snapshot: bool) -> (S, i64)

@@ -76,8 +76,8 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     const NAME: &'static str = #name;
                     const SNAPSHOT_EVERY: ::core::option::Option<u64> = ::core::option::Option::None;
                     const SNAPSHOT_VERSION: u32 = 1;
-                    fn apply_stored(&mut self, __stored: &#private::StoredPayload<'_>) -> #private::Result<()> {
-                        ::core::result::Result::Err(__stored.unknown(#name))
+                    fn handler(_: &str) -> ::core::option::Option<#private::Handler<Self>> {
+                        ::core::option::Option::None
                     }
                     fn encode_snapshot(&self) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
                         ::core::option::Option::None
@@ -92,17 +92,22 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     }
 
     // The `Apply` call is spanned at the type in the user's list: a missing impl is reported
-    // there, once.
+    // there, once. Each listed event gets a handler, a closure without captures, which a load
+    // looks up once per event type and calls for every event of that type.
     let dispatch = events.iter().map(|path| {
         let krate = respan(&krate, path.span());
         let apply = quote_spanned! {path.span()=>
-            <Self as #krate::Apply<#path>>::apply(self, &__event);
+            <Self as #krate::Apply<#path>>::apply(__state, &__event);
         };
         quote_spanned! {path.span()=>
-            if #private::lists(<#path as #krate::Event>::NAMES, __stored.name) {
-                let __event = __stored.decode::<#path>()?;
-                #apply
-                return ::core::result::Result::Ok(());
+            if #private::lists(<#path as #krate::Event>::NAMES, __name) {
+                return ::core::option::Option::Some(
+                    |__state: &mut Self, __stored: &#private::StoredPayload<'_>| {
+                        let __event = __stored.decode::<#path>()?;
+                        #apply
+                        ::core::result::Result::Ok(())
+                    },
+                );
             }
         }
     });
@@ -143,12 +148,17 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 const SNAPSHOT_EVERY: ::core::option::Option<u64> = #snapshot_every;
                 const SNAPSHOT_VERSION: u32 = #snapshot_version;
 
-                fn apply_stored(
-                    &mut self,
-                    __stored: &#private::StoredPayload<'_>,
-                ) -> #private::Result<()> {
+                fn handler(
+                    __name: &str,
+                ) -> ::core::option::Option<#private::Handler<Self>> {
                     #(#dispatch)*
-                    ::core::result::Result::Err(__stored.unknown(#name))
+                    ::core::option::Option::None
+                }
+
+                fn clone_for_cache(&self) -> ::core::option::Option<Self> {
+                    #[allow(unused_imports)]
+                    use #private::{CloneByClone as _, CloneNone as _};
+                    (&#private::CloneProbe::<Self>::NEW).clone_for_cache(self)
                 }
 
                 fn encode_snapshot(

@@ -127,9 +127,27 @@ pub trait Aggregate: Default + Send + Sync + Sized + 'static {
     /// The shape version of snapshots; a stored snapshot of another version is ignored.
     const SNAPSHOT_VERSION: u32;
 
+    /// The function that decodes and applies events stored under `name`, or `None` when the
+    /// aggregate does not list it. A load resolves each event type once, then calls the handler
+    /// for every event of that type.
+    #[doc(hidden)]
+    fn handler(name: &str) -> Option<Handler<Self>>;
+
     /// Applies one stored event, found by its registered name.
     #[doc(hidden)]
-    fn apply_stored(&mut self, stored: &crate::event::StoredPayload<'_>) -> Result<()>;
+    fn apply_stored(&mut self, stored: &crate::event::StoredPayload<'_>) -> Result<()> {
+        match Self::handler(stored.name) {
+            Some(handler) => handler(self, stored),
+            None => Err(stored.unknown(Self::NAME)),
+        }
+    }
+
+    /// A copy of the state for the aggregate cache: `Some` when the state is `Clone` (the
+    /// derive finds out), `None` when it is not, and the cache then leaves it out.
+    #[doc(hidden)]
+    fn clone_for_cache(&self) -> Option<Self> {
+        None
+    }
 
     /// Encodes the state as a snapshot payload, when snapshots are enabled.
     #[doc(hidden)]
@@ -139,6 +157,10 @@ pub trait Aggregate: Default + Send + Sync + Sized + 'static {
     #[doc(hidden)]
     fn decode_snapshot(payload: &[u8], version: u64) -> Result<Self>;
 }
+
+/// Decodes one stored event of a type the aggregate lists and applies it.
+#[doc(hidden)]
+pub type Handler<A> = fn(&mut A, &crate::event::StoredPayload<'_>) -> Result<()>;
 
 /// How an aggregate changes when an event happens. One impl per event the aggregate lists.
 ///

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use tracing::Instrument;
 
 use crate::aggregate::{AggregateId, Handles, Root};
+use crate::cache::{CachedState, follow};
 use crate::clash::ClashRules;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -27,6 +28,9 @@ pub(crate) struct Tracked {
     pub(crate) base: u64,
     pub(crate) events: Vec<StagedEvent>,
     pub(crate) snapshot: Option<StagedSnapshot>,
+    /// With an aggregate cache: a copy of the state with the staged events applied, which a
+    /// successful commit hands to the cache.
+    pub(crate) cached: Option<CachedState>,
 }
 
 /// How the context came to track an aggregate.
@@ -195,6 +199,9 @@ impl Context {
             if snapshot.is_some() {
                 tracked.snapshot = snapshot;
             }
+            if self.store.inner.cache.is_some() {
+                follow(&mut tracked.cached, root, &event);
+            }
         }
         Ok(event_id)
     }
@@ -205,12 +212,20 @@ impl Context {
     /// since it was loaded, or [`Error::KeyTaken`] when a new aggregate's key was committed
     /// first; nothing of this context is written then. A context with nothing staged (and every
     /// read-only context) commits without touching the store.
-    pub async fn commit(self) -> Result<()> {
+    pub async fn commit(mut self) -> Result<()> {
+        let cached = self.take_cached();
         let Some((clashes, store, batch)) = self.into_commit()? else {
             return Ok(());
         };
         let span = commit_span(&batch, false);
-        match store.inner.backend.commit(&batch).instrument(span).await {
+        let result = store.inner.backend.commit(&batch).instrument(span).await;
+        if let Some(cached) = cached {
+            match &result {
+                Ok(()) => cached.committed(&store),
+                Err(_) => cached.discarded(&store),
+            }
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(e) => Err(clashes.classify(&store, &mut Via::Store, e).await),
         }
@@ -335,13 +350,18 @@ impl Context {
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "sqlite")]
-    pub fn commit_in_sqlite(self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    pub fn commit_in_sqlite(mut self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+        let cached = self.take_cached();
         let Some((clashes, store, batch)) = self.into_commit()? else {
             return Ok(());
         };
         let _entered = commit_span(&batch, true).entered();
-        crate::store::sql::sqlite::commit_in(&store, tx, &batch)
-            .map_err(|e| clashes.classify_without_store(e))
+        let result = crate::store::sql::sqlite::commit_in(&store, tx, &batch);
+        // The caller may still roll `tx` back: the cache forgets these aggregates.
+        if let Some(cached) = cached {
+            cached.discarded(&store);
+        }
+        result.map_err(|e| clashes.classify_without_store(e))
     }
 }
 
@@ -421,13 +441,19 @@ impl Context {
     /// tx.commit().await?; // the invoice and the order's events, together
     /// # Ok(()) }
     /// ```
-    pub async fn commit_in(self, conn: &mut sqlx::PgConnection) -> Result<()> {
+    pub async fn commit_in(mut self, conn: &mut sqlx::PgConnection) -> Result<()> {
+        let cached = self.take_cached();
         let Some((clashes, store, batch)) = self.into_commit()? else {
             return Ok(());
         };
         let span = commit_span(&batch, true);
         let backend = crate::store::sql::postgres::of(&store)?;
-        match backend.commit_in(conn, &batch).instrument(span).await {
+        let result = backend.commit_in(conn, &batch).instrument(span).await;
+        // The caller may still roll the transaction back: the cache forgets these aggregates.
+        if let Some(cached) = cached {
+            cached.discarded(&store);
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(e) => Err(clashes.classify(&store, &mut Via::Store, e).await),
         }

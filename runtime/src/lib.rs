@@ -52,18 +52,20 @@
 //!
 //! | span | when | fields |
 //! | --- | --- | --- |
-//! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot) |
+//! | `annals.load` | every load of one aggregate by a context | `aggregate_type`, `aggregate` (id), `version` (rebuilt), `events` (replayed after the snapshot, or after `cached_version` for an aggregate from the [aggregate cache](StoreOptions::aggregate_cache)) |
 //! | `annals.commit` | every commit that writes | `aggregates` (changed), `events`, `in_caller_tx` (true for `commit_in` and `TxContext::commit`) |
 //!
 //! Events: `DEBUG` "conflict, retrying" with `attempt` from the retry helper; `WARN` when a stored
 //! snapshot does not decode (the load rebuilds from events) or a snapshot is over the size limit
-//! (not staged); `INFO` for each migration applied at open; on PostgreSQL, `WARN` when the
+//! (not staged); `DEBUG` when a cached aggregate is ahead of the store (it is evicted and loaded
+//! in full); `INFO` for each migration applied at open; on PostgreSQL, `WARN` when the
 //! `LISTEN` connection is lost (waiters poll until it is back).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod aggregate;
+mod cache;
 mod clash;
 mod codec;
 mod context;
@@ -136,6 +138,42 @@ pub mod __private {
     /// True when `name` is one of `names`.
     pub fn lists(names: &[&str], name: &str) -> bool {
         names.contains(&name)
+    }
+
+    pub use crate::aggregate::Handler;
+
+    /// Finds out at compile time whether an aggregate's state is `Clone`: `(&CloneProbe::<T>::NEW)
+    /// .clone_for_cache(value)` resolves to [`CloneByClone`] when `T: Clone` (a method taking
+    /// the receiver as it is), else to [`CloneNone`] (one more auto-reference).
+    pub struct CloneProbe<T>(core::marker::PhantomData<T>);
+
+    impl<T> CloneProbe<T> {
+        /// The probe.
+        pub const NEW: Self = CloneProbe(core::marker::PhantomData);
+    }
+
+    /// A copy through `Clone`.
+    pub trait CloneByClone<T> {
+        /// `Some(value.clone())`.
+        fn clone_for_cache(&self, value: &T) -> Option<T>;
+    }
+
+    impl<T: Clone> CloneByClone<T> for CloneProbe<T> {
+        fn clone_for_cache(&self, value: &T) -> Option<T> {
+            Some(value.clone())
+        }
+    }
+
+    /// No copy: the state is not `Clone`.
+    pub trait CloneNone<T> {
+        /// `None`.
+        fn clone_for_cache(&self, value: &T) -> Option<T>;
+    }
+
+    impl<T> CloneNone<T> for &CloneProbe<T> {
+        fn clone_for_cache(&self, _: &T) -> Option<T> {
+            None
+        }
     }
 
     /// The error for a name that no variant of an event enum is registered under.

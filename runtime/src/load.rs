@@ -350,6 +350,7 @@ impl Context {
             base: 0,
             events: Vec::new(),
             snapshot: None,
+            cached: None,
         });
         Root {
             id,
@@ -374,6 +375,7 @@ impl Context {
             base: root.version,
             events: Vec::new(),
             snapshot: None,
+            cached: None,
         });
         Ok(root)
     }
@@ -431,6 +433,11 @@ impl Context {
         locate: Locate<'_>,
         up_to: Option<u64>,
     ) -> Result<Option<Root<A>>> {
+        // The cache holds committed states only: a caller's transaction reads past it.
+        let cache = via.reads_committed();
+        if cache && let Some(found) = self.fetch_cached::<A>(locate, up_to).await? {
+            return Ok(found);
+        }
         let span = tracing::debug_span!(
             "annals.load",
             aggregate_type = A::NAME,
@@ -443,6 +450,7 @@ impl Context {
                 locate,
                 snapshot_version: A::SNAPSHOT_EVERY.map(|_| A::SNAPSHOT_VERSION),
                 up_to,
+                after: None,
             };
             let Some(stream) = self.store.load_via(via, request).await? else {
                 return Ok(None);
@@ -479,6 +487,11 @@ impl Context {
         }
         .instrument(span)
         .await
+        .inspect(|loaded| {
+            if cache {
+                self.remember(loaded);
+            }
+        })
     }
 }
 

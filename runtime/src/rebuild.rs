@@ -1,14 +1,39 @@
 //! Rebuilding a root from what the store returned, and the snapshot a root is due after an
 //! event.
 
-use crate::aggregate::{Aggregate, Root};
+use std::sync::Arc;
+
+use crate::aggregate::{Aggregate, Handler, Root};
 use crate::error::{Error, Result};
 use crate::event::StoredPayload;
-use crate::store::{LoadedStream, StagedSnapshot};
+use crate::store::{AggregateRow, LoadedStream, StagedSnapshot};
 
 /// Folds a loaded stream into a root, checking that versions follow each other with no gap.
 pub(crate) fn rebuild<A: Aggregate>(stream: &LoadedStream) -> Result<Root<A>> {
-    let row = &stream.row;
+    check_type::<A>(&stream.row)?;
+    let (mut state, version) = match &stream.snapshot {
+        Some(snapshot) => (
+            A::decode_snapshot(&snapshot.payload, snapshot.version)?,
+            snapshot.version,
+        ),
+        None => (A::default(), 0),
+    };
+    let version = apply_events(&mut state, version, stream)?;
+    Ok(root(stream, version, state))
+}
+
+/// Folds the events of a stream read after a cached version into the cached state.
+pub(crate) fn rebuild_from<A: Aggregate>(
+    stream: &LoadedStream,
+    version: u64,
+    mut state: A,
+) -> Result<Root<A>> {
+    check_type::<A>(&stream.row)?;
+    let version = apply_events(&mut state, version, stream)?;
+    Ok(root(stream, version, state))
+}
+
+fn check_type<A: Aggregate>(row: &AggregateRow) -> Result<()> {
     if row.aggregate_type != A::NAME {
         return Err(Error::WrongAggregateType {
             aggregate: row.id,
@@ -16,34 +41,56 @@ pub(crate) fn rebuild<A: Aggregate>(stream: &LoadedStream) -> Result<Root<A>> {
             found: row.aggregate_type.clone(),
         });
     }
-    let (mut state, mut version) = match &stream.snapshot {
-        Some(snapshot) => (
-            A::decode_snapshot(&snapshot.payload, snapshot.version)?,
-            snapshot.version,
-        ),
-        None => (A::default(), 0),
-    };
+    Ok(())
+}
+
+fn root<A>(stream: &LoadedStream, version: u64, state: A) -> Root<A> {
+    Root {
+        id: stream.row.id,
+        key: stream.row.key.clone(),
+        version,
+        state,
+    }
+}
+
+/// Applies the stream's events to `state`, at `version`, and returns the version reached. Each
+/// event type's handler is looked up once per load: the names of a stream share their
+/// allocation with the backend's type cache, so most events find theirs by pointer.
+fn apply_events<A: Aggregate>(
+    state: &mut A,
+    mut version: u64,
+    stream: &LoadedStream,
+) -> Result<u64> {
+    let mut handlers: Vec<(&Arc<str>, Handler<A>)> = Vec::new();
     for event in &stream.events {
         if event.version != version + 1 {
             return Err(Error::Corrupt(format!(
                 "aggregate {} jumps from version {version} to {} at position {}",
-                row.id, event.version, event.position
+                stream.row.id, event.version, event.position
             )));
         }
-        state.apply_stored(&StoredPayload {
+        let stored = StoredPayload {
             name: &event.name,
             schema_version: event.schema_version,
-            payload: &event.payload,
+            payload: stream.payload(event)?,
             position: event.position,
-        })?;
+        };
+        let found = handlers
+            .iter()
+            .find(|(name, _)| Arc::ptr_eq(name, &event.name))
+            .or_else(|| handlers.iter().find(|(name, _)| ***name == *event.name));
+        let handler = match found {
+            Some((_, handler)) => *handler,
+            None => {
+                let handler = A::handler(&event.name).ok_or_else(|| stored.unknown(A::NAME))?;
+                handlers.push((&event.name, handler));
+                handler
+            }
+        };
+        handler(state, &stored)?;
         version = event.version;
     }
-    Ok(Root {
-        id: row.id,
-        key: row.key.clone(),
-        version,
-        state,
-    })
+    Ok(version)
 }
 
 /// The snapshot to stage after `root` reached its current version, if the policy fires. A

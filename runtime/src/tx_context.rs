@@ -166,16 +166,21 @@ impl<'c> TxContext<'c> {
     /// [`Context::commit`] does, leaving the transaction usable and without anything of this
     /// context (see [`TxContext`]). A context with nothing staged sends nothing.
     pub async fn commit(self) -> Result<()> {
-        let TxContext { ctx, conn } = self;
+        let TxContext { mut ctx, conn } = self;
+        let cached = ctx.take_cached();
         let Some((clashes, store, batch)) = ctx.into_commit()? else {
             return Ok(());
         };
         let span = commit_span(&batch, true);
-        match postgres::of(&store)?
+        let result = postgres::of(&store)?
             .commit_bound(conn, &batch)
             .instrument(span)
-            .await
-        {
+            .await;
+        // The caller may still roll the transaction back: the cache forgets these aggregates.
+        if let Some(cached) = cached {
+            cached.discarded(&store);
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(e) => Err(clashes.classify(&store, &mut Via::Caller(conn), e).await),
         }

@@ -22,7 +22,8 @@ pub struct Withdrawn {
     pub amount: i64,
 }
 
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+// `Clone`, so that stores opened with an aggregate cache keep accounts in it.
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug, Clone)]
 #[aggregate(name = "account", events(Opened, Deposited, Withdrawn))]
 pub struct Account {
     pub owner: String,
@@ -94,7 +95,7 @@ pub enum CounterEvent {
     Reset(u64),
 }
 
-#[derive(Aggregate, Serialize, Deserialize, Default, Debug)]
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug, Clone)]
 #[aggregate(name = "counter", events(CounterEvent))]
 pub struct Counter {
     pub value: u64,
@@ -151,11 +152,9 @@ impl annals::Aggregate for MeterNextRelease {
     const SNAPSHOT_EVERY: Option<u64> = Some(5);
     const SNAPSHOT_VERSION: u32 = 2;
 
-    fn apply_stored(
-        &mut self,
-        stored: &annals::__private::StoredPayload<'_>,
-    ) -> annals::Result<()> {
-        self.inner.apply_stored(stored)
+    fn handler(name: &str) -> Option<annals::__private::Handler<Self>> {
+        <Meter as annals::Aggregate>::handler(name)?;
+        Some(|state, stored| state.inner.apply_stored(stored))
     }
 
     fn encode_snapshot(&self) -> Option<annals::Result<Vec<u8>>> {

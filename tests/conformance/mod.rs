@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod domain;
 pub mod subscriptions;
 
@@ -883,6 +884,15 @@ pub async fn retry_helper_counts_to_400(store: &Store) {
 /// counter ends at `tasks × increments` with versions 1..=N and no gap, and no conflict reaches
 /// a caller.
 pub async fn contended_increments(store: &Store, tasks: u64, increments: u64) {
+    contended_increments_across(std::slice::from_ref(store), tasks, increments).await;
+}
+
+/// [`contended_increments`] with task `i` on `stores[i % stores.len()]`, handles on one store;
+/// every handle then reads the same counter and versions.
+pub async fn contended_increments_across(stores: &[Store], tasks: u64, increments: u64) {
+    let Some(store) = stores.first() else {
+        return;
+    };
     let id = store
         .transact(async |ctx| {
             let mut c = ctx.create::<Counter>()?;
@@ -892,8 +902,8 @@ pub async fn contended_increments(store: &Store, tasks: u64, increments: u64) {
         .await
         .unwrap();
     let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let store = store.clone();
+        .map(|task| {
+            let store = stores[task as usize % stores.len()].clone();
             tokio::spawn(async move {
                 for _ in 0..increments {
                     store
@@ -915,10 +925,12 @@ pub async fn contended_increments(store: &Store, tasks: u64, increments: u64) {
             .expect("task did not panic")
             .expect("no error reached the caller");
     }
-    let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
-    assert_eq!(counter.value, tasks * increments);
-    let expected: Vec<u64> = (1..=tasks * increments + 1).collect();
-    assert_eq!(versions(store, id).await, expected, "versions with no gap");
+    for store in stores {
+        let counter = store.begin_read_only().load::<Counter>(id).await.unwrap();
+        assert_eq!(counter.value, tasks * increments);
+        let expected: Vec<u64> = (1..=tasks * increments + 1).collect();
+        assert_eq!(versions(store, id).await, expected, "versions with no gap");
+    }
 }
 
 /// The versions in an aggregate's history, oldest first.

@@ -400,7 +400,8 @@ impl Backend for MemoryBackend {
                 return Ok(None);
             };
             let up_to = request.up_to.map_or(row.version, |v| v.min(row.version));
-            let snapshot = request.snapshot_version.and_then(|shape| {
+            let snapshot = request.snapshot_version.filter(|_| request.after.is_none());
+            let snapshot = snapshot.and_then(|shape| {
                 state
                     .snapshots
                     .get(&(row.id, shape))?
@@ -411,20 +412,25 @@ impl Backend for MemoryBackend {
                         payload: payload.clone(),
                     })
             });
-            let from = snapshot.as_ref().map_or(0, |s| s.version);
+            let from = request
+                .after
+                .unwrap_or_else(|| snapshot.as_ref().map_or(0, |s| s.version));
             let indexes = state.streams.get(&row.id).map_or(&[][..], Vec::as_slice);
             let mut events = Vec::new();
+            let mut payloads = Vec::new();
             for &index in indexes {
                 let Some(e) = state.events.get(index) else {
                     continue;
                 };
                 if e.version > from && e.version <= up_to {
+                    let start = payloads.len();
+                    payloads.extend_from_slice(&e.payload);
                     events.push(StreamEvent {
                         version: e.version,
                         position: index as u64 + 1,
                         name: e.name.clone(),
                         schema_version: e.schema_version,
-                        payload: e.payload.clone(),
+                        payload: start..payloads.len(),
                     });
                 }
             }
@@ -432,6 +438,7 @@ impl Backend for MemoryBackend {
                 row: row.clone(),
                 snapshot,
                 events,
+                payloads,
             }))
         })
     }

@@ -2,11 +2,13 @@
 //! storage engine implements, and the only place a concrete database is named.
 
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::aggregate::AggregateId;
+use crate::cache::AggregateCache;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
@@ -95,6 +97,10 @@ pub(crate) struct LoadRequest<'a> {
     pub snapshot_version: Option<u32>,
     /// Read no further than this version (the version an earlier load in the same context saw).
     pub up_to: Option<u64>,
+    /// The caller holds the state at this version (from the aggregate cache): no snapshot, only
+    /// the events above it. The row still carries the stored version, so a caller whose version
+    /// is ahead of the store's sees it.
+    pub after: Option<u64>,
 }
 
 /// A snapshot as stored.
@@ -112,7 +118,8 @@ pub(crate) struct StreamEvent {
     /// Shared with the backend's type cache: no allocation per event.
     pub name: Arc<str>,
     pub schema_version: u32,
-    pub payload: Vec<u8>,
+    /// Where the payload lies in [`LoadedStream::payloads`].
+    pub payload: Range<usize>,
 }
 
 /// The answer to a [`LoadRequest`]: the row, the newest usable snapshot and the events after it,
@@ -122,6 +129,21 @@ pub(crate) struct LoadedStream {
     pub row: AggregateRow,
     pub snapshot: Option<StoredSnapshot>,
     pub events: Vec<StreamEvent>,
+    /// The events' payloads one after the other: one buffer for a whole load, not one
+    /// allocation per event.
+    pub payloads: Vec<u8>,
+}
+
+impl LoadedStream {
+    /// The payload of `event`, one of this stream's events.
+    pub fn payload(&self, event: &StreamEvent) -> Result<&[u8]> {
+        self.payloads.get(event.payload.clone()).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "the payload of the event at position {} lies outside its load",
+                event.position
+            ))
+        })
+    }
 }
 
 /// An event staged by a context, encoded and ready to insert.
@@ -316,6 +338,8 @@ pub(crate) struct StoreInner {
     pub backend: Box<dyn Backend>,
     pub registry: &'static Registry,
     pub options: StoreOptions,
+    /// The aggregate cache, when [`StoreOptions::aggregate_cache`] turns it on.
+    pub cache: Option<AggregateCache>,
 }
 
 /// A handle to an event store. Cheap to clone; all clones share one backend and its
@@ -409,13 +433,30 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Store> {
         backend.prepare(registry).await?;
+        let cache =
+            (options.aggregate_cache > 0).then(|| AggregateCache::new(options.aggregate_cache));
         Ok(Store {
             inner: Arc::new(StoreInner {
                 backend,
                 registry,
                 options,
+                cache,
             }),
         })
+    }
+
+    /// Empties the aggregate cache (see [`StoreOptions::aggregate_cache`]) of this handle and
+    /// its clones: every aggregate is loaded in full once more. Call it after restoring the
+    /// database from a backup while this handle stays open.
+    pub fn clear_aggregate_cache(&self) {
+        if let Some(cache) = &self.inner.cache {
+            cache.clear();
+        }
+    }
+
+    /// How many aggregates the aggregate cache holds now (0 when it is off).
+    pub fn cached_aggregates(&self) -> usize {
+        self.inner.cache.as_ref().map_or(0, AggregateCache::len)
     }
 
     /// The registry this store was validated against.

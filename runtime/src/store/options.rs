@@ -85,6 +85,9 @@ pub struct StoreOptions {
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
+    /// How many aggregates the store handle keeps in its aggregate cache; 0, the default,
+    /// turns the cache off. See [`aggregate_cache`](StoreOptions::aggregate_cache).
+    pub aggregate_cache: usize,
     /// The inline projections (see [`inline_projection`](StoreOptions::inline_projection)).
     pub(crate) inline: Inline,
 }
@@ -106,6 +109,7 @@ impl Default for StoreOptions {
             hold_back_warning: Duration::from_secs(30),
             migrate: true,
             read_only: false,
+            aggregate_cache: 0,
             inline: Inline::default(),
         }
     }
@@ -205,6 +209,54 @@ impl StoreOptions {
     /// Turns migrations at open on or off.
     pub fn migrate(mut self, migrate: bool) -> Self {
         self.migrate = migrate;
+        self
+    }
+
+    /// Keeps the state of up to `entries` recently used aggregates in memory, so that loading
+    /// one of them reads and applies only the events committed after the version it holds
+    /// (still one round trip to the store, as a load without the cache). 0 turns it off (the
+    /// default).
+    ///
+    /// **When to turn it on.** When the same aggregates are loaded again and again and have
+    /// more than a few events: a command handler that loads an account, applies an event and
+    /// commits spends most of its load decoding and applying the account's past events, unless
+    /// snapshots keep that short. With the cache such a load decodes nothing it has seen. It
+    /// does not help loads of aggregates seen once, and costs a copy of the state per load and
+    /// per commit.
+    ///
+    /// **What it holds.** Aggregates whose state is `Clone` (`#[derive(Clone)]` beside
+    /// `#[derive(Aggregate)]`; a hand-written `Clone` must make an equal copy): the cache hands
+    /// every load a clone and keeps a clone of what a commit wrote. Cloning a state is cheaper
+    /// than encoding and decoding it, and needs no serde. Other aggregates are loaded in full,
+    /// as without the cache. The cache
+    /// belongs to the store handle and is shared by its clones; two handles (two
+    /// [`Store::open`](crate::Store::open) calls, two processes) have one each.
+    ///
+    /// **Memory.** At most `entries` states, each the size of the aggregate's state with what
+    /// it owns on the heap, plus about 200 bytes of bookkeeping and its natural key. When full,
+    /// the least recently used entries are evicted (CLOCK order).
+    ///
+    /// **Why it never returns stale state.** An entry is the state after exactly the first `n`
+    /// committed events of an aggregate, and committed events never change: it comes from a
+    /// full load, or from a commit the store acknowledged (the state the context loaded, with
+    /// the events it committed applied). A load reads the aggregate's row and the events after
+    /// `n` in one statement, so it sees everything committed before it, by this handle or any
+    /// other. Commits still check versions in the store: a conflict fails as without the cache
+    /// and evicts the aggregate, and a commit that fails or whose outcome is unknown never
+    /// updates it, nor does a commit inside the caller's own transaction (`commit_in`,
+    /// `commit_in_sqlite`), which the caller may still roll back. When the store holds fewer
+    /// events than the entry (a database restored from a backup), the entry is evicted and the
+    /// aggregate loaded in full. After restoring a backup over a store that other processes
+    /// keep writing to, call [`Store::clear_aggregate_cache`](crate::Store::clear_aggregate_cache)
+    /// (or restart): a restored history that has grown past an entry's version again cannot be
+    /// told from the one the entry was built from.
+    ///
+    /// ```
+    /// use annals::StoreOptions;
+    /// let options = StoreOptions::new().aggregate_cache(10_000);
+    /// ```
+    pub fn aggregate_cache(mut self, entries: usize) -> Self {
+        self.aggregate_cache = entries;
         self
     }
 

@@ -25,6 +25,14 @@ pub(crate) enum Via<'a> {
     Caller(&'a mut CallerConnection),
 }
 
+impl Via<'_> {
+    /// True for the store's own connections: what they read is committed, so the aggregate
+    /// cache may serve and keep it. A caller's transaction may see its own uncommitted writes.
+    pub(crate) fn reads_committed(&self) -> bool {
+        matches!(self, Via::Store)
+    }
+}
+
 impl Store {
     /// The row of one aggregate, read `via`.
     pub(crate) async fn locate_via(

@@ -81,11 +81,12 @@ pub(crate) struct StreamRow {
     pub position: i64,
     pub event_type_id: i64,
     pub schema_version: i64,
-    pub payload: Vec<u8>,
+    /// Where the payload lies in the load's payload buffer.
+    pub payload: std::ops::Range<usize>,
 }
 
-/// The events of a load, named from `events` (which must hold every id: see
-/// [`StreamRow::type_ids`]), checked to be in version order.
+/// The events of a load, named from `events` (which must hold every id: the stores collect the
+/// distinct ids while they read the rows), checked to be in version order.
 pub(crate) fn stream_events(rows: Vec<StreamRow>, events: &TypeMap) -> Result<Vec<StreamEvent>> {
     let mut out = Vec::with_capacity(rows.len());
     // Runs of one event type are common: name a run once.
@@ -116,15 +117,6 @@ pub(crate) fn stream_events(rows: Vec<StreamRow>, events: &TypeMap) -> Result<Ve
         out.sort_by_key(|e| e.version);
     }
     Ok(out)
-}
-
-impl StreamRow {
-    /// The event type ids of `rows`.
-    // SQLite collects the distinct ids while it reads the rows.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub fn type_ids(rows: &[StreamRow]) -> impl Iterator<Item = i64> + '_ {
-        rows.iter().map(|r| r.event_type_id)
-    }
 }
 
 /// An aggregate's row: id, type id, natural key and version.
@@ -193,7 +185,7 @@ mod tests {
             position,
             event_type_id,
             schema_version: 1,
-            payload: b"{}".to_vec(),
+            payload: 0..2,
         }
     }
 

@@ -100,14 +100,21 @@ impl PostgresBackend {
             .up_to
             .map(|v| to_i64(v, "aggregate version"))
             .transpose()?;
+        let after = request
+            .after
+            .map(|v| to_i64(v, "aggregate version"))
+            .transpose()?;
+        // A load after a cached version reads no snapshot: only the events above that version.
+        let snapshot_version = snapshot_version.filter(|_| after.is_none());
         let with_snapshots = usize::from(snapshot_version.is_some());
         let rows = match request.locate {
             Locate::Id(id) => {
                 let sql = self.sql.load.get(with_snapshots).ok_or_else(no_statement)?;
                 let mut q = query(sql).bind(*id.as_uuid()).bind(up_to);
-                if let Some(shape) = snapshot_version {
-                    q = q.bind(shape);
-                }
+                q = match snapshot_version {
+                    Some(shape) => q.bind(shape),
+                    None => q.bind(after.unwrap_or(0)),
+                };
                 q.fetch_all(&mut *conn).await.map_err(backend_error)?
             }
             Locate::Key {
@@ -126,9 +133,10 @@ impl PostgresBackend {
                     .get(2 + with_snapshots)
                     .ok_or_else(no_statement)?;
                 let mut q = query(sql).bind(type_id).bind(key).bind(up_to);
-                if let Some(shape) = snapshot_version {
-                    q = q.bind(shape);
-                }
+                q = match snapshot_version {
+                    Some(shape) => q.bind(shape),
+                    None => q.bind(after.unwrap_or(0)),
+                };
                 q.fetch_all(&mut *conn).await.map_err(backend_error)?
             }
         };
@@ -136,17 +144,27 @@ impl PostgresBackend {
         // events.
         let mut header = None;
         let mut events = Vec::with_capacity(rows.len().saturating_sub(1));
+        let mut payloads = Vec::new();
+        // The distinct type ids, to check against the cache once each: runs of one type are
+        // common.
+        let mut type_ids: Vec<i64> = Vec::new();
         for row in &rows {
             let Some(position) = get::<Option<i64>>(row, 0)? else {
                 header = Some(row);
                 continue;
             };
+            let event_type_id = i64::from(get::<i32>(row, 2)?);
+            if type_ids.last() != Some(&event_type_id) && !type_ids.contains(&event_type_id) {
+                type_ids.push(event_type_id);
+            }
+            let start = payloads.len();
+            payloads.extend_from_slice(get::<&[u8]>(row, 4)?);
             events.push(StreamRow {
                 version: get(row, 1)?,
                 position,
-                event_type_id: i64::from(get::<i32>(row, 2)?),
+                event_type_id,
                 schema_version: get(row, 3)?,
-                payload: get(row, 4)?,
+                payload: start..payloads.len(),
             });
         }
         let Some(header) = header else {
@@ -159,7 +177,7 @@ impl PostgresBackend {
             };
         };
         let event_types = self
-            .types_with_ids(conn, TypeKind::Event, StreamRow::type_ids(&events))
+            .types_with_ids(conn, TypeKind::Event, type_ids.into_iter())
             .await?;
         let events = stream_events(events, &event_types)?;
         let row = self.header(conn, header, [6, 2, 5, 1]).await?;
@@ -171,6 +189,7 @@ impl PostgresBackend {
             row,
             snapshot,
             events,
+            payloads,
         }))
     }
 }

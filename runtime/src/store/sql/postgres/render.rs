@@ -380,8 +380,12 @@ fn filter_conditions(names: &Names, shape: FilterShape) -> String {
 /// The statement that loads an aggregate. The first row holds the aggregate and its newest
 /// usable snapshot (`position` is NULL); the others are the events after that snapshot, up to
 /// the version asked for. Parameters: the id (or the type id and key), the version to read up to
-/// (NULL: the latest), and the snapshot shape. The variants without snapshots leave the snapshot
-/// table out altogether: a smaller plan is a cheaper one to start on every execution.
+/// (NULL: the latest), then the snapshot shape, or for the variants without snapshots the
+/// version to read after (0, or the version an aggregate cache holds). The variants without
+/// snapshots leave the snapshot table out altogether: a smaller plan is a cheaper one to start
+/// on every execution. Bounding the events on both sides makes the plan an ordered scan of the
+/// (aggregate, sequence) index: with an upper bound alone PostgreSQL 15 chose a bitmap scan and a
+/// sort, twice the server time for a 10,000-event load.
 fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
     let aggregates = names.table("aggregates");
     let events = names.table("events");
@@ -426,13 +430,14 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
             events_branch(" AND e.sequence > COALESCE((SELECT version FROM s), 0)")
         )
     } else {
+        let after = if by_key { "$4" } else { "$3" };
         format!(
             "WITH {a} \
              SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra, \
                     NULL::bytea AS payload, a.natural_key, a.id \
              FROM a \
              UNION ALL {}",
-            events_branch("")
+            events_branch(&format!(" AND e.sequence > {after}::int8"))
         )
     }
 }
@@ -773,7 +778,8 @@ mod tests {
             (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
                     NULL, NULL
              FROM \"shop\".es_events e
-             WHERE e.aggregate_id = $1::uuid AND e.sequence <= (SELECT up_to FROM a)
+             WHERE e.aggregate_id = $1::uuid AND e.sequence > $3::int8
+               AND e.sequence <= (SELECT up_to FROM a)
              ORDER BY e.sequence)";
         assert_eq!(load_sql(&names(), false, false), flat(by_id));
         let by_key_with_snapshot = "

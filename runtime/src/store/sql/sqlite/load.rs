@@ -40,6 +40,7 @@ pub(super) struct Request {
     target: Target,
     snapshot_version: Option<u32>,
     up_to: Option<u64>,
+    after: Option<u64>,
 }
 
 impl From<LoadRequest<'_>> for Request {
@@ -48,6 +49,7 @@ impl From<LoadRequest<'_>> for Request {
             target: request.locate.into(),
             snapshot_version: request.snapshot_version,
             up_to: request.up_to,
+            after: request.after,
         }
     }
 }
@@ -122,7 +124,8 @@ pub(super) fn load(
     let up_to = request.up_to.map_or(row.version, |v| v.min(row.version));
     let id = row.id.as_uuid().as_bytes().as_slice();
     let up_to_i64 = to_i64(up_to, "version")?;
-    let snapshot = match request.snapshot_version {
+    let shape = request.snapshot_version.filter(|_| request.after.is_none());
+    let snapshot = match shape {
         Some(shape) => conn
             .prepare_cached(&sql.snapshot)
             .map_err(backend_error)?
@@ -135,7 +138,9 @@ pub(super) fn load(
             .transpose()?,
         None => None,
     };
-    let from = snapshot.as_ref().map_or(0, |s| s.version);
+    let from = request
+        .after
+        .unwrap_or_else(|| snapshot.as_ref().map_or(0, |s| s.version));
     let mut stmt = conn.prepare_cached(&sql.stream).map_err(backend_error)?;
     let mut rows = stmt
         .query((id, to_i64(from, "version")?, up_to_i64))
@@ -144,17 +149,21 @@ pub(super) fn load(
     let mut stream = Vec::with_capacity(expected.min(1 << 16));
     // The distinct type ids, to check against the cache once each: runs of one type are common.
     let mut type_ids: Vec<i64> = Vec::new();
+    let mut payloads = Vec::new();
     while let Some(r) = rows.next().map_err(backend_error)? {
         let event_type_id = r.get(2).map_err(backend_error)?;
         if type_ids.last() != Some(&event_type_id) && !type_ids.contains(&event_type_id) {
             type_ids.push(event_type_id);
         }
+        let start = payloads.len();
+        let payload = r.get_ref(4).map_err(backend_error)?;
+        payloads.extend_from_slice(payload.as_blob().map_err(backend_error)?);
         stream.push(StreamRow {
             version: r.get(0).map_err(backend_error)?,
             position: r.get(1).map_err(backend_error)?,
             event_type_id,
             schema_version: r.get(3).map_err(backend_error)?,
-            payload: r.get(4).map_err(backend_error)?,
+            payload: start..payloads.len(),
         });
     }
     let events = types.map_with(TypeKind::Event, type_ids.into_iter())?;
@@ -162,5 +171,6 @@ pub(super) fn load(
         row,
         snapshot,
         events: records::stream_events(stream, &events)?,
+        payloads,
     }))
 }
