@@ -71,6 +71,7 @@ fn every_postgres_test_is_ignored_without_a_server() {
             "tests/aggregate_cache.rs",
             include_str!("aggregate_cache.rs"),
         ),
+        ("tests/postgres_bound.rs", include_str!("postgres_bound.rs")),
     ];
     for (file, source) in files {
         let lines: Vec<&str> = source.lines().collect();
