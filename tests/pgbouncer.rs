@@ -351,6 +351,7 @@ async fn subscription_workers_through_pgbouncer() {
         .unwrap();
     let mut ledger = ledger::Ledger {
         tables: format!("\"{}\".model", schema.name),
+        delay: Duration::ZERO,
     };
     ledger::soak_subscription(&store)
         .reset(&mut ledger)

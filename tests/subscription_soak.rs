@@ -15,6 +15,7 @@ use conformance::domain;
 use ledger::{Ledger, soak_subscription};
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use annals::prelude::*;
@@ -34,11 +35,12 @@ fn jitter(round: u64, max: u64) -> u64 {
     (nanos ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % max.max(1)
 }
 
-/// Reads the model back through a handler transaction: (effects, sums by account).
+/// Reads the model back through a handler transaction: (effects, sums by account). On SQLite
+/// the read runs on the writer thread when the transaction commits, into `read`.
+#[derive(Default)]
 struct ReadBack {
     tables: String,
-    effects: i64,
-    sums: HashMap<String, i64>,
+    read: Arc<Mutex<(i64, HashMap<String, i64>)>>,
 }
 
 impl Handler for ReadBack {
@@ -51,25 +53,49 @@ impl Handler for ReadBack {
     }
 
     async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        let t = &self.tables;
+        let count = format!("SELECT count(*) FROM {}_effects", self.tables);
+        let sums = format!("SELECT account, total FROM {}_sums", self.tables);
         #[cfg(feature = "postgres")]
         if let Some(conn) = tx.postgres() {
-            self.effects = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT count(*) FROM {t}_effects"
-            )))
-            .fetch_one(&mut *conn)
-            .await?;
-            let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT account, total FROM {t}_sums"
-            )))
-            .fetch_all(&mut *conn)
-            .await?;
-            self.sums = rows.into_iter().collect();
+            let effects: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count))
+                .fetch_one(&mut *conn)
+                .await?;
+            let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sums))
+                .fetch_all(&mut *conn)
+                .await?;
+            *self.read.lock().unwrap() = (effects, rows.into_iter().collect());
             return Ok(());
         }
-        let _ = (tx, t);
+        #[cfg(feature = "sqlite")]
+        {
+            let read = self.read.clone();
+            tx.sqlite(move |t| {
+                let effects: i64 = t.query_row(&count, [], |r| r.get(0))?;
+                let mut stmt = t.prepare(&sums)?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<HashMap<String, i64>, _>>()?;
+                *read.lock().unwrap() = (effects, rows);
+                Ok(())
+            })?;
+        }
+        let _ = tx;
         Ok(())
     }
+}
+
+/// The model in `tables`: (effects, sums by account).
+async fn model(store: &Store, tables: &str) -> (i64, HashMap<String, i64>) {
+    let mut read = ReadBack {
+        tables: tables.to_owned(),
+        ..ReadBack::default()
+    };
+    store
+        .subscription(&format!("read-{}", uuid::Uuid::now_v7()))
+        .reset(&mut read)
+        .await
+        .unwrap();
+    read.read.lock().unwrap().clone()
 }
 
 /// How the workers run: as tasks of this process, aborted at random, or as processes
@@ -146,6 +172,7 @@ async fn soak(
     let tables = format!("{qualifier}soak_{}", uuid::Uuid::now_v7().simple());
     let ledger = Ledger {
         tables: tables.clone(),
+        delay: Duration::ZERO,
     };
     soak_subscription(store)
         .reset(&mut ledger.clone())
@@ -237,26 +264,6 @@ async fn soak(
     (tables, expected, crashes)
 }
 
-/// The read model on SQLite, read with rusqlite: (effects, sums by account).
-#[cfg(feature = "sqlite")]
-fn sqlite_model(path: &std::path::Path, tables: &str) -> (i64, HashMap<String, i64>) {
-    let conn = annals::rusqlite::Connection::open(path).unwrap();
-    let effects: i64 = conn
-        .query_row(&format!("SELECT count(*) FROM {tables}_effects"), [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let mut stmt = conn
-        .prepare(&format!("SELECT account, total FROM {tables}_sums"))
-        .unwrap();
-    let sums = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    (effects, sums)
-}
-
 #[cfg(feature = "sqlite")]
 async fn soak_sqlite(processes: bool) {
     let dir = tempfile::tempdir().unwrap();
@@ -274,7 +281,7 @@ async fn soak_sqlite(processes: bool) {
     };
     let (tables, expected, crashes) = soak(&store, workers, "", 4, 250, 20).await;
     assert!(crashes > 0, "workers were killed");
-    let (effects, sums) = sqlite_model(&path, &tables);
+    let (effects, sums) = model(&store, &tables).await;
     assert_eq!(effects, 4 * 250 * 20, "each event once");
     assert_eq!(sums, expected, "the read model's sums are the writers'");
     store.close().await;
@@ -309,21 +316,9 @@ async fn soak_postgres(processes: bool) {
     let qualifier = format!("\"{}\".", schema.name);
     let (tables, expected, crashes) = soak(&store, workers, &qualifier, 4, 250, 20).await;
     assert!(crashes > 0, "workers were killed");
-    let mut read = ReadBack {
-        tables: tables.clone(),
-        effects: 0,
-        sums: HashMap::new(),
-    };
-    store
-        .subscription("read-back")
-        .reset(&mut read)
-        .await
-        .unwrap();
-    assert_eq!(read.effects, 4 * 250 * 20, "each event once");
-    assert_eq!(
-        read.sums, expected,
-        "the read model's sums are the writers'"
-    );
+    let (effects, sums) = model(&store, &tables).await;
+    assert_eq!(effects, 4 * 250 * 20, "each event once");
+    assert_eq!(sums, expected, "the read model's sums are the writers'");
     store.close().await;
 }
 
@@ -339,4 +334,139 @@ async fn crashing_worker_tasks_apply_each_event_once_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_worker_processes_apply_each_event_once_on_postgres() {
     soak_postgres(true).await;
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a worker process.
+fn signal(child: &std::process::Child, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal}");
+}
+
+/// A worker process paused (SIGSTOP) in the middle of its batches: its leases expire, another
+/// worker takes its partitions over and delivers what it held; resumed (SIGCONT), the paused one
+/// finds its leases gone and writes nothing it had in hand. The model holds each event once.
+async fn paused_worker_is_taken_over(store: &Store, url: &str, schema: &str, qualifier: &str) {
+    let tables = format!("{qualifier}paused_{}", uuid::Uuid::now_v7().simple());
+    let mut ledger = Ledger {
+        tables: tables.clone(),
+        delay: Duration::ZERO,
+    };
+    soak_subscription(store).reset(&mut ledger).await.unwrap();
+    let mut accounts = Vec::new();
+    for i in 0..8 {
+        accounts.push(conformance::open_account(store, &format!("p{i}"), "P", 0).await);
+    }
+    let deposit_round = |round: i64| {
+        let accounts = accounts.clone();
+        async move {
+            for &id in &accounts {
+                store
+                    .transact_with_retry(Retry::attempts(100), async |ctx| {
+                        let mut a = ctx.load::<Account>(id).await?;
+                        ctx.apply(&mut a, Deposited { amount: round })?;
+                        Ok::<_, annals::Error>(())
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    for round in 1..=10 {
+        deposit_round(round).await;
+    }
+    // A slow worker process: each batch of 50 takes it 200 ms.
+    let mut paused = std::process::Command::new(env!("CARGO_BIN_EXE_annals-soak-worker"))
+        .args([url, schema, tables.as_str(), "200"])
+        .spawn()
+        .expect("start a worker process");
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("soak").await.unwrap();
+            if status.iter().all(|s| s.owner.is_some())
+                && status.iter().any(|s| s.cursor != FeedCursor::START)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the worker process claims every partition and works");
+    signal(&paused, "STOP");
+    for round in 11..=12 {
+        deposit_round(round).await;
+    }
+    // Its leases expire (300 ms); a worker here takes over and delivers everything.
+    let mut taker = ledger.clone();
+    let taking = soak_subscription(store);
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            taking.catch_up(&mut taker).await.unwrap();
+            let status = store.subscriptions().status("soak").await.unwrap();
+            if status
+                .iter()
+                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the paused worker's partitions are taken over");
+    // Resumed, the paused worker finishes the batch it had in hand and cannot store it.
+    signal(&paused, "CONT");
+    deposit_round(13).await;
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("soak").await.unwrap();
+            if status
+                .iter()
+                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the resumed worker goes on");
+    assert!(
+        paused.try_wait().unwrap().is_none(),
+        "the resumed worker runs on: its subscription did not fail"
+    );
+    paused.kill().unwrap();
+    paused.wait().unwrap();
+    let (effects, sums) = model(store, &tables).await;
+    assert_eq!(effects, 13 * 8, "each event once");
+    assert_eq!(sums.len(), 8);
+    assert!(
+        sums.values().all(|&total| total == (1..=13).sum::<i64>()),
+        "every account has every deposit once: {sums:?}"
+    );
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_worker_process_is_taken_over_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("paused.db").display());
+    let store = Store::open(&url).await.unwrap();
+    paused_worker_is_taken_over(&store, &url, "", "").await;
+    store.close().await;
+}
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_worker_process_is_taken_over_on_postgres() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let qualifier = format!("\"{}\".", schema.name);
+    paused_worker_is_taken_over(&store, &schema.url, &schema.name, &qualifier).await;
+    store.close().await;
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use annals::prelude::*;
 use annals::subscription::{Handler, OnFailure, SubscriptionState};
 use annals::{BoxError, Error, Transaction};
-use conformance::domain::*;
 
 /// Takes the events of types this binary knows; refuses the others.
 #[derive(Default)]

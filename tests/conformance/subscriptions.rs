@@ -636,8 +636,10 @@ impl Handler for Stall {
     }
 }
 
-/// A worker that stalls past its lease is taken over; its checkpoint is then refused and its
-/// writes rolled back, so each event's effect is stored once, by the worker that took over.
+/// A worker whose lease is taken while it works (here by a reset, which bumps the fencing
+/// token) cannot write its batch: its background renewal finds the lease gone, the batch is
+/// rolled back, and the worker claims again and goes on from the new cursor. Each event's
+/// effect is stored once.
 pub async fn subscription_stale_worker_cannot_checkpoint(store: &Store) {
     let alice = open_account(store, "alice", "Alice", 1).await;
     deposit(store, alice, 2).await;
@@ -646,7 +648,7 @@ pub async fn subscription_stale_worker_cannot_checkpoint(store: &Store) {
     let stale = store
         .subscription("fenced")
         .filter(filter.clone())
-        .lease(Duration::from_millis(200))
+        .lease(Duration::from_millis(300))
         .poll_interval(Duration::from_millis(20));
     stale.open().await.unwrap();
     let (release, gate) = tokio::sync::oneshot::channel();
@@ -660,67 +662,59 @@ pub async fn subscription_stale_worker_cannot_checkpoint(store: &Store) {
         gate: Some(gate),
         stalled: Some(stalled_tx),
     };
-    let first = tokio::spawn(async move {
-        let shutdown = async {
-            let _ = stop_rx.await;
-        };
-        let result = stale.run(&mut stalling, shutdown).await;
-        (result, stalling.inner)
-    });
+    let first = {
+        let stale = stale.clone();
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stop_rx.await;
+            };
+            let result = stale.run(&mut stalling, shutdown).await;
+            (result, stalling.inner)
+        })
+    };
     tokio::time::timeout(LIMIT, stalled_rx)
         .await
-        .expect("the first worker takes the batch")
+        .expect("the worker takes the batch")
         .unwrap();
-    // Its lease runs out while it stalls; another worker takes the partition over.
-    let taker = store.subscription("fenced").filter(filter);
-    let mut taking = Collect {
-        table: table.clone(),
-        ..Collect::default()
-    };
-    let took = tokio::time::timeout(LIMIT, async {
-        loop {
-            let n = taker.catch_up(&mut taking).await.unwrap();
-            if n > 0 {
-                return n;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the lease expires and is taken over");
-    assert_eq!(took, 2);
-    assert_eq!(taking.deposits(), [1, 2]);
+    let token_before = store.subscriptions().status("fenced").await.unwrap()[0].lease_token;
+    // The lease is taken from under it: a reset bumps the fencing token.
+    stale.reset(&mut Collect::default()).await.unwrap();
     let token_after = store.subscriptions().status("fenced").await.unwrap()[0].lease_token;
-    assert!(token_after >= 2, "the takeover bumped the fencing token");
-    // The stale worker wakes, writes its effects, and its checkpoint is refused: rolled back.
-    release.send(()).unwrap();
+    assert!(
+        token_after > token_before,
+        "the reset bumped the fencing token"
+    );
     deposit(store, alice, 3).await;
-    // It claims again and goes on from the cursor the other worker stored.
+    // The worker, fenced off, claims again and delivers everything from the start once.
     tokio::time::timeout(LIMIT, async {
         loop {
             let status = store.subscriptions().status("fenced").await.unwrap();
-            if status[0].lag.events == 0 && status[0].lag.held_back.is_none() {
+            if status[0].lag.events == 0
+                && status[0].lag.held_back.is_none()
+                && status[0].owner.is_some()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("the first worker goes on");
+    .expect("the worker claims again and catches up");
+    let _ = release.send(());
     stop_tx.send(()).unwrap();
-    let (result, first_handler) = tokio::time::timeout(LIMIT, first).await.unwrap().unwrap();
+    let (result, handler) = tokio::time::timeout(LIMIT, first).await.unwrap().unwrap();
     result.unwrap();
     assert_eq!(
-        first_handler.deposits().last(),
-        Some(&3),
-        "it delivered the new deposit"
+        handler.deposits(),
+        [1, 2, 3],
+        "the stalled batch was not kept"
     );
     if let Some(table) = &table {
         let rows = effects(store, table).await;
         assert_eq!(
             rows.len(),
             3,
-            "each effect once: the stale batch rolled back: {rows:?}"
+            "each effect once: the fenced batch rolled back: {rows:?}"
         );
     }
 }
@@ -893,7 +887,7 @@ pub async fn subscription_workers_rebalance_partitions(store: &Store) {
             .subscription("balanced")
             .filter(Filter::all().event::<Deposited>())
             .partitions(4)
-            .lease(Duration::from_millis(400))
+            .lease(Duration::from_secs(1))
             .poll_interval(Duration::from_millis(20))
     };
     sub().open().await.unwrap();
@@ -938,6 +932,25 @@ pub async fn subscription_workers_rebalance_partitions(store: &Store) {
             deposit(store, id, round).await;
         }
     }
+    // Both deliver the deposits of their partitions before the second one leaves.
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let status = store.subscriptions().status("balanced").await.unwrap();
+            if status
+                .iter()
+                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the two workers catch up");
+    assert!(
+        !second.seen.lock().unwrap().is_empty(),
+        "the second worker did work"
+    );
     stop_second.send(()).unwrap();
     tokio::time::timeout(LIMIT, second_task)
         .await

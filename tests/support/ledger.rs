@@ -10,9 +10,11 @@ use annals::{BoxError, Filter, SqlValue, Subscription, Transaction};
 use super::domain::Deposited;
 
 /// The handler: `tables` names the model's tables (`{tables}_effects`, `{tables}_sums`).
+/// `delay` holds each batch up first: a slow handler, most of the time inside a batch.
 #[derive(Clone)]
 pub struct Ledger {
     pub tables: String,
+    pub delay: Duration,
 }
 
 impl Handler for Ledger {
@@ -21,6 +23,9 @@ impl Handler for Ledger {
         events: &[RecordedEvent],
         tx: &mut Transaction<'_>,
     ) -> Result<(), BoxError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let t = &self.tables;
         for event in events {
             let Some(deposit) = event.decode::<Deposited>()? else {

@@ -2,7 +2,8 @@
 //! the `Ledger` read model, until it is killed (or after ten minutes, so a forgotten child stops
 //! by itself).
 //!
-//! Usage: `annals-soak-worker URL SCHEMA TABLES` (`SCHEMA` empty for SQLite).
+//! Usage: `annals-soak-worker URL SCHEMA TABLES [DELAY_MS]` (`SCHEMA` empty for SQLite;
+//! `DELAY_MS` holds each batch up that long first).
 
 #[path = "../conformance/domain.rs"]
 #[allow(dead_code)]
@@ -26,7 +27,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         options = options.schema(schema);
     }
     let store = Store::open_with(&url, options).await?;
-    let mut handler = ledger::Ledger { tables };
+    let delay = args
+        .next()
+        .map(|ms| ms.parse::<u64>())
+        .transpose()?
+        .unwrap_or(0);
+    let mut handler = ledger::Ledger {
+        tables,
+        delay: Duration::from_millis(delay),
+    };
     let worker = ledger::soak_subscription(&store);
     worker
         .run(&mut handler, tokio::time::sleep(Duration::from_secs(600)))

@@ -563,7 +563,7 @@ impl Subscription {
     ) -> Result<Option<String>> {
         let mut backoff = self.first_backoff;
         for attempt in 1..=self.max_attempts {
-            match self.attempt(handler, events, writes()).await {
+            match self.attempt(handler, events, slot, writes()).await {
                 Ok(()) => return Ok(None),
                 Err(Failure::Stop(e)) => return Err(e),
                 Err(Failure::Handler(message)) => {
@@ -610,16 +610,20 @@ impl Subscription {
         &self,
         handler: &mut H,
         events: &[RecordedEvent],
+        slot: Slot,
         writes: Vec<Write>,
     ) -> std::result::Result<(), Failure> {
         let backend = &self.store.inner.backend;
         let mut state = backend.begin_tx().await.map_err(Failure::Stop)?;
         // A handler that panics fails the batch like one that returns an error.
-        let handled = std::panic::AssertUnwindSafe(
-            handler.handle(events, &mut Transaction { state: &mut state }),
-        )
-        .catch_unwind()
-        .await;
+        let mut tx = Transaction { state: &mut state };
+        let handling = std::panic::AssertUnwindSafe(handler.handle(events, &mut tx)).catch_unwind();
+        // The lease is renewed in the background while the handler works: a long batch keeps
+        // its partition. A worker that stops (a paused or dead process) stops renewing too.
+        let handled = tokio::select! {
+            handled = handling => handled,
+            lost = self.keep_lease(slot) => return Err(Failure::Stop(lost)),
+        };
         match handled {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Failure::Handler(e.to_string())),
@@ -630,6 +634,27 @@ impl Subscription {
             Err(e @ Error::LeaseLost { .. }) => Err(Failure::Stop(e)),
             // The handler's own SQL runs at commit on SQLite: its failure is the handler's.
             Err(e) => Err(Failure::Handler(e.to_string())),
+        }
+    }
+
+    /// Renews the lease on `slot` every third of its duration; returns once it is lost.
+    async fn keep_lease(&self, slot: Slot) -> Error {
+        let every = self.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed = self
+                .write(Write::Renew {
+                    lease: self.lease_of(slot),
+                })
+                .await;
+            match renewed {
+                Ok(()) => {}
+                Err(e @ Error::LeaseLost { .. }) => return e,
+                // A failed renewal is tried again; the checkpoint decides in the end.
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, partition = slot.partition, error = %e, "could not renew the lease");
+                }
+            }
         }
     }
 
