@@ -258,8 +258,9 @@ impl Subscription {
     }
 
     /// How long a worker's lease on a partition lasts (default 30 s). The worker renews it
-    /// between batches and with every checkpoint; a batch that takes longer than this may be
-    /// taken over by another worker, and is then rolled back and delivered again there.
+    /// every third of that, in the background while its handler works, and with every
+    /// checkpoint: a worker that stops renewing (a paused or dead process) loses its
+    /// partitions to the others after this long, and cannot write the batch it had in hand.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_millis(10));
         self
