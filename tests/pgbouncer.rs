@@ -390,20 +390,7 @@ async fn subscription_workers_through_pgbouncer() {
             *expected.entry(id.to_string()).or_default() += round;
         }
     }
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            let status = store.subscriptions().status("soak").await.unwrap();
-            if status
-                .iter()
-                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the workers catch up");
+    conformance::until_caught_up(&store, "soak", "the workers catch up").await;
     for (stop, task) in workers {
         stop.send(()).unwrap();
         tokio::time::timeout(LIMIT, task)

@@ -420,20 +420,7 @@ async fn paused_worker_is_taken_over(store: &Store, url: &str, schema: &str, qua
     // Resumed, the paused worker finishes the batch it had in hand and cannot store it.
     signal(&paused, "CONT");
     deposit_round(13).await;
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            let status = store.subscriptions().status("soak").await.unwrap();
-            if status
-                .iter()
-                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the resumed worker goes on");
+    conformance::until_caught_up(store, "soak", "the resumed worker goes on").await;
     assert!(
         paused.try_wait().unwrap().is_none(),
         "the resumed worker runs on: its subscription did not fail"

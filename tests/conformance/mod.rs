@@ -1137,6 +1137,25 @@ pub async fn feed_each_event_once_in_commit_order(store: &Store) {
     );
 }
 
+/// Waits until every partition of the subscription `name` has nothing left to deliver and
+/// nothing holds the feed back, failing instead of hanging.
+pub async fn until_caught_up(store: &Store, name: &str, what: &str) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let status = store.subscriptions().status(name).await.unwrap();
+            if status
+                .iter()
+                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: subscription {name:?} did not catch up"));
+}
+
 /// Reads the events after `cursor` that pass `filter`, in pages of `page`, until caught up (a
 /// short page that nothing holds back); returns them and the last `scanned` cursor.
 pub async fn read_matching_to_end(

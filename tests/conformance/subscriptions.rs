@@ -933,20 +933,7 @@ pub async fn subscription_workers_rebalance_partitions(store: &Store) {
         }
     }
     // Both deliver the deposits of their partitions before the second one leaves.
-    tokio::time::timeout(LIMIT, async {
-        loop {
-            let status = store.subscriptions().status("balanced").await.unwrap();
-            if status
-                .iter()
-                .all(|s| s.lag.events == 0 && s.lag.held_back.is_none())
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the two workers catch up");
+    super::until_caught_up(store, "balanced", "the two workers catch up").await;
     assert!(
         !second.seen.lock().unwrap().is_empty(),
         "the second worker did work"
