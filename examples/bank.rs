@@ -1,7 +1,7 @@
 //! A small bank on annals: accounts opened by key, deposits, a transfer between two accounts in
 //! one atomic commit, an overdraft refused by the domain with nothing committed, each account's
-//! history, and a read model (each owner's balance, in a SQL table) kept by a durable
-//! subscription, with its lag.
+//! history, and a read model (each owner's balance, in a SQL table) kept by a projection, with
+//! its lag.
 //!
 //! ```text
 //! cargo run --example bank                                   # SQLite file bank.db, here
@@ -12,8 +12,7 @@
 //! The store URL can also come from `ANNALS_STORE`.
 
 use annals::prelude::*;
-use annals::subscription::Handler;
-use annals::{BoxError, Filter, Transaction};
+use annals::{BoxError, Transaction};
 use serde::{Deserialize, Serialize};
 
 #[derive(Event, Serialize, Deserialize, Debug, Clone)]
@@ -173,46 +172,67 @@ async fn print_account(store: &Store, key: &str) -> Result<(), BankError> {
     Ok(())
 }
 
-/// The read model: each owner's balance, in the table `balances`, kept by the subscription
+/// The read model: each owner's balance, in the table `bank_balances`, kept by the projection
 /// "balances". Its rows and the subscription's cursor commit in one transaction, so a balance
 /// never counts an event twice, whatever stops the program. The SQL reads the same on SQLite and
 /// PostgreSQL.
+#[derive(Projection)]
+#[projection(name = "balances", events(Opened, Deposited, Withdrawn), reset = setup)]
 struct Balances;
 
-impl Handler for Balances {
-    async fn handle(
+impl On<Opened> for Balances {
+    async fn on(
         &mut self,
-        events: &[RecordedEvent],
+        e: Opened,
+        env: &Envelope,
         tx: &mut Transaction<'_>,
     ) -> Result<(), BoxError> {
-        for event in events {
-            let account = event.aggregate_id.to_string();
-            if let Some(opened) = event.decode::<Opened>()? {
-                tx.execute(
-                    "INSERT INTO bank_owners (account, owner) VALUES ($1, $2)",
-                    &[account.into(), opened.owner.into()],
-                )
-                .await?;
-                continue;
-            }
-            let change = match (event.decode::<Deposited>()?, event.decode::<Withdrawn>()?) {
-                (Some(d), _) => d.amount,
-                (_, Some(w)) => -w.amount,
-                _ => continue,
-            };
-            tx.execute(
-                "INSERT INTO bank_balances (owner, balance) \
-                 SELECT owner, $2 FROM bank_owners WHERE account = $1 \
-                 ON CONFLICT (owner) DO UPDATE SET balance = bank_balances.balance + excluded.balance",
-                &[account.into(), change.into()],
-            )
-            .await?;
-        }
+        tx.execute(
+            "INSERT INTO bank_owners (account, owner) VALUES ($1, $2)",
+            &[env.aggregate_id.into(), e.owner.into()],
+        )
+        .await?;
         Ok(())
     }
+}
 
+impl On<Deposited> for Balances {
+    async fn on(
+        &mut self,
+        e: Deposited,
+        env: &Envelope,
+        tx: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        add(tx, env, e.amount).await
+    }
+}
+
+impl On<Withdrawn> for Balances {
+    async fn on(
+        &mut self,
+        e: Withdrawn,
+        env: &Envelope,
+        tx: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        add(tx, env, -e.amount).await
+    }
+}
+
+/// Adds `change` to the balance of the owner of `env`'s account.
+async fn add(tx: &mut Transaction<'_>, env: &Envelope, change: i64) -> Result<(), BoxError> {
+    tx.execute(
+        "INSERT INTO bank_balances (owner, balance) \
+         SELECT owner, $2 FROM bank_owners WHERE account = $1 \
+         ON CONFLICT (owner) DO UPDATE SET balance = bank_balances.balance + excluded.balance",
+        &[env.aggregate_id.into(), change.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+impl Balances {
     /// Creates the tables on the first run, and empties them on a rebuild.
-    async fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+    async fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
         for sql in [
             "CREATE TABLE IF NOT EXISTS bank_owners (account TEXT PRIMARY KEY, owner TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS bank_balances (owner TEXT PRIMARY KEY, balance BIGINT NOT NULL)",
@@ -231,9 +251,7 @@ async fn balances(store: &Store, url: &str) -> Result<(), Box<dyn std::error::Er
         println!("\nthe balances read model lives in SQL: run on SQLite or PostgreSQL to see it");
         return Ok(());
     }
-    let subscription = store
-        .subscription("balances")
-        .filter(Filter::all().aggregate_type::<Account>());
+    let subscription = Balances::subscription(store);
     // A rebuild from the first event every run, to show one; a service would `run` it.
     subscription.reset(&mut Balances).await?;
     let handled = subscription.catch_up(&mut Balances).await?;

@@ -23,7 +23,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     let ident = &input.ident;
     let events: Vec<Path> = match &attrs.events {
         Some(list) => {
-            check::events_list(&mut cx, &list.value, list.span);
+            check::events_list(&mut cx, &list.value, list.span, "this aggregate applies");
             list.value.clone()
         }
         None => {
@@ -190,7 +190,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
 
 /// `tokens` with every span set to `span`: the runtime path in code generated for one listed
 /// event, so that an error about that event points at the user's token, not at the derive.
-fn respan(tokens: &TokenStream, span: proc_macro2::Span) -> TokenStream {
+pub(crate) fn respan(tokens: &TokenStream, span: proc_macro2::Span) -> TokenStream {
     tokens
         .clone()
         .into_iter()

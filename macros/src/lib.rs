@@ -1,11 +1,13 @@
-//! Derive macros for [annals](https://docs.rs/annals): `#[derive(Event)]` and
-//! `#[derive(Aggregate)]`. Use them through the `annals` crate, which re-exports both.
+//! Derive macros for [annals](https://docs.rs/annals): `#[derive(Event)]`,
+//! `#[derive(Aggregate)]` and `#[derive(Projection)]`. Use them through the `annals` crate,
+//! which re-exports them.
 
 #![forbid(unsafe_code)]
 
 mod aggregate;
 mod event;
 mod internals;
+mod projection;
 
 use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};
@@ -34,4 +36,18 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 pub fn derive_aggregate(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     aggregate::expand(&input).into()
+}
+
+/// Derives `annals::subscription::Projection` and its `Handler`: each event listed in
+/// `events(...)` is decoded and handed to the type's `On<E>` impl, and the projection's
+/// subscription reads only those events.
+///
+/// Keys of `#[projection(...)]`: `events(A, B, ...)` (required), `name = "..."` (the
+/// subscription's name; default: the type's name), `reset = method` (an async method that
+/// clears the read model on a reset) and `crate = "..."` (default `::annals`). The trait
+/// `annals::subscription::Projection` documents each with a compiled example.
+#[proc_macro_derive(Projection, attributes(projection))]
+pub fn derive_projection(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    projection::expand(&input).into()
 }

@@ -86,7 +86,7 @@ mod transact;
 mod tx_context;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
-pub use annals_macros::{Aggregate, Event};
+pub use annals_macros::{Aggregate, Event, Projection};
 pub use context::Context;
 pub use error::{BoxError, Error, IsConflict, Result, Target};
 pub use event::{Event, FeedCursor, RecordedEvent};
@@ -118,9 +118,10 @@ pub use tx_context::TxContext;
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {
+    pub use crate::subscription::{Envelope, On, Projection};
     pub use crate::{
         Aggregate, AggregateId, Apply, Context, Error, Event, FeedCursor, IsConflict, Metadata,
-        RecordedEvent, Retry, Root, Store, StoreOptions,
+        Projection, RecordedEvent, Retry, Root, Store, StoreOptions,
     };
 }
 

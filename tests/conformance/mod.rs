@@ -72,6 +72,7 @@ macro_rules! conformance_suite {
             subscription_partitions_keep_each_aggregate_in_order,
             subscription_workers_rebalance_partitions,
             subscription_parks_a_poison_event_and_goes_on,
+            typed_projection_takes_its_events,
         );
     };
     ($open:expr) => {

@@ -1,4 +1,4 @@
-//! Parses `#[event(...)]` and `#[aggregate(...)]` into typed values. Every mistake is recorded
+//! Parses `#[event(...)]`, `#[aggregate(...)]` and `#[projection(...)]` into typed values. Every mistake is recorded
 //! in the context with its span; parsing goes on, so all mistakes are reported together.
 
 use proc_macro2::Span;
@@ -48,6 +48,50 @@ pub struct AggregateAttrs {
     pub snapshot_every: Option<Spanned<u64>>,
     pub snapshot_version: Option<Spanned<u32>>,
     pub krate: Option<Spanned<Path>>,
+}
+
+/// `#[projection(...)]`.
+#[derive(Default)]
+pub struct ProjectionAttrs {
+    pub name: Option<Spanned<String>>,
+    pub events: Option<Spanned<Vec<Path>>>,
+    pub reset: Option<Spanned<syn::Ident>>,
+    pub krate: Option<Spanned<Path>>,
+}
+
+impl ProjectionAttrs {
+    pub fn from_attrs(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
+        let mut out = ProjectionAttrs::default();
+        for_each_key(
+            cx,
+            attrs,
+            PROJECTION,
+            PROJECTION_KEYS,
+            |cx, key, meta| match key {
+                NAME => set(cx, meta, &mut out.name, parse_name(meta)),
+                EVENTS => set(cx, meta, &mut out.events, parse_events(meta)),
+                RESET => set(cx, meta, &mut out.reset, parse_method(meta)),
+                CRATE => set(cx, meta, &mut out.krate, parse_crate(meta)),
+                _ => {}
+            },
+        );
+        out
+    }
+}
+
+/// `reset = method`: the name of a method of the type.
+fn parse_method(meta: &ParseNestedMeta<'_>) -> syn::Result<Spanned<syn::Ident>> {
+    let value = meta.value()?;
+    let ident: syn::Ident = value.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "expected `reset = method_name`, the name of an async method of this type",
+        )
+    })?;
+    Ok(Spanned {
+        span: ident.span(),
+        value: ident,
+    })
 }
 
 impl EventAttrs {

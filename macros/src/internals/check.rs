@@ -37,11 +37,11 @@ pub fn unique_names<'a>(
 }
 
 /// The events list is not empty and names each type once.
-pub fn events_list(cx: &mut Ctxt, events: &[Path], list_span: proc_macro2::Span) {
+pub fn events_list(cx: &mut Ctxt, events: &[Path], list_span: proc_macro2::Span, what: &str) {
     if events.is_empty() {
         cx.syn_error(syn::Error::new(
             list_span,
-            "`events(...)` is empty: list the events this aggregate applies",
+            format!("`events(...)` is empty: list the events {what}"),
         ));
     }
     let mut seen = HashSet::new();

@@ -2,6 +2,7 @@
 
 pub const EVENT: &str = "event";
 pub const AGGREGATE: &str = "aggregate";
+pub const PROJECTION: &str = "projection";
 
 pub const NAME: &str = "name";
 pub const VERSION: &str = "version";
@@ -9,6 +10,7 @@ pub const EVENTS: &str = "events";
 pub const SNAPSHOT_EVERY: &str = "snapshot_every";
 pub const SNAPSHOT_VERSION: &str = "snapshot_version";
 pub const CRATE: &str = "crate";
+pub const RESET: &str = "reset";
 
 /// The keys `#[event(...)]` accepts on a type.
 pub const EVENT_KEYS: &[&str] = &[NAME, VERSION, CRATE];
@@ -16,3 +18,5 @@ pub const EVENT_KEYS: &[&str] = &[NAME, VERSION, CRATE];
 pub const VARIANT_KEYS: &[&str] = &[NAME];
 /// The keys `#[aggregate(...)]` accepts.
 pub const AGGREGATE_KEYS: &[&str] = &[NAME, EVENTS, SNAPSHOT_EVERY, SNAPSHOT_VERSION, CRATE];
+/// The keys `#[projection(...)]` accepts.
+pub const PROJECTION_KEYS: &[&str] = &[NAME, EVENTS, RESET, CRATE];

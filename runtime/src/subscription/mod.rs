@@ -3,6 +3,7 @@
 
 mod admin;
 pub(crate) mod inline;
+mod projection;
 pub(crate) mod row;
 pub(crate) mod tx;
 mod worker;
@@ -22,6 +23,7 @@ pub use admin::{
     Lag, ParkedEvent, ParkedRequest, SubscriptionState, SubscriptionStatus, Subscriptions,
 };
 pub use inline::{InlineProjection, SqlBatch};
+pub use projection::{Envelope, On, Projection};
 use row::{Row, Spec, Write};
 pub use tx::{SqlValue, Transaction};
 
