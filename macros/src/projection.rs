@@ -91,27 +91,21 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             }
         }
     };
-    if !cx.is_ok() {
-        return cx.into_errors_with_fallback(
-            &input.generics,
+    // Without errors, the dispatch and the reset hook; with errors, a stand-in that compiles,
+    // so that only the errors reported above show.
+    let (body, reset) = if cx.is_ok() {
+        (
             quote! {
-                const _: () = {
-                    #projection
-                    #[automatically_derived]
-                    impl #krate::subscription::Handler for #ident {
-                        async fn handle(
-                            &mut self,
-                            _: &[#krate::RecordedEvent],
-                            _: &mut #krate::Transaction<'_>,
-                        ) -> ::core::result::Result<(), #krate::BoxError> {
-                            ::core::result::Result::Ok(())
-                        }
-                    }
-                };
+                for __event in __events {
+                    #(#dispatch)*
+                }
             },
-        );
-    }
-    quote! {
+            reset,
+        )
+    } else {
+        (quote! { let _ = (__events, __tx); }, None)
+    };
+    let expanded = quote! {
         const _: () = {
             #projection
 
@@ -122,14 +116,17 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     __events: &[#krate::RecordedEvent],
                     __tx: &mut #krate::Transaction<'_>,
                 ) -> ::core::result::Result<(), #krate::BoxError> {
-                    for __event in __events {
-                        #(#dispatch)*
-                    }
+                    #body
                     ::core::result::Result::Ok(())
                 }
 
                 #reset
             }
         };
+    };
+    if cx.is_ok() {
+        expanded
+    } else {
+        cx.into_errors_with_fallback(&input.generics, expanded)
     }
 }

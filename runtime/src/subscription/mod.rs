@@ -181,6 +181,9 @@ pub trait Handler: Send {
 /// # drop(stop);
 /// # Ok(()) }
 /// ```
+///
+/// A clone is the same worker (one owner of leases): to run several workers in one process,
+/// build each with [`Store::subscription`].
 #[derive(Debug, Clone)]
 pub struct Subscription {
     store: Store,
