@@ -337,3 +337,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.close().await;
     Ok(())
 }
+
+/// The bank's commands tested without a store: given past events, when a command runs, then
+/// these events or this error (`cargo test --example bank`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use annals::testing::given;
+
+    #[test]
+    fn withdraw_takes_what_there_is() {
+        given::<Account>()
+            .event(Opened {
+                owner: "alice".into(),
+            })
+            .event(Deposited { amount: 100 })
+            .when(|account| account.withdraw(30))
+            .then(Withdrawn { amount: 30 })
+            .state(|account| assert_eq!(account.balance, 70));
+    }
+
+    #[test]
+    fn withdraw_refuses_an_overdraft() {
+        given::<Account>()
+            .event(Deposited { amount: 10 })
+            .when(|account| account.withdraw(30))
+            .then_error_matches(|e| matches!(e, BankError::Overdrawn { balance: 10, .. }));
+    }
+}

@@ -61,3 +61,46 @@ fn lists_every_event_and_aggregate() {
         1
     );
 }
+
+#[test]
+fn lists_each_events_versions_and_aliases() {
+    use annals::registry::{ReadAs, SchemaVersion};
+    let registry = annals::registry();
+    let funded = registry.event("evo.deposited").unwrap();
+    assert_eq!(funded.aliases, ["evo.credited"]);
+    assert_eq!(
+        funded.versions,
+        [
+            SchemaVersion {
+                version: 1,
+                read: ReadAs::Json("deposited_v1")
+            },
+            SchemaVersion {
+                version: 2,
+                read: ReadAs::Typed("DepositedV2")
+            },
+            SchemaVersion {
+                version: 3,
+                read: ReadAs::Current
+            },
+        ]
+    );
+    // A former name finds the event it stands for.
+    assert_eq!(registry.event("evo.credited"), Some(funded));
+    // Each variant keeps its own aliases.
+    assert_eq!(
+        registry.event("evo.withdrawn").unwrap().aliases,
+        ["evo.debited"]
+    );
+    assert!(registry.event("evo.frozen").unwrap().aliases.is_empty());
+    // A version without a step is read unchanged as the next.
+    let deposited = registry.event("account.deposited").unwrap();
+    assert_eq!(
+        deposited
+            .versions
+            .iter()
+            .map(|v| v.read)
+            .collect::<Vec<_>>(),
+        [ReadAs::Unchanged, ReadAs::Current]
+    );
+}

@@ -100,7 +100,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             <Self as #krate::Apply<#path>>::apply(__state, &__event);
         };
         quote_spanned! {path.span()=>
-            if #private::lists(<#path as #krate::Event>::NAMES, __name) {
+            if <#path as #krate::Event>::accepts(__name) {
                 return ::core::option::Option::Some(
                     |__state: &mut Self, __stored: &#private::StoredPayload<'_>| {
                         let __event = __stored.decode::<#path>()?;

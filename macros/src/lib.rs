@@ -3,6 +3,22 @@
 //! which re-exports them.
 
 #![forbid(unsafe_code)]
+//!
+//! # What each derive adds to a user's crate
+//!
+//! Users compile this code on every build, so each derive generates little per type and calls
+//! shared, non-generic functions of the runtime for the rest:
+//!
+//! - **`Event`**: one `impl Event` (its names, aliases and version as constants; `name`,
+//!   `encode` and `decode`, each calling one runtime function) and one `inventory` submission.
+//!   `upcast(...)` adds, inside `decode`, one branch for older versions and one small function
+//!   per declared step; a type without steps gets nothing for them.
+//! - **`Aggregate`**: one `impl Aggregate` whose `handler` maps a stored name to one
+//!   capture-free function per listed event (looked up once per event type per load, then
+//!   called for each event), one `impl Handles<E>` per listed event, and one `inventory`
+//!   submission.
+//! - **`Projection`**: one `impl Projection` and one `impl Handler` whose `handle` has one name
+//!   check and one decode per listed event.
 
 mod aggregate;
 mod event;
@@ -16,9 +32,11 @@ use syn::{DeriveInput, parse_macro_input};
 /// variant), beside serde's `Serialize` and `Deserialize`.
 ///
 /// Keys of `#[event(...)]`: on the type, `name = "..."` (structs; default: the type's name),
-/// `version = N` (schema version, default 1) and `crate = "..."` (the path to annals, default
-/// `::annals`); on an enum variant, `name = "..."` (default: the variant's name). The trait
-/// `annals::Event` documents each with a compiled example.
+/// `alias = "..."` (structs; a former name, several allowed), `version = N` (schema version,
+/// default 1), `upcast(N => OldType, N => json(function), ...)` (how older versions are read)
+/// and `crate = "..."` (the path to annals, default `::annals`); on an enum variant,
+/// `name = "..."` (default: the variant's name) and `alias = "..."`. The trait `annals::Event`
+/// documents each with a compiled example.
 #[proc_macro_derive(Event, attributes(event))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);

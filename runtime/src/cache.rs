@@ -229,6 +229,26 @@ impl CommitCache {
     }
 }
 
+/// [`follow`] for an event given in its stored form, applied through its `handler`.
+pub(crate) fn follow_stored<A: Aggregate>(
+    copy: &mut Option<CachedState>,
+    root: &Root<A>,
+    handler: crate::aggregate::Handler<A>,
+    stored: &crate::event::StoredPayload<'_>,
+) {
+    let applied = match copy.as_mut().and_then(|c| c.downcast_mut::<A>()) {
+        // The root decoded and applied it already: the copy does too.
+        Some(state) => handler(state, stored).is_ok(),
+        None => false,
+    };
+    if !applied {
+        *copy = root
+            .state
+            .clone_for_cache()
+            .map(|s| Box::new(s) as CachedState);
+    }
+}
+
 /// Keeps the context's copy of an aggregate's state in step with `root`, after `event` was
 /// applied to it and staged. The first event makes the copy (a clone of the root); later ones
 /// are applied to it too.

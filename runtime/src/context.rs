@@ -6,8 +6,8 @@ use std::time::SystemTime;
 
 use tracing::Instrument;
 
-use crate::aggregate::{AggregateId, Handles, Root};
-use crate::cache::{CachedState, follow};
+use crate::aggregate::{Aggregate, AggregateId, Handles, Root};
+use crate::cache::{CachedState, follow, follow_stored};
 use crate::clash::ClashRules;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -201,6 +201,111 @@ impl Context {
             }
             if self.store.inner.cache.is_some() {
                 follow(&mut tracked.cached, root, &event);
+            }
+        }
+        Ok(event_id)
+    }
+
+    /// Applies an event given in its stored form, as another store or an export holds it, and
+    /// stages it as it is: under `event_type` (a name or alias of one of the aggregate's
+    /// events), with `schema_version` and `payload` unchanged. It is applied as a load would
+    /// apply it, upcast to the current version, so an import keeps events as they were written.
+    /// Returns the event's id.
+    ///
+    /// Fails with [`Error::UnknownEventType`] for a name the aggregate does not list,
+    /// [`Error::EventVersionTooNew`] for a version newer than the code knows, and
+    /// [`Error::Decode`] for a payload that does not decode; nothing is staged then.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// #[derive(Event, Serialize, Deserialize)]
+    /// #[event(name = "doc.encoded.opened", version = 2)]
+    /// struct Opened { owner: String, #[serde(default)] vip: bool }
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.encoded.account", events(Opened))]
+    /// # struct Account { owner: String }
+    /// # impl Apply<Opened> for Account {
+    /// #     fn apply(&mut self, e: &Opened) { self.owner = e.owner.clone() }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// # let store = Store::open("memory:").await?;
+    /// let mut ctx = store.begin();
+    /// let mut account = ctx.create::<Account>()?;
+    /// ctx.apply_encoded(&mut account, "doc.encoded.opened", 1, br#"{"owner":"Ann"}"#.to_vec())?;
+    /// let id = account.id();
+    /// ctx.commit().await?;
+    ///
+    /// let history = store.history(id).await?;
+    /// assert_eq!(history[0].schema_version, 1); // stored as given
+    /// assert_eq!(store.begin_read_only().load::<Account>(id).await?.owner, "Ann");
+    /// # Ok(()) }
+    /// ```
+    pub fn apply_encoded<A: Aggregate>(
+        &mut self,
+        root: &mut Root<A>,
+        event_type: &str,
+        schema_version: u32,
+        payload: Vec<u8>,
+    ) -> Result<uuid::Uuid> {
+        self.writable()?;
+        let max = self.store.inner.options.max_payload_bytes;
+        let index = *self
+            .by_id
+            .get(&root.id)
+            .ok_or(Error::ForeignRoot { aggregate: root.id })?;
+        let context_version = self.tracked.get(index).map_or(0, Tracked::current);
+        if root.version != context_version {
+            return Err(Error::StaleRoot {
+                aggregate: root.id,
+                root_version: root.version,
+                context_version,
+            });
+        }
+        let unknown = || Error::UnknownEventType {
+            event_type: event_type.to_owned(),
+            position: 0,
+            aggregate_type: Some(A::NAME.to_owned()),
+        };
+        let handler = A::handler(event_type).ok_or_else(unknown)?;
+        let name = self
+            .store
+            .inner
+            .registry
+            .static_name(event_type)
+            .ok_or_else(unknown)?;
+        check_size("event", name, payload.len(), max)?;
+        let metadata = self.metadata.encode();
+        check_size("metadata", name, metadata.as_ref().map_or(0, Vec::len), max)?;
+        let stored = crate::event::StoredPayload {
+            name,
+            schema_version,
+            payload: &payload,
+            position: 0,
+        };
+        // The handler decodes before it applies: a payload that does not decode leaves the
+        // state unchanged.
+        handler(&mut root.state, &stored)?;
+        root.version += 1;
+        let event_id = uuid::Uuid::now_v7();
+        let snapshot = snapshot_due::<A>(root, max)?;
+        self.applied += 1;
+        if let Some(tracked) = self.tracked.get_mut(index) {
+            if self.store.inner.cache.is_some() {
+                follow_stored(&mut tracked.cached, root, handler, &stored);
+            }
+            tracked.events.push(StagedEvent {
+                seq: self.applied,
+                version: root.version,
+                name,
+                schema_version,
+                payload,
+                metadata,
+                event_id,
+            });
+            if snapshot.is_some() {
+                tracked.snapshot = snapshot;
             }
         }
         Ok(event_id)

@@ -175,6 +175,22 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A stored event was written with a schema version newer than this program's type knows:
+    /// a newer release wrote it. Nothing is guessed; deploy the newer code to read it.
+    #[error(
+        "event {event_type:?} at position {position} has schema version {schema_version}, newer than the {known} this program knows"
+    )]
+    EventVersionTooNew {
+        /// The stored name.
+        event_type: String,
+        /// The stored schema version.
+        schema_version: u32,
+        /// The newest version the event's type declares.
+        known: u32,
+        /// The event's position in the global feed (0 for an event not yet stored).
+        position: u64,
+    },
+
     /// A value could not be encoded before staging; nothing was staged.
     #[error("cannot encode {what} {type_name:?}: {source}")]
     Encode {

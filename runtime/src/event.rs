@@ -39,9 +39,12 @@ use crate::metadata::Metadata;
 /// | where | key | value | default |
 /// | --- | --- | --- | --- |
 /// | the struct | `name = "..."` | the registered name, stored with every event: keep it when renaming the type | the type's name |
+/// | the struct | `alias = "..."` | a former name: events stored under it load as this type (the key may be given several times) | none |
 /// | the struct or enum | `version = N` | the schema version stored with every event (at least 1) | `1` |
+/// | the struct or enum | `upcast(N => Type, N => json(function), ...)` | how events stored with an older version N become version N + 1 (see below) | read unchanged |
 /// | the struct or enum | `crate = "..."` | the path generated code names annals by, for a renamed dependency | `::annals` |
 /// | an enum variant | `name = "..."` | the variant's registered name | the variant's name |
+/// | an enum variant | `alias = "..."` | a former name of the variant (several allowed) | none |
 ///
 /// `name` on an enum itself is an error: each variant has its own. Names are at most 200 bytes,
 /// without control characters, and unique across the program (checked at [`Store::open`]).
@@ -55,6 +58,59 @@ use crate::metadata::Metadata;
 /// struct Posted { cents: i64 }
 /// # assert_eq!(<Posted as ledger::Event>::NAMES, ["ledger.posted"]);
 /// ```
+///
+/// # Evolution
+///
+/// Stored events keep the name and schema version they were written with; every read (a load,
+/// a history, the feed, a subscription) brings them up to the current version. For each older
+/// version `N` there may be one step that turns it into version `N + 1`:
+///
+/// - **none**: the payload is read as the next version unchanged. Adding a field with
+///   `#[serde(default)]`, or an `Option` field, needs nothing but the new `version`.
+/// - **typed**, `N => OldType`: the payload decodes as `OldType` (it needs `Deserialize`),
+///   which converts with `From` into the type of the next typed step, and the last one into the
+///   event type. A missing `From` impl is reported at the step's type.
+/// - **JSON**, `N => json(function)` with `fn(&mut JsonEvent)`: the function edits the payload
+///   (see [`JsonEvent`](crate::JsonEvent): `rename`, `set_default`, `remove`, or any change to
+///   the JSON value). A JSON step cannot follow a typed one. Typed steps are for structs; an enum
+///   event's steps are JSON, and [`JsonEvent::name`](crate::JsonEvent::name) says which variant
+///   the payload is.
+///
+/// ```
+/// # use annals::prelude::*;
+/// # use annals::JsonEvent;
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Event, Serialize, Deserialize)]
+/// #[event(
+///     name = "doc.shop.order_placed",
+///     alias = "doc.order.placed",                   // its name before version 2
+///     version = 3,
+///     upcast(1 => json(rename_total), 2 => PlacedV2),
+/// )]
+/// struct OrderPlaced { total_cents: i64, currency: String }
+///
+/// fn rename_total(event: &mut JsonEvent) {          // version 1 called it `total`
+///     event.rename("total", "total_cents");
+/// }
+///
+/// #[derive(Deserialize)]
+/// struct PlacedV2 { total_cents: i64 }              // version 2 had no currency
+///
+/// impl From<PlacedV2> for OrderPlaced {
+///     fn from(v2: PlacedV2) -> Self {
+///         OrderPlaced { total_cents: v2.total_cents, currency: "EUR".into() }
+///     }
+/// }
+/// # let versions = &annals::registry().event("doc.order.placed").unwrap().versions;
+/// # assert_eq!(versions.len(), 3);
+/// ```
+///
+/// An event stored with a version newer than the type's is refused with
+/// [`Error::EventVersionTooNew`], naming its position: a newer release wrote it. The registry
+/// lists each event's aliases and how each of its versions is read
+/// ([`EventInfo::versions`](crate::registry::EventInfo::versions)). Aliases are names too: an
+/// alias that is another type's name or alias makes [`Store::open`] fail with
+/// [`Error::TypeNameCollision`].
 ///
 /// # Payloads
 ///
@@ -75,6 +131,9 @@ pub trait Event: Send + Sync + Sized + 'static {
     /// Every name values of this type are stored under: one for a struct, one per variant for an
     /// enum.
     const NAMES: &'static [&'static str];
+    /// Former names that events stored earlier still carry (`#[event(alias = "...")]`): they
+    /// load as this type.
+    const ALIASES: &'static [&'static str] = &[];
     /// The schema version stored with every event of this type.
     const VERSION: u32;
 
@@ -85,9 +144,16 @@ pub trait Event: Send + Sync + Sized + 'static {
     #[doc(hidden)]
     fn encode(&self) -> std::result::Result<Vec<u8>, BoxError>;
 
-    /// Decodes a payload stored under `name` with schema version `version`.
+    /// Decodes a payload stored under `name` (one of [`NAMES`](Event::NAMES) or
+    /// [`ALIASES`](Event::ALIASES)) with schema version `version`, upcasting an older version.
     #[doc(hidden)]
     fn decode(name: &str, version: u32, payload: &[u8]) -> std::result::Result<Self, BoxError>;
+
+    /// True when events stored under `name` are of this type: one of its names or aliases.
+    #[doc(hidden)]
+    fn accepts(name: &str) -> bool {
+        Self::NAMES.contains(&name) || Self::ALIASES.contains(&name)
+    }
 }
 
 /// A stored event as the generated dispatch sees it.
@@ -101,8 +167,17 @@ pub struct StoredPayload<'a> {
 }
 
 impl StoredPayload<'_> {
-    /// Decodes into `E`, mapping a failure to [`Error::Decode`] at this event's position.
+    /// Decodes into `E`, upcasting an older schema version. A failure is [`Error::Decode`] at
+    /// this event's position; a version newer than `E`'s is [`Error::EventVersionTooNew`].
     pub fn decode<E: Event>(&self) -> Result<E> {
+        if self.schema_version > E::VERSION {
+            return Err(Error::EventVersionTooNew {
+                event_type: self.name.to_owned(),
+                schema_version: self.schema_version,
+                known: E::VERSION,
+                position: self.position,
+            });
+        }
         E::decode(self.name, self.schema_version, self.payload).map_err(|source| Error::Decode {
             what: "event",
             event_type: self.name.to_owned(),
@@ -193,9 +268,10 @@ impl RecordedEvent {
         self.cursor.position
     }
 
-    /// Decodes the payload as `E`; `Ok(None)` when the event is not one of `E`'s names.
+    /// Decodes the payload as `E`, upcast to its current schema version; `Ok(None)` when the
+    /// event is not stored under one of `E`'s names or aliases.
     pub fn decode<E: Event>(&self) -> Result<Option<E>> {
-        if !E::NAMES.contains(&self.event_type.as_str()) {
+        if !E::accepts(&self.event_type) {
             return Ok(None);
         }
         self.stored().decode().map(Some)

@@ -54,10 +54,12 @@ impl Filter {
         Filter::default()
     }
 
-    /// Also takes the events stored under `E`'s names (every variant's, for an enum event).
+    /// Also takes the events stored under `E`'s names (every variant's, for an enum event) and
+    /// its aliases.
     pub fn event<E: Event>(self) -> Filter {
         E::NAMES
             .iter()
+            .chain(E::ALIASES)
             .fold(self, |filter, name| filter.event_named(name))
     }
 

@@ -81,9 +81,11 @@ pub mod registry;
 mod retry;
 mod store;
 pub mod subscription;
+pub mod testing;
 mod transact;
 #[cfg(feature = "postgres")]
 mod tx_context;
+mod upcast;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 pub use annals_macros::{Aggregate, Event, Projection};
@@ -115,6 +117,7 @@ pub use sqlx;
 pub use store::{Listen, Store, StoreOptions, Synchronous};
 #[cfg(feature = "postgres")]
 pub use tx_context::TxContext;
+pub use upcast::JsonEvent;
 
 /// The names most programs need: `use annals::prelude::*;`.
 pub mod prelude {
@@ -135,11 +138,8 @@ pub mod __private {
     pub use inventory;
 
     pub use crate::codec::{decode_enum, decode_json, encode_enum, encode_json, variant_mismatch};
-
-    /// True when `name` is one of `names`.
-    pub fn lists(names: &[&str], name: &str) -> bool {
-        names.contains(&name)
-    }
+    pub use crate::registry::UpcastRegistration;
+    pub use crate::upcast::{JsonEvent, Step, from_json, upcast};
 
     pub use crate::aggregate::Handler;
 

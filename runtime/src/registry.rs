@@ -14,8 +14,21 @@ use crate::error::{Error, Result};
 #[doc(hidden)]
 pub struct EventRegistration {
     pub names: &'static [&'static str],
+    /// `(alias, name)`: each former name and the current name it stands for.
+    pub aliases: &'static [(&'static str, &'static str)],
     pub version: u32,
+    pub upcasts: &'static [UpcastRegistration],
     pub rust_type: fn() -> &'static str,
+}
+
+/// One declared upcast step of an event type.
+#[doc(hidden)]
+pub struct UpcastRegistration {
+    pub from: u32,
+    /// True for a typed step, false for a step on the JSON value.
+    pub typed: bool,
+    /// The step's type or function, as written.
+    pub path: &'static str,
 }
 
 /// One event type in an aggregate's `events(...)` list.
@@ -43,10 +56,36 @@ inventory::collect!(AggregateRegistration);
 pub struct EventInfo {
     /// The name stored with each event.
     pub name: &'static str,
+    /// Former names that events stored earlier carry, read as this one.
+    pub aliases: Vec<&'static str>,
     /// The schema version written with new events.
     pub schema_version: u32,
+    /// How each schema version from 1 up to `schema_version` is read, in order.
+    pub versions: Vec<SchemaVersion>,
     /// The Rust type (for an enum: the enum; each variant has its own name).
     pub rust_type: &'static str,
+}
+
+/// How events stored with one schema version are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaVersion {
+    /// The stored schema version.
+    pub version: u32,
+    /// What a read does with it.
+    pub read: ReadAs,
+}
+
+/// What a read does with an event of one schema version (see [`SchemaVersion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadAs {
+    /// The current version: decoded as the type.
+    Current,
+    /// Decoded as the next version, unchanged (a field added with a serde default, say).
+    Unchanged,
+    /// Decoded as this older type, which converts into the next version with `From`.
+    Typed(&'static str),
+    /// Edited by this function on the JSON value into the next version.
+    Json(&'static str),
 }
 
 /// One registered aggregate type.
@@ -85,7 +124,14 @@ impl Registry {
             .flat_map(|r| {
                 r.names.iter().map(move |name| EventInfo {
                     name,
+                    aliases: r
+                        .aliases
+                        .iter()
+                        .filter(|(_, of)| of == name)
+                        .map(|(alias, _)| *alias)
+                        .collect(),
                     schema_version: r.version,
+                    versions: versions(r),
                     rust_type: (r.rust_type)(),
                 })
             })
@@ -134,9 +180,20 @@ impl Registry {
         &self.aggregates
     }
 
-    /// The event registered under `name`.
+    /// The event registered under `name`, or with `name` among its aliases.
     pub fn event(&self, name: &str) -> Option<&EventInfo> {
-        self.events.iter().find(|e| e.name == name)
+        self.events
+            .iter()
+            .find(|e| e.name == name)
+            .or_else(|| self.events.iter().find(|e| e.aliases.contains(&name)))
+    }
+
+    /// `name` as the registry holds it, when it is a registered name or alias.
+    pub(crate) fn static_name(&self, name: &str) -> Option<&'static str> {
+        let info = self.event(name)?;
+        std::iter::once(info.name)
+            .chain(info.aliases.iter().copied())
+            .find(|n| *n == name)
     }
 
     /// The aggregate type registered under `name`.
@@ -151,8 +208,9 @@ impl Registry {
             .filter(move |a| a.events.contains(&event_name))
     }
 
-    /// Checks that every name belongs to one Rust type and that every event an aggregate lists
-    /// is registered. Run by [`Store::open`](crate::Store::open).
+    /// Checks that every name and alias belongs to one Rust type (one name, for an alias)
+    /// and that every event an aggregate lists is registered. Run by
+    /// [`Store::open`](crate::Store::open).
     pub fn validate(&self) -> Result<()> {
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
         for e in &self.events {
@@ -160,6 +218,19 @@ impl Registry {
                 && first != e.rust_type
             {
                 return Err(collision("event", e.name, first, e.rust_type));
+            }
+        }
+        let mut aliases: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for e in &self.events {
+            for alias in &e.aliases {
+                if let Some(owner) = seen.get(alias) {
+                    return Err(collision("event", alias, owner, e.rust_type));
+                }
+                if let Some((name, rust_type)) = aliases.insert(alias, (e.name, e.rust_type))
+                    && name != e.name
+                {
+                    return Err(collision("event", alias, rust_type, e.rust_type));
+                }
             }
         }
         let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
@@ -186,6 +257,24 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// How each schema version of a registration is read.
+fn versions(r: &EventRegistration) -> Vec<SchemaVersion> {
+    (1..=r.version)
+        .map(|version| SchemaVersion {
+            version,
+            read: if version == r.version {
+                ReadAs::Current
+            } else {
+                match r.upcasts.iter().find(|u| u.from == version) {
+                    Some(u) if u.typed => ReadAs::Typed(u.path),
+                    Some(u) => ReadAs::Json(u.path),
+                    None => ReadAs::Unchanged,
+                }
+            },
+        })
+        .collect()
 }
 
 fn collision(kind: &'static str, name: &str, first: &str, second: &str) -> Error {

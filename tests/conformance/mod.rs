@@ -5,8 +5,11 @@
 
 pub mod cache;
 pub mod domain;
+pub mod evolution;
 pub mod subscriptions;
 
+#[allow(unused_imports)]
+pub use evolution::*;
 #[allow(unused_imports)]
 pub use subscriptions::*;
 
@@ -73,6 +76,8 @@ macro_rules! conformance_suite {
             subscription_workers_rebalance_partitions,
             subscription_parks_a_poison_event_and_goes_on,
             typed_projection_takes_its_events,
+            every_stored_version_reads_as_the_current_one,
+            a_newer_version_than_the_code_knows_is_refused,
         );
     };
     ($open:expr) => {

@@ -30,14 +30,29 @@ pub fn runtime_path(krate: Option<&Spanned<Path>>) -> proc_macro2::TokenStream {
 #[derive(Default)]
 pub struct EventAttrs {
     pub name: Option<Spanned<String>>,
+    pub aliases: Vec<Spanned<String>>,
     pub version: Option<Spanned<u32>>,
+    pub upcast: Option<Spanned<Vec<UpcastStep>>>,
     pub krate: Option<Spanned<Path>>,
+}
+
+/// One step of `upcast(...)`: how version `from` becomes the next one.
+pub struct UpcastStep {
+    pub from: Spanned<u32>,
+    pub how: UpcastHow,
+}
+
+/// A typed step (`1 => OpenedV1`) or a step on the JSON value (`1 => json(function)`).
+pub enum UpcastHow {
+    Typed(syn::Type),
+    Json(Path),
 }
 
 /// `#[event(...)]` on an enum variant.
 #[derive(Default)]
 pub struct VariantAttrs {
     pub name: Option<Spanned<String>>,
+    pub aliases: Vec<Spanned<String>>,
 }
 
 /// `#[aggregate(...)]`.
@@ -99,7 +114,9 @@ impl EventAttrs {
         let mut out = EventAttrs::default();
         for_each_key(cx, attrs, EVENT, EVENT_KEYS, |cx, key, meta| match key {
             NAME => set(cx, meta, &mut out.name, parse_name(meta)),
+            ALIAS => push(cx, &mut out.aliases, parse_name(meta)),
             VERSION => set(cx, meta, &mut out.version, parse_int(meta, key, 1)),
+            UPCAST => set(cx, meta, &mut out.upcast, parse_upcast(meta)),
             CRATE => set(cx, meta, &mut out.krate, parse_crate(meta)),
             _ => {}
         });
@@ -107,13 +124,88 @@ impl EventAttrs {
     }
 }
 
+/// Stores one more value of a key that may be given several times.
+fn push<T>(cx: &mut Ctxt, slot: &mut Vec<Spanned<T>>, parsed: syn::Result<Spanned<T>>) {
+    match parsed {
+        Ok(value) => slot.push(value),
+        Err(e) => cx.syn_error(e),
+    }
+}
+
+/// `upcast(1 => OpenedV1, 2 => json(function), ...)`.
+fn parse_upcast(meta: &ParseNestedMeta<'_>) -> syn::Result<Spanned<Vec<UpcastStep>>> {
+    const EXPECTED: &str = "expected steps from older versions, as in \
+                            upcast(1 => OpenedV1, 2 => json(rename_owner))";
+    if !meta.input.peek(syn::token::Paren) {
+        return Err(meta.error(EXPECTED));
+    }
+    let content;
+    syn::parenthesized!(content in meta.input);
+    let steps = parse_steps(&content, EXPECTED);
+    // The rest of a list with a mistake is skipped: its error is the one reported.
+    while !content.is_empty() {
+        content.parse::<proc_macro2::TokenTree>()?;
+    }
+    Ok(Spanned {
+        value: steps?,
+        span: meta.path.span(),
+    })
+}
+
+/// The steps inside `upcast(...)`.
+fn parse_steps(
+    content: syn::parse::ParseStream<'_>,
+    expected: &str,
+) -> syn::Result<Vec<UpcastStep>> {
+    let mut steps = Vec::new();
+    while !content.is_empty() {
+        let int: syn::LitInt = content
+            .parse()
+            .map_err(|e| syn::Error::new(e.span(), expected))?;
+        let from: u32 = int.base10_parse()?;
+        if from < 1 {
+            return Err(syn::Error::new_spanned(int, "versions start at 1"));
+        }
+        content
+            .parse::<syn::Token![=>]>()
+            .map_err(|e| syn::Error::new(e.span(), expected))?;
+        let how = if content.peek(syn::Ident) && content.peek2(syn::token::Paren) && {
+            let fork = content.fork();
+            fork.parse::<syn::Ident>().is_ok_and(|i| i == "json")
+        } {
+            content.parse::<syn::Ident>()?;
+            let inner;
+            syn::parenthesized!(inner in content);
+            let path: Path = inner.parse()?;
+            if !inner.is_empty() {
+                return Err(inner.error("expected one function, as in json(rename_owner)"));
+            }
+            UpcastHow::Json(path)
+        } else {
+            UpcastHow::Typed(content.parse()?)
+        };
+        steps.push(UpcastStep {
+            from: Spanned {
+                value: from,
+                span: int.span(),
+            },
+            how,
+        });
+        if content.is_empty() {
+            break;
+        }
+        content.parse::<syn::Token![,]>()?;
+    }
+    Ok(steps)
+}
+
 impl VariantAttrs {
     pub fn from_attrs(cx: &mut Ctxt, attrs: &[Attribute]) -> Self {
         let mut out = VariantAttrs::default();
-        for_each_key(cx, attrs, EVENT, VARIANT_KEYS, |cx, key, meta| {
-            if key == NAME {
-                set(cx, meta, &mut out.name, parse_name(meta));
-            }
+        for_each_key(cx, attrs, EVENT, VARIANT_KEYS, |cx, key, meta| match key {
+            NAME => set(cx, meta, &mut out.name, parse_name(meta)),
+            ALIAS => push(cx, &mut out.aliases, parse_name(meta)),
+            _ => {}
         });
         out
     }

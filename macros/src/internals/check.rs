@@ -20,17 +20,18 @@ pub fn no_generics(cx: &mut Ctxt, generics: &Generics, derive: &str) {
     }
 }
 
-/// Every name appears once; a repeat is an error at its second use.
+/// Every name and alias appears once; a repeat is an error at its second use.
 pub fn unique_names<'a>(
     cx: &mut Ctxt,
     names: impl IntoIterator<Item = (&'a str, proc_macro2::Span)>,
+    within: &str,
 ) {
     let mut seen = HashSet::new();
     for (name, span) in names {
         if !seen.insert(name) {
             cx.syn_error(syn::Error::new(
                 span,
-                format!("event name {name:?} is used twice in this enum"),
+                format!("event name {name:?} is used twice in {within}"),
             ));
         }
     }
