@@ -1069,6 +1069,51 @@ async fn a_commit_whose_answer_is_lost_is_unknown_and_not_retried() {
     store.close().await;
 }
 
+/// The retry of a commit whose answer was lost, with the same idempotency key: recognised as
+/// already committed, nothing written twice, no conflict.
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_lost_answer_is_already_committed() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let id = conformance::open_account(&store, "alice", "Alice", 10).await;
+    let proxy = support::CuttingProxy::start(&schema.url, b"123456789").await;
+    let through = Store::open_with(
+        &proxy.url,
+        schema.options().pool_size(1).listen(annals::Listen::Off),
+    )
+    .await
+    .unwrap();
+    let request = uuid::Uuid::now_v7();
+    let deposit = async |store: &Store| {
+        let mut ctx = store.begin();
+        ctx.set_idempotency_key(request);
+        let mut account = ctx.load::<Account>(id).await?;
+        ctx.apply(
+            &mut account,
+            Deposited {
+                amount: 123_456_789,
+            },
+        )?;
+        ctx.commit().await
+    };
+    // The server commits; the answer is cut.
+    match deposit(&through).await {
+        Err(Error::CommitOutcomeUnknown { .. }) => {}
+        other => panic!("expected CommitOutcomeUnknown, got {other:?}"),
+    }
+    assert_eq!(conformance::versions(&store, id).await, [1, 2, 3]);
+    // The retry, through the proxy again (on a new connection) and straight to the server.
+    assert!(deposit(&through).await.unwrap().already_committed());
+    assert!(deposit(&store).await.unwrap().already_committed());
+    assert_eq!(conformance::versions(&store, id).await, [1, 2, 3]);
+    let account = store.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!(account.balance, 10 + 123_456_789);
+    through.close().await;
+    store.close().await;
+}
+
 #[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_opens_on_the_applications_pool_or_connect_options() {

@@ -41,19 +41,27 @@ fn jitter_ms(round: u64, min: u64, max: u64) -> u64 {
     min + (nanos ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)) % (max - min)
 }
 
+/// Starts `annals-crash-writer` on the database file `db`, with `args`; returns it and its
+/// output.
+fn start_writer(db: &Path, args: &[&str]) -> (std::process::Child, std::process::ChildStdout) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_annals-crash-writer"))
+        .arg(url(db))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the writer");
+    let stdout = child.stdout.take().expect("piped stdout");
+    (child, stdout)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_commits_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("crash.db");
     let mut acknowledged = 0u64;
     for round in 0..6u64 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_annals-crash-writer"))
-            .arg(url(&db))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the writer");
-        let stdout = child.stdout.take().expect("piped stdout");
+        let (mut child, stdout) = start_writer(&db, &[]);
         // Read acknowledgements on a thread; the pipe drains to EOF after the kill.
         let reader = std::thread::spawn(move || {
             let mut acks = Vec::new();
@@ -108,6 +116,76 @@ async fn acknowledged_commits_survive_sigkill() {
         store.close().await;
     }
     assert!(acknowledged > 0, "the writer acknowledged commits");
+}
+
+mod crash_writer {
+    use crate::conformance::domain::{Counter, CounterEvent};
+    include!("support/crash_commands.rs");
+}
+
+/// A writer killed with SIGKILL in the middle of its commits, whose last command's outcome it
+/// never told: every command run again with its idempotency key is applied exactly once, the
+/// ones that were committed reported as already committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_writers_commands_run_again_apply_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("idempotent.db");
+    let (mut child, stdout) = start_writer(&db, &["--idempotent"]);
+    let reader = std::thread::spawn(move || {
+        let (mut sent, mut acked) = (None, 0usize);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(round) = line
+                .strip_prefix("SENT ")
+                .and_then(|r| r.parse::<u64>().ok())
+            {
+                sent = Some(round);
+            } else if line.starts_with("ACK ") {
+                acked += 1;
+            }
+        }
+        (sent, acked)
+    });
+    // Wait for a few acknowledged rounds, then kill at a random moment.
+    std::thread::sleep(Duration::from_millis(jitter_ms(7, 300, 900)));
+    child.kill().expect("SIGKILL the writer");
+    child.wait().expect("reap the writer");
+    let (sent, acked) = reader.join().expect("reader thread");
+    let last = sent.expect("the writer started a round");
+    assert!(acked > 0, "the writer acknowledged rounds");
+
+    // Every round the writer started, run again with its key.
+    let store = Store::open(&url(&db)).await.unwrap();
+    let mut already = 0usize;
+    for round in 0..=last {
+        let key = crash_writer::round_key(round);
+        let (_, committed) = crash_writer::increment(&store, round, Some(key))
+            .await
+            .unwrap();
+        if committed.already_committed() {
+            already += 1;
+        }
+    }
+    assert!(
+        already >= acked,
+        "{already} of {acked} acknowledged rounds recognised"
+    );
+    assert!(
+        already >= last as usize,
+        "only the last round can be missing"
+    );
+    let expected: u64 = (0..=last).map(|round| round % 3 + 1).sum();
+    let counter = store
+        .begin_read_only()
+        .load_by_key::<Counter>("crash")
+        .await
+        .unwrap();
+    assert_eq!(
+        (counter.version(), counter.value),
+        (expected, expected),
+        "each round applied exactly once"
+    );
+    store.close().await;
 }
 
 async fn open_account(store: &Store, key: &str, deposits: i64) -> AggregateId {

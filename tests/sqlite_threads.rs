@@ -67,7 +67,7 @@ async fn increments_with_drops(store: Store, id: AggregateId, rounds: u64, seed:
         };
         ctx.apply(&mut counter, CounterEvent::Incremented).unwrap();
         match tokio::time::timeout(Duration::from_micros(jitter(r + 1, 600)), ctx.commit()).await {
-            Ok(Ok(())) => tally.acknowledged += 1,
+            Ok(Ok(_)) => tally.acknowledged += 1,
             // Another task, or a dropped commit that still landed, moved the counter first.
             Ok(Err(Error::Conflict { .. })) => {}
             Ok(Err(other)) => panic!("round {round}: {other:?}"),

@@ -92,22 +92,42 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     }
 
     // The `Apply` call is spanned at the type in the user's list: a missing impl is reported
-    // there, once. Each listed event gets a handler, a closure without captures, which a load
-    // looks up once per event type and calls for every event of that type.
+    // there, once. Each listed event gets a handler, a plain function, which a load looks up
+    // once per event type and calls for every event of that type. It names the aggregate's
+    // type, not `Self`, and calls only non-generic runtime functions, so each listed event adds
+    // one small function and nothing else.
     let dispatch = events.iter().map(|path| {
         let krate = respan(&krate, path.span());
+        let ty = respan(&ident.to_token_stream(), path.span());
         let apply = quote_spanned! {path.span()=>
-            <Self as #krate::Apply<#path>>::apply(__state, &__event);
+            <#ty as #krate::Apply<#path>>::apply(__state, &__event);
         };
         quote_spanned! {path.span()=>
-            if <#path as #krate::Event>::accepts(__name) {
-                return ::core::option::Option::Some(
-                    |__state: &mut Self, __stored: &#private::StoredPayload<'_>| {
-                        let __event = __stored.decode::<#path>()?;
-                        #apply
-                        ::core::result::Result::Ok(())
-                    },
-                );
+            if #private::accepts(
+                <#path as #krate::Event>::NAMES,
+                <#path as #krate::Event>::ALIASES,
+                __name,
+            ) {
+                fn __apply(
+                    __state: &mut #ty,
+                    __stored: &#private::StoredPayload<'_>,
+                ) -> #private::Result<()> {
+                    __stored.check_version(<#path as #krate::Event>::VERSION)?;
+                    match <#path as #krate::Event>::decode(
+                        __stored.name,
+                        __stored.schema_version,
+                        __stored.payload,
+                    ) {
+                        ::core::result::Result::Ok(__event) => {
+                            #apply
+                            ::core::result::Result::Ok(())
+                        }
+                        ::core::result::Result::Err(__error) => {
+                            ::core::result::Result::Err(__stored.decode_error(__error))
+                        }
+                    }
+                }
+                return ::core::option::Option::Some(__apply);
             }
         }
     });

@@ -126,14 +126,24 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     }
 
     let upcast = upcast_prelude(&krate, steps, version);
-    let (name_body, encode_body, current) = match &cont.data {
+    let (name_fn, encode_body, current) = match &cont.data {
+        // A struct has one name: the trait's provided `name` returns it.
         Shape::Struct => (
-            quote!(#type_name),
-            quote_spanned!(ident.span()=> #private::encode_json(self)),
+            TokenStream::new(),
+            // serde_json is called directly, and its error converted by one shared function:
+            // no generic helper is instantiated per event type.
+            quote_spanned! {ident.span()=>
+                #private::serde_json::to_vec(self).map_err(#private::json_error)
+            },
             quote_spanned! {ident.span()=>
                 let __name: &'static str = #type_name;
                 #upcast
-                #private::decode_json::<Self>(__payload)
+                match #private::serde_json::from_slice::<Self>(__payload) {
+                    ::core::result::Result::Ok(__event) => ::core::result::Result::Ok(__event),
+                    ::core::result::Result::Err(__error) => {
+                        ::core::result::Result::Err(#private::json_error(__error))
+                    }
+                }
             },
         ),
         Shape::Enum(_) => {
@@ -170,7 +180,12 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     <Self as #krate::Event>::name,
                 )
             };
-            (quote!(match self { #(#arms)* }), encode, decode)
+            let name_fn = quote! {
+                fn name(&self) -> &'static str {
+                    match self { #(#arms)* }
+                }
+            };
+            (name_fn, encode, decode)
         }
     };
     let names = entries.iter().map(|e| &e.name);
@@ -197,9 +212,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 const ALIASES: &'static [&'static str] = &[#(#alias_names),*];
                 const VERSION: u32 = #version;
 
-                fn name(&self) -> &'static str {
-                    #name_body
-                }
+                #name_fn
 
                 fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
                     #encode_body

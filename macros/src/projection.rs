@@ -53,7 +53,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     let dispatch = events.iter().map(|path| {
         let krate = respan(&krate, path.span());
         quote_spanned! {path.span()=>
-            if <#path as #krate::Event>::accepts(&__event.event_type) {
+            if #krate::__private::accepts(<#path as #krate::Event>::NAMES, <#path as #krate::Event>::ALIASES, &__event.event_type) {
                 if let ::core::option::Option::Some(__decoded) = __event.decode::<#path>()? {
                     <Self as #krate::subscription::On<#path>>::on(
                         self,

@@ -206,6 +206,9 @@ impl Entries {
 pub(crate) struct CommitCache {
     states: Vec<Committed>,
     changed: Vec<AggregateId>,
+    /// Aggregates whose key the commit changes: evicted whatever the outcome, so that no
+    /// entry keeps a key they no longer have.
+    rekeyed: Vec<AggregateId>,
 }
 
 impl CommitCache {
@@ -215,6 +218,9 @@ impl CommitCache {
             for state in self.states {
                 cache.put(state);
             }
+            for id in self.rekeyed {
+                cache.evict(id);
+            }
         }
     }
 
@@ -222,7 +228,7 @@ impl CommitCache {
     /// still roll back: forget the aggregates it changed.
     pub fn discarded(self, store: &Store) {
         if let Some(cache) = &store.inner.cache {
-            for id in self.changed {
+            for id in self.changed.into_iter().chain(self.rekeyed) {
                 cache.evict(id);
             }
         }
@@ -275,7 +281,15 @@ impl Context {
         self.store.inner.cache.as_ref()?;
         let mut states = Vec::new();
         let mut changed = Vec::new();
-        for t in self.tracked.iter_mut().filter(|t| !t.events.is_empty()) {
+        let mut rekeyed = Vec::new();
+        for t in self.tracked.iter_mut() {
+            if t.rekey.is_some() {
+                rekeyed.push(t.id);
+                continue;
+            }
+            if t.events.is_empty() {
+                continue;
+            }
             changed.push(t.id);
             if let Some(state) = t.cached.take() {
                 states.push(Committed {
@@ -287,7 +301,11 @@ impl Context {
                 });
             }
         }
-        Some(CommitCache { states, changed })
+        Some(CommitCache {
+            states,
+            changed,
+            rekeyed,
+        })
     }
 
     /// Loads an aggregate the cache holds: its row and the events after the cached version, in

@@ -28,6 +28,9 @@ pub(crate) struct Tracked {
     pub(crate) base: u64,
     pub(crate) events: Vec<StagedEvent>,
     pub(crate) snapshot: Option<StagedSnapshot>,
+    /// A committed aggregate's key change, written with its events: `Some(Some(key))` sets
+    /// `key`, `Some(None)` releases the key.
+    pub(crate) rekey: Option<Option<String>>,
     /// With an aggregate cache: a copy of the state with the staged events applied, which a
     /// successful commit hands to the cache.
     pub(crate) cached: Option<CachedState>,
@@ -74,6 +77,26 @@ pub struct Context {
     metadata: Metadata,
     /// Events applied so far: orders staged events across aggregates.
     applied: u64,
+    /// The key the ids of staged events follow from (see [`Context::set_idempotency_key`]).
+    idempotency_key: Option<uuid::Uuid>,
+    /// True once an event id was chosen by the caller: a failed commit then checks whether
+    /// these events are stored already.
+    chosen_ids: bool,
+}
+
+/// What [`Context::commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    already: bool,
+}
+
+impl Committed {
+    /// True when nothing was written because every event of the commit was stored already,
+    /// under its id and for the same aggregate: a retry of a commit that went through (see
+    /// [`Context::set_idempotency_key`]).
+    pub fn already_committed(&self) -> bool {
+        self.already
+    }
 }
 
 impl Context {
@@ -86,6 +109,8 @@ impl Context {
             by_key: HashMap::new(),
             metadata: Metadata::default(),
             applied: 0,
+            idempotency_key: None,
+            chosen_ids: false,
         }
     }
 
@@ -147,20 +172,115 @@ impl Context {
         A: Handles<E>,
         E: Event,
     {
-        self.writable()?;
-        let max = self.store.inner.options.max_payload_bytes;
-        let index = *self
-            .by_id
-            .get(&root.id)
-            .ok_or(Error::ForeignRoot { aggregate: root.id })?;
-        let context_version = self.tracked.get(index).map_or(0, Tracked::current);
-        if root.version != context_version {
-            return Err(Error::StaleRoot {
-                aggregate: root.id,
-                root_version: root.version,
-                context_version,
-            });
+        self.stage(root, event, metadata, None)
+    }
+
+    /// [`apply`](Context::apply) with the event's id chosen by the caller (an id from another
+    /// system, or one kept to retry the command): a commit whose events are all stored already
+    /// under their ids, for the same aggregates, is reported as
+    /// [already committed](Committed::already_committed), and writes nothing. An id staged
+    /// already in this context is refused with [`Error::EventIdTaken`].
+    pub fn apply_with_id<A, E>(
+        &mut self,
+        root: &mut Root<A>,
+        event: E,
+        id: uuid::Uuid,
+    ) -> Result<uuid::Uuid>
+    where
+        A: Handles<E>,
+        E: Event,
+    {
+        if self
+            .tracked
+            .iter()
+            .any(|t| t.events.iter().any(|e| e.event_id == id))
+        {
+            return Err(Error::EventIdTaken { event_id: id });
         }
+        self.stage(root, event, Metadata::default(), Some(id))
+    }
+
+    /// Makes the ids of the events this context stages from now on follow from `key` and
+    /// each event's order in the context, so that running the same command again with the
+    /// same key stages the same ids. Give each request its own key (an idempotency key a
+    /// client sends, say) and keep it until the request is answered: when a commit fails with
+    /// [`Error::CommitOutcomeUnknown`] (the connection died after the commit was sent), run
+    /// the command again with the same key; if the first commit went through, the retry's
+    /// [`commit`](Context::commit) writes nothing and reports
+    /// [`already_committed`](Committed::already_committed), never a conflict or a duplicate.
+    ///
+    /// ```
+    /// # use annals::prelude::*;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Event, Serialize, Deserialize)]
+    /// # #[event(name = "doc.idem.paid")]
+    /// # struct Paid { cents: i64 }
+    /// # #[derive(Aggregate, Default)]
+    /// # #[aggregate(name = "doc.idem.bill", events(Paid))]
+    /// # struct Bill { paid: i64 }
+    /// # impl Apply<Paid> for Bill { fn apply(&mut self, e: &Paid) { self.paid += e.cents } }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), annals::Error> {
+    /// # let store = Store::open("memory:").await?;
+    /// let request = uuid::Uuid::now_v7(); // the client's idempotency key
+    /// # let mut ctx = store.begin();
+    /// # let mut bill = ctx.create_with_key::<Bill>("b-1").await?;
+    /// # ctx.apply(&mut bill, Paid { cents: 0 })?;
+    /// # ctx.commit().await?;
+    /// for attempt in 0..2 {
+    ///     let mut ctx = store.begin();
+    ///     ctx.set_idempotency_key(request);
+    ///     let mut bill = ctx.load_by_key::<Bill>("b-1").await?;
+    ///     ctx.apply(&mut bill, Paid { cents: 250 })?;
+    ///     let committed = ctx.commit().await?;
+    ///     assert_eq!(committed.already_committed(), attempt == 1);
+    /// }
+    /// let bill = store.begin_read_only().load_by_key::<Bill>("b-1").await?;
+    /// assert_eq!(bill.paid, 250); // paid once
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The retry loads the state the first run wrote, so its events stand at later versions:
+    /// what counts is that every one of its event ids is stored, for the same aggregate. A
+    /// command must therefore stage the same events in the same order when it runs again; one
+    /// that refuses on the new state (an overdraft, say) fails before the commit, and one that
+    /// stages more events than were stored gets [`Error::PartlyCommitted`]. A command that
+    /// creates an aggregate should use
+    /// [`load_or_create_by_key`](Context::load_or_create_by_key), which loads it on the retry
+    /// (`create_with_key` refuses a taken key at once). The check runs only when a commit
+    /// fails, so a commit that succeeds pays nothing for it.
+    pub fn set_idempotency_key(&mut self, key: uuid::Uuid) {
+        self.idempotency_key = Some(key);
+        self.chosen_ids = true;
+    }
+
+    /// The id of the event applied next: `chosen`, or one that follows from the idempotency
+    /// key, or a fresh UUID v7.
+    fn next_event_id(&mut self, chosen: Option<uuid::Uuid>) -> uuid::Uuid {
+        if let Some(id) = chosen {
+            self.chosen_ids = true;
+            return id;
+        }
+        match self.idempotency_key {
+            Some(key) => uuid::Uuid::new_v5(&key, &(self.applied + 1).to_be_bytes()),
+            None => uuid::Uuid::now_v7(),
+        }
+    }
+
+    /// Encodes, applies and stages one event (see [`apply`](Context::apply)).
+    fn stage<A, E>(
+        &mut self,
+        root: &mut Root<A>,
+        event: E,
+        metadata: Metadata,
+        id: Option<uuid::Uuid>,
+    ) -> Result<uuid::Uuid>
+    where
+        A: Handles<E>,
+        E: Event,
+    {
+        let index = self.staging_index(root)?;
+        let max = self.store.inner.options.max_payload_bytes;
         let name = event.name();
         let payload = event.encode().map_err(|source| Error::Encode {
             what: "event",
@@ -183,7 +303,7 @@ impl Context {
         })?;
         root.state.handle(&event);
         root.version += 1;
-        let event_id = uuid::Uuid::now_v7();
+        let event_id = self.next_event_id(id);
         let snapshot = snapshot_due::<A>(root, max)?;
         self.applied += 1;
         if let Some(tracked) = self.tracked.get_mut(index) {
@@ -249,20 +369,8 @@ impl Context {
         schema_version: u32,
         payload: Vec<u8>,
     ) -> Result<uuid::Uuid> {
-        self.writable()?;
+        let index = self.staging_index(root)?;
         let max = self.store.inner.options.max_payload_bytes;
-        let index = *self
-            .by_id
-            .get(&root.id)
-            .ok_or(Error::ForeignRoot { aggregate: root.id })?;
-        let context_version = self.tracked.get(index).map_or(0, Tracked::current);
-        if root.version != context_version {
-            return Err(Error::StaleRoot {
-                aggregate: root.id,
-                root_version: root.version,
-                context_version,
-            });
-        }
         let unknown = || Error::UnknownEventType {
             event_type: event_type.to_owned(),
             position: 0,
@@ -288,7 +396,7 @@ impl Context {
         // state unchanged.
         handler(&mut root.state, &stored)?;
         root.version += 1;
-        let event_id = uuid::Uuid::now_v7();
+        let event_id = self.next_event_id(None);
         let snapshot = snapshot_due::<A>(root, max)?;
         self.applied += 1;
         if let Some(tracked) = self.tracked.get_mut(index) {
@@ -317,10 +425,19 @@ impl Context {
     /// since it was loaded, or [`Error::KeyTaken`] when a new aggregate's key was committed
     /// first; nothing of this context is written then. A context with nothing staged (and every
     /// read-only context) commits without touching the store.
-    pub async fn commit(mut self) -> Result<()> {
+    ///
+    /// Returns what it did: with ids chosen by the caller ([`set_idempotency_key`],
+    /// [`apply_with_id`]), a commit whose events are all stored already is
+    /// [already committed](Committed::already_committed) and writes nothing; some of its ids
+    /// stored for other events is [`Error::EventIdTaken`].
+    ///
+    /// [`set_idempotency_key`]: Context::set_idempotency_key
+    /// [`apply_with_id`]: Context::apply_with_id
+    pub async fn commit(mut self) -> Result<Committed> {
         let cached = self.take_cached();
+        let chosen_ids = self.chosen_ids;
         let Some((clashes, store, batch)) = self.into_commit()? else {
-            return Ok(());
+            return Ok(Committed { already: false });
         };
         let span = commit_span(&batch, false);
         let result = store.inner.backend.commit(&batch).instrument(span).await;
@@ -331,8 +448,14 @@ impl Context {
             }
         }
         match result {
-            Ok(()) => Ok(()),
-            Err(e) => Err(clashes.classify(&store, &mut Via::Store, e).await),
+            Ok(()) => Ok(Committed { already: false }),
+            Err(e @ Error::CommitOutcomeUnknown { .. }) => Err(e),
+            Err(e) => {
+                if chosen_ids && let Some(outcome) = stored_already(&store, &batch).await? {
+                    return outcome;
+                }
+                Err(clashes.classify(&store, &mut Via::Store, e).await)
+            }
         }
     }
 
@@ -381,7 +504,7 @@ impl Context {
         let changes: Vec<Change> = self
             .tracked
             .into_iter()
-            .filter(|t| !t.events.is_empty())
+            .filter(|t| !t.events.is_empty() || t.rekey.is_some())
             .map(|t| Change {
                 id: t.id,
                 aggregate_type: t.aggregate_type,
@@ -390,6 +513,7 @@ impl Context {
                 expected: t.base,
                 events: t.events,
                 snapshot: t.snapshot,
+                rekey: t.rekey,
             })
             .collect();
         if changes.is_empty() || self.read_only {
@@ -402,6 +526,25 @@ impl Context {
             inline: self.store.inner.options.inline.clone(),
         };
         Some((self.store, batch))
+    }
+
+    /// The index of `root`'s aggregate, when this context may stage for it now: the context
+    /// is writable, tracks the aggregate, and `root` is its newest root.
+    pub(crate) fn staging_index<A>(&self, root: &Root<A>) -> Result<usize> {
+        self.writable()?;
+        let index = *self
+            .by_id
+            .get(&root.id)
+            .ok_or(Error::ForeignRoot { aggregate: root.id })?;
+        let context_version = self.tracked.get(index).map_or(0, Tracked::current);
+        if root.version != context_version {
+            return Err(Error::StaleRoot {
+                aggregate: root.id,
+                root_version: root.version,
+                context_version,
+            });
+        }
+        Ok(index)
     }
 
     pub(crate) fn writable(&self) -> Result<()> {
@@ -467,6 +610,38 @@ impl Context {
             cached.discarded(&store);
         }
         result.map_err(|e| clashes.classify_without_store(e))
+    }
+}
+
+/// After a failed commit with ids chosen by the caller: `Some(Ok)` when every event id of
+/// `batch` is stored already, for the same aggregate (a run of the command that went through
+/// before; a retry loads what that run wrote, so its events stand at later versions);
+/// `Some(Err)` when some of its ids are stored for other aggregates, or only some are stored;
+/// `None` when none is stored, and the commit's own error stands.
+async fn stored_already(store: &Store, batch: &CommitBatch) -> Result<Option<Result<Committed>>> {
+    let staged: Vec<(uuid::Uuid, crate::aggregate::AggregateId)> = batch
+        .changes
+        .iter()
+        .flat_map(|c| c.events.iter().map(move |e| (e.event_id, c.id)))
+        .collect();
+    let ids: Vec<uuid::Uuid> = staged.iter().map(|(id, _)| *id).collect();
+    let found = store.inner.backend.find_events(&ids).await?;
+    if found.is_empty() {
+        return Ok(None);
+    }
+    if let Some(&(event_id, _, _)) = found
+        .iter()
+        .find(|(id, aggregate, _)| !staged.contains(&(*id, *aggregate)))
+    {
+        return Ok(Some(Err(Error::EventIdTaken { event_id })));
+    }
+    match staged
+        .iter()
+        .find(|(id, _)| !found.iter().any(|(stored, _, _)| stored == id))
+    {
+        // Some are stored, others not: the command staged more, or other, events this time.
+        Some(&(event_id, _)) => Ok(Some(Err(Error::PartlyCommitted { event_id }))),
+        None => Ok(Some(Ok(Committed { already: true }))),
     }
 }
 

@@ -82,6 +82,27 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// An event id chosen by the caller ([`Context::apply_with_id`](crate::Context::apply_with_id),
+    /// [`Context::set_idempotency_key`](crate::Context::set_idempotency_key)) is stored already
+    /// for another event, or staged twice in one context. Nothing of the commit was written.
+    #[error("event id {event_id} is already taken by another event; nothing was written")]
+    EventIdTaken {
+        /// The id.
+        event_id: uuid::Uuid,
+    },
+
+    /// A commit with ids chosen by the caller was retried, and only some of its events are
+    /// stored from the earlier run: the command staged other events this time. Nothing was
+    /// written by this commit.
+    #[error(
+        "this commit's events are only partly stored from an earlier run (event {event_id} is not): \
+         the command staged other events this time; nothing was written"
+    )]
+    PartlyCommitted {
+        /// An event of this commit that is not stored.
+        event_id: uuid::Uuid,
+    },
+
     /// The database already holds a table (or index, or sequence) under one of annals' names,
     /// but no record of annals' migrations: it belongs to another application, and annals will
     /// not adopt it. Nothing was written. Choose another table prefix (or schema).
@@ -123,13 +144,14 @@ pub enum Error {
         found_type: String,
     },
 
-    /// A natural key is empty, longer than 1,024 bytes, or contains a NUL character.
+    /// A natural key is empty, longer than [`StoreOptions::max_key_bytes`](crate::StoreOptions::max_key_bytes)
+    /// (255 bytes by default), or contains a NUL character.
     #[error("invalid natural key {key:?}: {reason}")]
     InvalidKey {
         /// The key as given.
         key: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: String,
     },
 
     /// The id belongs to an aggregate of another type.

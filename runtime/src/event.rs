@@ -137,8 +137,11 @@ pub trait Event: Send + Sync + Sized + 'static {
     /// The schema version stored with every event of this type.
     const VERSION: u32;
 
-    /// The name this value is stored under.
-    fn name(&self) -> &'static str;
+    /// The name this value is stored under (for a struct, its one name; an enum's derive
+    /// names each variant).
+    fn name(&self) -> &'static str {
+        Self::NAMES.first().copied().unwrap_or_default()
+    }
 
     /// Encodes the payload.
     #[doc(hidden)]
@@ -152,7 +155,7 @@ pub trait Event: Send + Sync + Sized + 'static {
     /// True when events stored under `name` are of this type: one of its names or aliases.
     #[doc(hidden)]
     fn accepts(name: &str) -> bool {
-        Self::NAMES.contains(&name) || Self::ALIASES.contains(&name)
+        crate::__private::accepts(Self::NAMES, Self::ALIASES, name)
     }
 }
 
@@ -170,21 +173,35 @@ impl StoredPayload<'_> {
     /// Decodes into `E`, upcasting an older schema version. A failure is [`Error::Decode`] at
     /// this event's position; a version newer than `E`'s is [`Error::EventVersionTooNew`].
     pub fn decode<E: Event>(&self) -> Result<E> {
-        if self.schema_version > E::VERSION {
+        self.check_version(E::VERSION)?;
+        match E::decode(self.name, self.schema_version, self.payload) {
+            Ok(event) => Ok(event),
+            Err(source) => Err(self.decode_error(source)),
+        }
+    }
+
+    /// [`Error::EventVersionTooNew`] when the event was written with a version above `known`.
+    pub fn check_version(&self, known: u32) -> Result<()> {
+        if self.schema_version > known {
             return Err(Error::EventVersionTooNew {
                 event_type: self.name.to_owned(),
                 schema_version: self.schema_version,
-                known: E::VERSION,
+                known,
                 position: self.position,
             });
         }
-        E::decode(self.name, self.schema_version, self.payload).map_err(|source| Error::Decode {
+        Ok(())
+    }
+
+    /// The [`Error::Decode`] for this event, with the decoder's `source`.
+    pub fn decode_error(&self, source: BoxError) -> Error {
+        Error::Decode {
             what: "event",
             event_type: self.name.to_owned(),
             schema_version: self.schema_version,
             position: self.position,
             source,
-        })
+        }
     }
 
     /// The error for a name the aggregate does not list.

@@ -73,6 +73,7 @@ mod error;
 mod event;
 mod feed;
 mod filter;
+mod keys;
 mod live;
 mod load;
 mod metadata;
@@ -89,7 +90,7 @@ mod upcast;
 
 pub use aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 pub use annals_macros::{Aggregate, Event, Projection};
-pub use context::Context;
+pub use context::{Committed, Context};
 pub use error::{BoxError, Error, IsConflict, Result, Target};
 pub use event::{Event, FeedCursor, RecordedEvent};
 pub use feed::{FeedPage, HeldBack};
@@ -139,6 +140,17 @@ pub mod __private {
 
     pub use crate::codec::{decode_enum, decode_json, encode_enum, encode_json, variant_mismatch};
     pub use crate::registry::UpcastRegistration;
+    pub use serde_json;
+
+    /// A JSON error as the derives' generated code returns it: one function for every type.
+    pub fn json_error(error: serde_json::Error) -> BoxError {
+        Box::new(error)
+    }
+
+    /// True when `name` is one of `names` or `aliases`: one function for every event type.
+    pub fn accepts(names: &[&str], aliases: &[&str], name: &str) -> bool {
+        names.contains(&name) || aliases.contains(&name)
+    }
     pub use crate::upcast::{JsonEvent, Step, from_json, upcast};
 
     pub use crate::aggregate::Handler;

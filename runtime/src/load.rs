@@ -96,7 +96,7 @@ impl Context {
         key: &str,
     ) -> Result<Root<A>> {
         self.writable()?;
-        check_key(key)?;
+        check_key(key, self.store.inner.options.max_key_bytes)?;
         let taken = self.by_key.contains_key(&(A::NAME, key.to_owned()))
             || self
                 .store
@@ -252,7 +252,7 @@ impl Context {
         via: &mut Via<'_>,
         key: &str,
     ) -> Result<Option<Root<A>>> {
-        check_key(key)?;
+        check_key(key, self.store.inner.options.max_key_bytes)?;
         if let Some(&index) = self.by_key.get(&(A::NAME, key.to_owned())) {
             return self.reload::<A>(via, index).await.map(Some);
         }
@@ -262,6 +262,15 @@ impl Context {
         };
         match self.fetch::<A>(via, locate, None).await? {
             Some(loaded) => match self.by_id.get(&loaded.id) {
+                // This context changed or released its key: the key no longer names it here.
+                Some(&index)
+                    if self
+                        .tracked
+                        .get(index)
+                        .is_some_and(|t| t.key.as_deref() != Some(key)) =>
+                {
+                    Ok(None)
+                }
                 // Loaded by id earlier in this context: keep that view.
                 Some(&index) => self.reload::<A>(via, index).await.map(Some),
                 None => self.track_loaded(loaded).map(Some),
@@ -350,6 +359,7 @@ impl Context {
             base: 0,
             events: Vec::new(),
             snapshot: None,
+            rekey: None,
             cached: None,
         });
         Root {
@@ -375,6 +385,7 @@ impl Context {
             base: root.version,
             events: Vec::new(),
             snapshot: None,
+            rekey: None,
             cached: None,
         });
         Ok(root)
@@ -495,14 +506,18 @@ impl Context {
     }
 }
 
-/// Natural keys are non-empty text of at most 1,024 bytes without NUL, on every store.
-fn check_key(key: &str) -> Result<()> {
+/// Natural keys are non-empty text of at most `max` bytes without NUL, on every store; they
+/// are compared byte for byte.
+pub(crate) fn check_key(key: &str, max: usize) -> Result<()> {
     let reason = if key.is_empty() {
-        "it is empty"
-    } else if key.len() > 1024 {
-        "it is longer than 1,024 bytes"
+        "it is empty".to_owned()
+    } else if key.len() > max {
+        format!(
+            "it is {} bytes long, over the limit of {max} bytes",
+            key.len()
+        )
     } else if key.contains('\0') {
-        "it contains a NUL character"
+        "it contains a NUL character".to_owned()
     } else {
         return Ok(());
     };

@@ -157,7 +157,7 @@ impl Store {
             loop {
                 let mut ctx = store.begin();
                 let result = match work.clone()(&mut ctx).await {
-                    Ok(out) => ctx.commit().await.map(|()| out).map_err(E::from),
+                    Ok(out) => ctx.commit().await.map(|_| out).map_err(E::from),
                     Err(e) => Err(e),
                 };
                 match result {

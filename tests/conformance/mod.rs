@@ -6,10 +6,16 @@
 pub mod cache;
 pub mod domain;
 pub mod evolution;
+pub mod idempotency;
+pub mod keys;
 pub mod subscriptions;
 
 #[allow(unused_imports)]
 pub use evolution::*;
+#[allow(unused_imports)]
+pub use idempotency::*;
+#[allow(unused_imports)]
+pub use keys::*;
 #[allow(unused_imports)]
 pub use subscriptions::*;
 
@@ -78,6 +84,12 @@ macro_rules! conformance_suite {
             typed_projection_takes_its_events,
             every_stored_version_reads_as_the_current_one,
             a_newer_version_than_the_code_knows_is_refused,
+            keys_change_and_are_released,
+            a_taken_key_fails_the_commit_and_writes_nothing,
+            key_changes_stay_unique_under_concurrency,
+            keys_are_bytes_and_bounded,
+            a_retried_commit_is_already_committed,
+            chosen_event_ids_are_checked,
         );
     };
     ($open:expr) => {
@@ -457,7 +469,7 @@ pub async fn conflict_between_tasks(store: &Store) {
     let mut conflicts = 0;
     for task in tasks {
         match tokio::time::timeout(Duration::from_secs(60), task).await {
-            Ok(Ok(Ok(()))) => ok += 1,
+            Ok(Ok(Ok(_))) => ok += 1,
             Ok(Ok(Err(Error::Conflict { .. }))) => conflicts += 1,
             other => panic!("unexpected outcome {other:?}"),
         }
@@ -492,7 +504,7 @@ pub async fn natural_key_unique_under_concurrency(store: &Store) {
     let mut ok = 0;
     for task in tasks {
         match tokio::time::timeout(Duration::from_secs(60), task).await {
-            Ok(Ok(Ok(()))) => ok += 1,
+            Ok(Ok(Ok(_))) => ok += 1,
             Ok(Ok(Err(Error::KeyTaken {
                 aggregate_type,
                 key,

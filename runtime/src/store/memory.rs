@@ -330,6 +330,23 @@ impl State {
                     });
                 }
             }
+            if let Some(Some(key)) = &change.rekey {
+                let k = (change.aggregate_type.to_owned(), key.clone());
+                let held = self.keys.get(&k).is_some_and(|holder| {
+                    // A holder that this batch moves off the key frees it.
+                    *holder != change.id
+                        && !batch
+                            .changes
+                            .iter()
+                            .any(|c| c.id == *holder && c.rekey.is_some())
+                });
+                if held || !new_keys.insert(k) {
+                    return Err(Error::KeyTaken {
+                        aggregate_type: change.aggregate_type.to_owned(),
+                        key: key.clone(),
+                    });
+                }
+            }
             for event in &change.events {
                 if self.event_ids.contains(&event.event_id) {
                     return Err(Error::Corrupt(format!(
@@ -354,10 +371,27 @@ impl State {
                     version: 0,
                 });
             row.version = change.new_version();
-            if let (true, Some(key)) = (change.is_new, &change.key) {
-                self.keys
-                    .insert((change.aggregate_type.to_owned(), key.clone()), change.id);
+            if change.rekey.is_some()
+                && let Some(old) = row.key.take()
+            {
+                let slot = (change.aggregate_type.to_owned(), old);
+                if self.keys.get(&slot) == Some(&change.id) {
+                    self.keys.remove(&slot);
+                }
             }
+        }
+        // Keys after every release, so that two aggregates may swap keys in one commit.
+        for change in &batch.changes {
+            let (true, Some(key)) = (change.is_new || change.rekey.is_some(), &change.key) else {
+                continue;
+            };
+            if let Some(row) = self.aggregates.get_mut(&change.id) {
+                row.key = Some(key.clone());
+            }
+            self.keys
+                .insert((change.aggregate_type.to_owned(), key.clone()), change.id);
+        }
+        for change in &batch.changes {
             if let Some(snapshot) = &change.snapshot {
                 self.snapshots
                     .entry((change.id, snapshot.snapshot_version))
@@ -481,6 +515,21 @@ impl Backend for MemoryBackend {
                 .skip(start)
                 .map(|&index| state.record(index))
                 .collect()
+        })
+    }
+
+    fn find_events<'a>(
+        &'a self,
+        ids: &'a [uuid::Uuid],
+    ) -> BoxFuture<'a, Result<Vec<(uuid::Uuid, AggregateId, u64)>>> {
+        Box::pin(async move {
+            let state = self.state()?;
+            Ok(state
+                .events
+                .iter()
+                .filter(|e| ids.contains(&e.event_id))
+                .map(|e| (e.event_id, e.aggregate_id, e.version))
+                .collect())
         })
     }
 

@@ -179,6 +179,9 @@ pub(crate) struct Change {
     pub expected: u64,
     pub events: Vec<StagedEvent>,
     pub snapshot: Option<StagedSnapshot>,
+    /// For an aggregate that exists: its new key (`Some(Some(key))`, and `key` holds it too) or
+    /// the release of its key (`Some(None)`), checked and written with its events.
+    pub rekey: Option<Option<String>>,
 }
 
 impl Change {
@@ -203,6 +206,11 @@ pub(crate) struct CommitBatch {
 }
 
 impl CommitBatch {
+    /// True when a change sets or releases an existing aggregate's key.
+    pub fn rekeys(&self) -> bool {
+        self.changes.iter().any(|c| c.rekey.is_some())
+    }
+
     pub fn event_count(&self) -> usize {
         self.changes.iter().map(|c| c.events.len()).sum()
     }
@@ -271,6 +279,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
         id: AggregateId,
         after_version: u64,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
+
+    /// Where the events with these ids are stored, if they are: `(event id, aggregate,
+    /// version)` for each one found, in no order.
+    fn find_events<'a>(
+        &'a self,
+        ids: &'a [uuid::Uuid],
+    ) -> BoxFuture<'a, Result<Vec<(uuid::Uuid, AggregateId, u64)>>>;
 
     /// Up to `limit` events of the global feed after `after`, in commit order, and who holds
     /// back later events, if anyone does. Never waits for a hold-back to end.

@@ -85,6 +85,10 @@ pub struct StoreOptions {
     /// Apply migrations at open. When false, a store whose schema is not current is refused;
     /// apply [`migrations`](crate::migrations) yourself. Default true.
     pub migrate: bool,
+    /// The longest natural key accepted, in bytes (UTF-8). Longer keys are refused with
+    /// [`Error::InvalidKey`] before anything is read or written. Default 255; at most 2,048
+    /// (PostgreSQL indexes keys, and an index entry has a size limit).
+    pub max_key_bytes: usize,
     /// How many aggregates the store handle keeps in its aggregate cache; 0, the default,
     /// turns the cache off. See [`aggregate_cache`](StoreOptions::aggregate_cache).
     pub aggregate_cache: usize,
@@ -109,11 +113,15 @@ impl Default for StoreOptions {
             hold_back_warning: Duration::from_secs(30),
             migrate: true,
             read_only: false,
+            max_key_bytes: 255,
             aggregate_cache: 0,
             inline: Inline::default(),
         }
     }
 }
+
+/// The largest [`StoreOptions::max_key_bytes`].
+const MAX_KEY_BYTES: usize = 2048;
 
 impl StoreOptions {
     /// The defaults.
@@ -131,6 +139,13 @@ impl StoreOptions {
     /// Sets the table prefix.
     pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.table_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the longest natural key accepted, in bytes (see
+    /// [`max_key_bytes`](StoreOptions::max_key_bytes)).
+    pub fn max_key_bytes(mut self, bytes: usize) -> Self {
+        self.max_key_bytes = bytes;
         self
     }
 
@@ -298,6 +313,12 @@ impl StoreOptions {
             return Err(Error::Config(format!(
                 "min connections ({}) must not exceed the pool size ({})",
                 self.min_connections, self.pool_size
+            )));
+        }
+        if self.max_key_bytes == 0 || self.max_key_bytes > MAX_KEY_BYTES {
+            return Err(Error::Config(format!(
+                "max key bytes {} is out of range: 1 to {MAX_KEY_BYTES}",
+                self.max_key_bytes
             )));
         }
         if self.max_commit_bytes == 0 {

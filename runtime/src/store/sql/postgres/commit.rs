@@ -72,7 +72,7 @@ impl PostgresBackend {
     /// Commits `batch` on the pool, in autocommit: the statement is the whole transaction.
     /// With inline projections, a transaction holds the statement and theirs.
     pub(super) async fn run_commit(&self, batch: &CommitBatch) -> Result<()> {
-        if !batch.inline.is_empty() {
+        if !batch.inline.is_empty() || batch.rekeys() {
             return self.commit_projected(batch).await;
         }
         match self.send_commit(&self.pool, batch, false).await? {
@@ -97,7 +97,7 @@ impl PostgresBackend {
 
     /// Commits `batch` and runs the inline projections on its events, in one transaction.
     async fn commit_projected(&self, batch: &CommitBatch) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        let mut tx = super::begin(&self.pool).await?;
         match self.send_commit(&mut *tx, batch, false).await? {
             Sent::Written => {}
             // Dropping `tx` rolls back; nothing was committed, whatever the failure.
@@ -129,8 +129,12 @@ impl PostgresBackend {
         }
     }
 
-    /// Runs the inline projections of `batch` on its events, just written over `conn`.
+    /// Writes the key changes of `batch`, then runs its inline projections on its events,
+    /// just written over `conn`.
     async fn project(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Result<()> {
+        if batch.rekeys() {
+            self.rekey(conn, batch).await?;
+        }
         if batch.inline.is_empty() {
             return Ok(());
         }
@@ -150,6 +154,46 @@ impl PostgresBackend {
                 super::subscriptions::execute(conn, &sql, &params)
                     .await
                     .map_err(|e| statement_failed(name, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the key changes of `batch` over `conn`, after its version checks passed: every
+    /// changed key is released first, so that aggregates may trade keys in one commit; a key
+    /// another aggregate holds is [`Error::KeyTaken`] (the transaction is then aborted).
+    async fn rekey(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Result<()> {
+        let rekeyed = || batch.changes.iter().filter(|c| c.rekey.is_some());
+        for change in rekeyed() {
+            query(&self.sql.set_key)
+                .bind(change.id.as_uuid())
+                .bind(None::<&str>)
+                .execute(&mut *conn)
+                .await
+                .map_err(backend_error)?;
+        }
+        let unique = format!("{}aggregates_key_uq", self.names.prefix);
+        for change in rekeyed() {
+            let Some(Some(key)) = &change.rekey else {
+                continue;
+            };
+            let set = query(&self.sql.set_key)
+                .bind(change.id.as_uuid())
+                .bind(key.as_str())
+                .execute(&mut *conn)
+                .await;
+            if let Err(e) = set {
+                let taken = e.as_database_error().is_some_and(|db| {
+                    db.code().as_deref() == Some("23505") && db.constraint() == Some(&unique)
+                });
+                return Err(if taken {
+                    Error::KeyTaken {
+                        aggregate_type: change.aggregate_type.to_owned(),
+                        key: key.clone(),
+                    }
+                } else {
+                    backend_error(e)
+                });
             }
         }
         Ok(())

@@ -17,7 +17,7 @@ impl PostgresBackend {
     /// several instances starting at once migrate exactly once. A schema newer than this
     /// library is refused before anything is written. Each migration records its own version.
     pub(super) async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        let mut tx = super::begin(&self.pool).await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
             .bind(&self.names.lock_key)
             .execute(&mut *tx)

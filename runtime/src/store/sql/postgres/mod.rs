@@ -84,6 +84,19 @@ impl std::fmt::Debug for PostgresBackend {
     }
 }
 
+/// Begins a transaction on a connection of `pool`, safe to cancel. sqlx's `begin`, dropped
+/// between sending `BEGIN` and its answer, returns the connection to the pool inside the
+/// transaction, where later statements would run and hold their locks for good; here the
+/// `BEGIN` runs in a task of its own, so a dropped caller leaves a whole `Transaction`, which
+/// rolls back as the connection returns to the pool.
+pub(super) async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin().await }).await {
+        Ok(begun) => begun.map_err(backend_error),
+        Err(e) => Err(Error::Backend(Box::new(e))),
+    }
+}
+
 pub(super) fn query(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, PgArguments> {
     sqlx::query(AssertSqlSafe(sql.clone()))
 }
@@ -245,6 +258,31 @@ impl Backend for PostgresBackend {
         after_version: u64,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
         Box::pin(self.stream_records(id, after_version))
+    }
+
+    fn find_events<'a>(
+        &'a self,
+        ids: &'a [uuid::Uuid],
+    ) -> BoxFuture<'a, Result<Vec<(uuid::Uuid, AggregateId, u64)>>> {
+        Box::pin(async move {
+            let rows = query(&self.sql.find_events)
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(backend_error)?;
+            rows.iter()
+                .map(|row| {
+                    let event: uuid::Uuid = get(row, 0)?;
+                    let aggregate: uuid::Uuid = get(row, 1)?;
+                    let version: i64 = get(row, 2)?;
+                    Ok((
+                        event,
+                        aggregate.into(),
+                        crate::store::to_u64(version, "event version")?,
+                    ))
+                })
+                .collect()
+        })
     }
 
     fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {

@@ -79,6 +79,10 @@ pub(super) struct Statements {
     pub locate_by_id: Arc<str>,
     pub locate_by_key: Arc<str>,
     pub versions: Arc<str>,
+    /// Where the events with the given ids are stored.
+    pub find_events: Arc<str>,
+    /// Sets an aggregate's key (`NULL` releases it).
+    pub set_key: Arc<str>,
     pub read_stream: Arc<str>,
     pub read_feed: Arc<str>,
     /// The records of the events with the given ids, by position (for inline projections).
@@ -140,6 +144,13 @@ impl Statements {
             )
             .into(),
             versions: format!("SELECT id, version FROM {aggregates} WHERE id = ANY($1::uuid[])")
+                .into(),
+            find_events: format!(
+                "SELECT event_id, aggregate_id, sequence FROM {events} \
+                 WHERE event_id = ANY($1::uuid[])"
+            )
+            .into(),
+            set_key: format!("UPDATE {aggregates} SET natural_key = $2::text WHERE id = $1::uuid")
                 .into(),
             read_stream: format!(
                 "SELECT {RECORD_COLUMNS} FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \

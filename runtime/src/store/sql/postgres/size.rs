@@ -62,6 +62,7 @@ mod tests {
                     })
                     .collect(),
                 snapshot: None,
+                rekey: None,
             }],
             loaded: Vec::new(),
             recorded_at: std::time::SystemTime::now(),

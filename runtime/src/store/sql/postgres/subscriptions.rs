@@ -298,7 +298,7 @@ impl PostgresBackend {
 
     pub(super) async fn begin_tx(&self) -> Result<TxState> {
         self.writable()?;
-        let tx = self.pool.begin().await.map_err(backend_error)?;
+        let tx = super::begin(&self.pool).await?;
         Ok(TxState::Postgres(tx))
     }
 

@@ -87,6 +87,9 @@ fn write(
             aggregates.id_of(change.aggregate_type)?,
         )?;
     }
+    if batch.rekeys() {
+        rekey(conn, shared, batch)?;
+    }
     // All events of the batch, in apply order, in multi-row INSERTs.
     let in_order = batch.events_in_order();
     for chunk in in_order.chunks(EVENT_CHUNK) {
@@ -153,6 +156,34 @@ fn bind(stmt: &mut Statement<'_>, index: &mut usize, value: impl rusqlite::ToSql
     *index += 1;
     stmt.raw_bind_parameter(*index, value)
         .map_err(backend_error)
+}
+
+/// Writes the batch's key changes: every changed key is released first, so that aggregates may
+/// trade keys in one commit; a key another aggregate holds is [`Error::KeyTaken`].
+fn rekey(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+    let mut stmt = conn
+        .prepare_cached(&shared.sql.set_key)
+        .map_err(backend_error)?;
+    let rekeyed = || batch.changes.iter().filter(|c| c.rekey.is_some());
+    for change in rekeyed() {
+        stmt.execute((change.id.as_uuid().as_bytes().as_slice(), None::<&str>))
+            .map_err(backend_error)?;
+    }
+    for change in rekeyed() {
+        let Some(Some(key)) = &change.rekey else {
+            continue;
+        };
+        let set = stmt
+            .execute((change.id.as_uuid().as_bytes().as_slice(), key.as_str()))
+            .map_err(backend_error)?;
+        if set != 1 {
+            return Err(Error::KeyTaken {
+                aggregate_type: change.aggregate_type.to_owned(),
+                key: key.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Inserts a new aggregate's row, or moves an existing one's version from the expected one:

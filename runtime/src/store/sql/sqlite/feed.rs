@@ -14,7 +14,7 @@ use crate::filter::Filter;
 use crate::store::sql::backend_error;
 use crate::store::sql::records::{RecordRow, uuid_from_bytes};
 use crate::store::sql::types::TypeKind;
-use crate::store::to_i64;
+use crate::store::{to_i64, to_u64};
 
 /// Every event of aggregate `id` after `after_version`.
 pub(super) fn read_stream(
@@ -33,6 +33,33 @@ pub(super) fn read_stream(
         ))
         .map_err(backend_error)?;
     recorded(conn, shared, rows)
+}
+
+/// Where the events with `ids` are stored: `(event id, aggregate, version)` for each one found.
+pub(super) fn find_events(
+    conn: &Connection,
+    shared: &Shared,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<(uuid::Uuid, AggregateId, u64)>> {
+    let mut stmt = conn
+        .prepare_cached(&shared.sql.find_event)
+        .map_err(backend_error)?;
+    let mut found = Vec::new();
+    for id in ids {
+        let mut rows = stmt
+            .query([id.as_bytes().as_slice()])
+            .map_err(backend_error)?;
+        if let Some(row) = rows.next().map_err(backend_error)? {
+            let aggregate: Vec<u8> = row.get(0).map_err(backend_error)?;
+            let version: i64 = row.get(1).map_err(backend_error)?;
+            found.push((
+                *id,
+                crate::store::sql::records::aggregate_id(&aggregate)?,
+                to_u64(version, "event version")?,
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// Up to `limit` events after `after`. Nothing ever holds the SQLite feed back.

@@ -196,6 +196,14 @@ impl Backend for SqliteBackend {
         self.read(move |conn, shared| feed::read_stream(conn, shared, id, after_version))
     }
 
+    fn find_events<'a>(
+        &'a self,
+        ids: &'a [uuid::Uuid],
+    ) -> BoxFuture<'a, Result<Vec<(uuid::Uuid, AggregateId, u64)>>> {
+        let ids = ids.to_vec();
+        self.read(move |conn, shared| feed::find_events(conn, shared, &ids))
+    }
+
     fn read_feed<'a>(&'a self, after: FeedCursor, limit: usize) -> BoxFuture<'a, Result<FeedPage>> {
         self.read(move |conn, shared| feed::read_feed(conn, shared, after, limit))
     }

@@ -23,7 +23,12 @@ pub(super) struct Statements {
     pub stream: String,
     pub cas_version: String,
     pub current_version: String,
+    /// Sets an aggregate's key (`NULL` releases it); changes no row when another aggregate of
+    /// the type holds the key.
+    pub set_key: String,
     pub insert_aggregate: String,
+    /// Where one event, by id, is stored.
+    pub find_event: String,
     pub insert_snapshot: String,
     pub read_stream: String,
     pub read_feed: String,
@@ -106,6 +111,10 @@ impl Statements {
                 "UPDATE {prefix}aggregates SET version = ?1 WHERE id = ?2 AND version = ?3",
             ),
             current_version: sql("SELECT version FROM {prefix}aggregates WHERE id = ?1"),
+            find_event: sql(
+                "SELECT aggregate_id, sequence FROM {prefix}events WHERE event_id = ?1",
+            ),
+            set_key: sql("UPDATE OR IGNORE {prefix}aggregates SET natural_key = ?2 WHERE id = ?1"),
             insert_aggregate: sql(
                 "INSERT INTO {prefix}aggregates (id, type_id, natural_key, version) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
             ),
