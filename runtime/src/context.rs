@@ -451,7 +451,7 @@ impl Context {
             Ok(()) => Ok(Committed { already: false }),
             Err(e @ Error::CommitOutcomeUnknown { .. }) => Err(e),
             Err(e) => {
-                if chosen_ids && let Some(outcome) = stored_already(&store, &batch).await? {
+                if chosen_ids && let Some(outcome) = stored_already(&store, &batch).await {
                     return outcome;
                 }
                 Err(clashes.classify(&store, &mut Via::Store, e).await)
@@ -618,30 +618,33 @@ impl Context {
 /// before; a retry loads what that run wrote, so its events stand at later versions);
 /// `Some(Err)` when some of its ids are stored for other aggregates, or only some are stored;
 /// `None` when none is stored, and the commit's own error stands.
-async fn stored_already(store: &Store, batch: &CommitBatch) -> Result<Option<Result<Committed>>> {
+async fn stored_already(store: &Store, batch: &CommitBatch) -> Option<Result<Committed>> {
     let staged: Vec<(uuid::Uuid, crate::aggregate::AggregateId)> = batch
         .changes
         .iter()
         .flat_map(|c| c.events.iter().map(move |e| (e.event_id, c.id)))
         .collect();
     let ids: Vec<uuid::Uuid> = staged.iter().map(|(id, _)| *id).collect();
-    let found = store.inner.backend.find_events(&ids).await?;
+    // A failed lookup leaves the commit's own error standing.
+    let Ok(found) = store.inner.backend.find_events(&ids).await else {
+        return None;
+    };
     if found.is_empty() {
-        return Ok(None);
+        return None;
     }
     if let Some(&(event_id, _, _)) = found
         .iter()
         .find(|(id, aggregate, _)| !staged.contains(&(*id, *aggregate)))
     {
-        return Ok(Some(Err(Error::EventIdTaken { event_id })));
+        return Some(Err(Error::EventIdTaken { event_id }));
     }
     match staged
         .iter()
         .find(|(id, _)| !found.iter().any(|(stored, _, _)| stored == id))
     {
         // Some are stored, others not: the command staged more, or other, events this time.
-        Some(&(event_id, _)) => Ok(Some(Err(Error::PartlyCommitted { event_id }))),
-        None => Ok(Some(Ok(Committed { already: true }))),
+        Some(&(event_id, _)) => Some(Err(Error::PartlyCommitted { event_id })),
+        None => Some(Ok(Committed { already: true })),
     }
 }
 
