@@ -68,6 +68,7 @@ fn recorded(name: &str, payload: &str) -> RecordedEvent {
         cursor: FeedCursor::START,
         aggregate_id: AggregateId::new(),
         aggregate_type: "order".into(),
+        key: None,
         version: 1,
         event_type: name.into(),
         schema_version: 1,

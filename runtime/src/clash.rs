@@ -114,7 +114,10 @@ impl ClashRules {
             };
             // A commit reported as failed may still have landed (a connection lost after the
             // database committed): then the aggregate is this context's own.
-            let ours = match store.read_stream_via(via, *id, 0).await {
+            let ours = match store
+                .read_stream_via(via, *id, crate::store::StreamRange::after(0))
+                .await
+            {
                 Ok(events) => events.first().map(|e| e.event_id) == *first_event,
                 Err(_) => false,
             };

@@ -443,12 +443,12 @@ impl Context {
         let result = store.inner.backend.commit(&batch).instrument(span).await;
         if let Some(cached) = cached {
             match &result {
-                Ok(()) => cached.committed(&store),
+                Ok(_) => cached.committed(&store),
                 Err(_) => cached.discarded(&store),
             }
         }
         match result {
-            Ok(()) => Ok(Committed { already: false }),
+            Ok(_) => Ok(Committed { already: false }),
             Err(e @ Error::CommitOutcomeUnknown { .. }) => Err(e),
             Err(e) => {
                 if chosen_ids && let Some(outcome) = stored_already(&store, &batch).await {
@@ -524,6 +524,7 @@ impl Context {
             loaded,
             recorded_at: SystemTime::now(),
             inline: self.store.inner.options.inline.clone(),
+            cursors: false,
         };
         Some((self.store, batch))
     }
@@ -618,7 +619,10 @@ impl Context {
 /// before; a retry loads what that run wrote, so its events stand at later versions);
 /// `Some(Err)` when some of its ids are stored for other aggregates, or only some are stored;
 /// `None` when none is stored, and the commit's own error stands.
-async fn stored_already(store: &Store, batch: &CommitBatch) -> Option<Result<Committed>> {
+pub(crate) async fn stored_already(
+    store: &Store,
+    batch: &CommitBatch,
+) -> Option<Result<Committed>> {
     let staged: Vec<(uuid::Uuid, crate::aggregate::AggregateId)> = batch
         .changes
         .iter()
@@ -648,7 +652,12 @@ async fn stored_already(store: &Store, batch: &CommitBatch) -> Option<Result<Com
     }
 }
 
-fn check_size(what: &'static str, type_name: &str, size: usize, max: usize) -> Result<()> {
+pub(crate) fn check_size(
+    what: &'static str,
+    type_name: &str,
+    size: usize,
+    max: usize,
+) -> Result<()> {
     if size > max {
         Err(Error::PayloadTooLarge {
             what,

@@ -244,8 +244,6 @@ impl FeedCursor {
 
     /// The cursor of an event at `position` on a store ordered by position alone (memory,
     /// SQLite).
-    // SQLite's cursors come from the shared row decoding; memory builds its own.
-    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn at_position(position: u64) -> FeedCursor {
         FeedCursor {
             position,
@@ -263,6 +261,9 @@ pub struct RecordedEvent {
     pub aggregate_id: AggregateId,
     /// The aggregate type's registered name.
     pub aggregate_type: String,
+    /// The aggregate's natural key as it is when the event is read (a key changes or is
+    /// released after the event was written), or `None` when it has none.
+    pub key: Option<String>,
     /// The aggregate's version after this event (1 for its first event).
     pub version: u64,
     /// The event's registered name.

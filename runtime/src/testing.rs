@@ -382,6 +382,7 @@ impl<H: Handler> Project<H> {
             cursor: FeedCursor::at_position(self.events.len() as u64 + 1),
             aggregate_id: aggregate,
             aggregate_type,
+            key: None,
             version,
             event_type: encoded.name.to_owned(),
             schema_version: encoded.schema_version,

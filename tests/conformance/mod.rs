@@ -8,6 +8,7 @@ pub mod domain;
 pub mod evolution;
 pub mod idempotency;
 pub mod keys;
+pub mod log;
 pub mod subscriptions;
 
 #[allow(unused_imports)]
@@ -16,6 +17,8 @@ pub use evolution::*;
 pub use idempotency::*;
 #[allow(unused_imports)]
 pub use keys::*;
+#[allow(unused_imports)]
+pub use log::*;
 #[allow(unused_imports)]
 pub use subscriptions::*;
 
@@ -90,6 +93,11 @@ macro_rules! conformance_suite {
             keys_are_bytes_and_bounded,
             a_retried_commit_is_already_committed,
             chosen_event_ids_are_checked,
+            appends_check_the_expected_version,
+            appends_at_any_stay_contiguous_under_contention,
+            appends_with_chosen_ids_apply_once,
+            streams_read_by_range_and_direction,
+            feed_head_is_the_newest_readable_event,
         );
     };
     ($open:expr) => {

@@ -14,7 +14,7 @@ use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
-    StoreOptions, StoredSnapshot, StreamEvent,
+    StoreOptions, StoredSnapshot, StreamEvent, StreamRange,
 };
 use crate::subscription::row::{Claim, Parked, Row, Spec, Write, cursor_text};
 use crate::subscription::tx::TxState;
@@ -35,8 +35,9 @@ struct StoredEvent {
 struct State {
     aggregates: HashMap<AggregateId, AggregateRow>,
     keys: HashMap<(String, String), AggregateId>,
-    /// The global feed; an event's position is its index + 1.
-    events: Vec<StoredEvent>,
+    /// The global feed; an event's position is its index + 1. A pruned or erased event leaves
+    /// `None` in its place, so that positions stay as they were.
+    events: Vec<Option<StoredEvent>>,
     /// Per aggregate, the indexes of its events in version order.
     streams: HashMap<AggregateId, Vec<usize>>,
     /// Per aggregate and snapshot shape, snapshots by version.
@@ -169,6 +170,10 @@ fn records_of(batch: &CommitBatch, stored: usize) -> Result<Vec<RecordedEvent>> 
                 cursor: FeedCursor::at_position(position),
                 aggregate_id: change.id,
                 aggregate_type: change.aggregate_type.to_owned(),
+                key: match &change.rekey {
+                    Some(key) => key.clone(),
+                    None => change.key.clone(),
+                },
                 version: event.version,
                 event_type: event.name.to_owned(),
                 schema_version: event.schema_version,
@@ -280,12 +285,17 @@ impl State {
         let e = self
             .events
             .get(index)
+            .and_then(Option::as_ref)
             .ok_or_else(|| Error::Corrupt(format!("no event at index {index}")))?;
         let position = index as u64 + 1;
         Ok(RecordedEvent {
             cursor: FeedCursor::at_position(position),
             aggregate_id: e.aggregate_id,
             aggregate_type: e.aggregate_type.clone(),
+            key: self
+                .aggregates
+                .get(&e.aggregate_id)
+                .and_then(|row| row.key.clone()),
             version: e.version,
             event_type: e.name.to_string(),
             schema_version: e.schema_version,
@@ -405,7 +415,7 @@ impl State {
                 .or_default()
                 .push(self.events.len());
             self.event_ids.insert(event.event_id);
-            self.events.push(StoredEvent {
+            self.events.push(Some(StoredEvent {
                 aggregate_id: change.id,
                 aggregate_type: change.aggregate_type.to_owned(),
                 version: event.version,
@@ -415,7 +425,7 @@ impl State {
                 metadata: event.metadata.clone(),
                 event_id: event.event_id,
                 recorded_at: batch.recorded_at,
-            });
+            }));
         }
     }
 }
@@ -453,7 +463,7 @@ impl Backend for MemoryBackend {
             let mut events = Vec::new();
             let mut payloads = Vec::new();
             for &index in indexes {
-                let Some(e) = state.events.get(index) else {
+                let Some(Some(e)) = state.events.get(index) else {
                     continue;
                 };
                 if e.version > from && e.version <= up_to {
@@ -484,11 +494,19 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>> {
+    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<Vec<FeedCursor>>> {
         Box::pin(async move {
             tokio::task::yield_now().await;
             let mut state = self.state()?;
             state.check(batch)?;
+            let first = state.events.len() as u64 + 1;
+            let cursors = if batch.cursors {
+                (first..first + batch.event_count() as u64)
+                    .map(FeedCursor::at_position)
+                    .collect()
+            } else {
+                Vec::new()
+            };
             if !batch.inline.is_empty() {
                 // No SQL to run here, but a projection that fails fails the commit.
                 let records = records_of(batch, state.events.len())?;
@@ -497,23 +515,45 @@ impl Backend for MemoryBackend {
             state.apply(batch);
             drop(state);
             self.committed.notify();
-            Ok(())
+            Ok(cursors)
         })
     }
 
     fn read_stream<'a>(
         &'a self,
         id: AggregateId,
-        after_version: u64,
+        range: StreamRange,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
         Box::pin(async move {
             let state = self.state()?;
             let indexes = state.streams.get(&id).map_or(&[][..], Vec::as_slice);
-            let start = usize::try_from(after_version).unwrap_or(usize::MAX);
-            indexes
-                .iter()
-                .skip(start)
-                .map(|&index| state.record(index))
+            let in_range = |index: &&usize| {
+                state
+                    .events
+                    .get(**index)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|e| range.contains(e.version))
+            };
+            let limit = usize::try_from(range.limit).unwrap_or(usize::MAX);
+            let chosen: Vec<usize> = if range.backward {
+                indexes
+                    .iter()
+                    .rev()
+                    .filter(in_range)
+                    .take(limit)
+                    .copied()
+                    .collect()
+            } else {
+                indexes
+                    .iter()
+                    .filter(in_range)
+                    .take(limit)
+                    .copied()
+                    .collect()
+            };
+            chosen
+                .into_iter()
+                .map(|index| state.record(index))
                 .collect()
         })
     }
@@ -527,6 +567,7 @@ impl Backend for MemoryBackend {
             Ok(state
                 .events
                 .iter()
+                .flatten()
                 .filter(|e| ids.contains(&e.event_id))
                 .map(|e| (e.event_id, e.aggregate_id, e.version))
                 .collect())
@@ -537,8 +578,9 @@ impl Backend for MemoryBackend {
         Box::pin(async move {
             let state = self.state()?;
             let start = usize::try_from(after.position).unwrap_or(usize::MAX);
-            let end = start.saturating_add(limit).min(state.events.len());
-            let events = (start..end)
+            let events = (start..state.events.len())
+                .filter(|&index| matches!(state.events.get(index), Some(Some(_))))
+                .take(limit)
                 .map(|index| state.record(index))
                 .collect::<Result<_>>()?;
             Ok(FeedPage::new(events, None, after))
@@ -561,7 +603,9 @@ impl Backend for MemoryBackend {
                     break;
                 }
                 scanned = index + 1;
-                if state.matches(filter, event) {
+                if let Some(event) = event
+                    && state.matches(filter, event)
+                {
                     events.push(state.record(index)?);
                 }
             }

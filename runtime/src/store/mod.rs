@@ -103,6 +103,41 @@ pub(crate) struct LoadRequest<'a> {
     pub after: Option<u64>,
 }
 
+/// Which events of one aggregate to read: versions `from..=to`, oldest first or newest first,
+/// at most `limit` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamRange {
+    pub from: u64,
+    pub to: u64,
+    pub backward: bool,
+    pub limit: u64,
+}
+
+impl StreamRange {
+    /// Every event above `version`, oldest first.
+    pub fn after(version: u64) -> StreamRange {
+        StreamRange {
+            from: version.saturating_add(1),
+            to: u64::MAX,
+            backward: false,
+            limit: u64::MAX,
+        }
+    }
+
+    /// True when `version` lies in the range (the limit aside).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub fn contains(&self, version: u64) -> bool {
+        (self.from..=self.to).contains(&version)
+    }
+
+    /// The range's bounds and limit as the signed integers databases store.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    pub fn to_sql(self) -> (i64, i64, i64) {
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        (clamp(self.from), clamp(self.to), clamp(self.limit))
+    }
+}
+
 /// A snapshot as stored.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredSnapshot {
@@ -203,6 +238,8 @@ pub(crate) struct CommitBatch {
     pub recorded_at: SystemTime,
     /// The store's inline projections, run in the commit's transaction.
     pub inline: Inline,
+    /// The caller wants the events' cursors back.
+    pub cursors: bool,
 }
 
 impl CommitBatch {
@@ -270,14 +307,15 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// The row of one aggregate.
     fn locate<'a>(&'a self, locate: Locate<'a>) -> BoxFuture<'a, Result<Option<AggregateRow>>>;
 
-    /// Writes a batch atomically.
-    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>>;
+    /// Writes a batch atomically. Returns the cursors of its events in the order the context
+    /// applied them when [`CommitBatch::cursors`] asks for them, nothing otherwise.
+    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<Vec<FeedCursor>>>;
 
-    /// Every event of one aggregate with a version above `after_version`, in version order.
+    /// The events of one aggregate within `range`, in its order.
     fn read_stream<'a>(
         &'a self,
         id: AggregateId,
-        after_version: u64,
+        range: StreamRange,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
 
     /// Where the events with these ids are stored, if they are: `(event id, aggregate,
@@ -499,7 +537,10 @@ impl Store {
 
     /// Every event of one aggregate, oldest first.
     pub async fn history(&self, id: AggregateId) -> Result<Vec<RecordedEvent>> {
-        self.inner.backend.read_stream(id, 0).await
+        self.inner
+            .backend
+            .read_stream(id, StreamRange::after(0))
+            .await
     }
 
     /// Up to `limit` events of the global feed after `after`, each once, in commit order. Pass

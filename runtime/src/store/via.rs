@@ -5,7 +5,7 @@
 use crate::aggregate::AggregateId;
 use crate::error::Result;
 use crate::event::RecordedEvent;
-use crate::store::{AggregateRow, LoadRequest, LoadedStream, Locate, Store};
+use crate::store::{AggregateRow, LoadRequest, LoadedStream, Locate, Store, StreamRange};
 
 /// The connection of a caller's transaction: PostgreSQL's, the only store a context can be
 /// bound to. Without the `postgres` feature it has no values, so [`Via::Caller`] cannot occur.
@@ -72,19 +72,19 @@ impl Store {
         }
     }
 
-    /// The events of one aggregate after `after_version`, read `via`.
+    /// The events of one aggregate in `range`, read `via`.
     pub(crate) async fn read_stream_via(
         &self,
         via: &mut Via<'_>,
         id: AggregateId,
-        after_version: u64,
+        range: StreamRange,
     ) -> Result<Vec<RecordedEvent>> {
         match via {
-            Via::Store => self.inner.backend.read_stream(id, after_version).await,
+            Via::Store => self.inner.backend.read_stream(id, range).await,
             #[cfg(feature = "postgres")]
             Via::Caller(conn) => {
                 crate::store::sql::postgres::of(self)?
-                    .stream_records_on(conn, id, after_version)
+                    .stream_records_on(conn, id, range)
                     .await
             }
             #[cfg(not(feature = "postgres"))]

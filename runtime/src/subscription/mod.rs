@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::AggregateId;
 use crate::error::{BoxError, Error, Result};
 use crate::event::{FeedCursor, RecordedEvent};
 use crate::filter::Filter;
@@ -337,14 +336,7 @@ impl Subscription {
         Ok(match self.start {
             Start::Beginning => FeedCursor::START,
             Start::After(cursor) => cursor,
-            Start::End => {
-                // A read that matches nothing looks as far as the feed can be read now.
-                let nothing = Filter::all().aggregate(AggregateId::from(uuid::Uuid::nil()));
-                self.store
-                    .read_feed_matching(FeedCursor::START, 1, &nothing)
-                    .await?
-                    .scanned
-            }
+            Start::End => self.store.feed_head().await?,
             Start::At(time) => self.cursor_before(time).await?,
         })
     }

@@ -501,7 +501,7 @@ impl Subscription {
             .store
             .inner
             .backend
-            .read_stream(parked.aggregate, after)
+            .read_stream(parked.aggregate, crate::store::StreamRange::after(after))
             .await?
             .into_iter()
             .filter(|e| e.cursor <= at.cursor && self.filter.admits(e))

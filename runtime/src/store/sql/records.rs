@@ -28,6 +28,7 @@ pub(crate) struct RecordRow<'r> {
     /// Microseconds since the Unix epoch.
     pub recorded_at: i64,
     pub event_id: uuid::Uuid,
+    pub key: Option<String>,
 }
 
 impl RecordRow<'_> {
@@ -45,6 +46,7 @@ impl RecordRow<'_> {
             aggregate_type: aggregates
                 .name_of(TypeKind::Aggregate, self.aggregate_type_id)?
                 .to_string(),
+            key: self.key,
             version: to_u64(self.version, "event version")?,
             event_type: events
                 .name_of(TypeKind::Event, self.event_type_id)?
@@ -231,6 +233,7 @@ mod tests {
             metadata: None,
             recorded_at: 1_000_000,
             event_id: uuid::Uuid::nil(),
+            key: Some("k-1".to_owned()),
         };
         assert_eq!(
             records_need_refresh(std::slice::from_ref(&record), &aggregates, &types()),
@@ -239,6 +242,7 @@ mod tests {
         let record = record.into_record(&aggregates, &types()).unwrap();
         assert_eq!(record.event_type, "deposited");
         assert_eq!(record.aggregate_type, "account");
+        assert_eq!(record.key.as_deref(), Some("k-1"));
         assert_eq!((record.version, record.schema_version), (3, 2));
         assert_eq!(record.cursor, FeedCursor::at_position(5));
     }

@@ -11,12 +11,14 @@ use sqlx::postgres::{PgConnection, PgExecutor};
 use super::render::{Cas, Shape};
 use super::size::{MAX_MESSAGE, check_message};
 use super::types::type_id_to_sql;
-use super::{PostgresBackend, query, to_i32};
+use super::{PostgresBackend, get, query, to_i32};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
+use crate::event::FeedCursor;
 use crate::store::sql::backend_error;
+use crate::store::sql::records::epoch;
 use crate::store::sql::types::{TypeKind, TypeMap};
-use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros};
+use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros, to_u64};
 use crate::subscription::inline::statement_failed;
 
 /// True for a failure of the connection itself, after which the server may have committed
@@ -60,8 +62,8 @@ fn stale_if_unmoved(conflict: Error) -> Error {
 
 /// What the commit statement did.
 enum Sent {
-    /// Every event was inserted.
-    Written,
+    /// Every event was inserted; their cursors, in apply order, when the batch asked for them.
+    Written(Vec<FeedCursor>),
     /// A version check failed: nothing was written.
     VersionMoved,
     /// The statement failed.
@@ -71,15 +73,15 @@ enum Sent {
 impl PostgresBackend {
     /// Commits `batch` on the pool, in autocommit: the statement is the whole transaction.
     /// With inline projections, a transaction holds the statement and theirs.
-    pub(super) async fn run_commit(&self, batch: &CommitBatch) -> Result<()> {
+    pub(super) async fn run_commit(&self, batch: &CommitBatch) -> Result<Vec<FeedCursor>> {
         if !batch.inline.is_empty() || batch.rekeys() {
             return self.commit_projected(batch).await;
         }
         match self.send_commit(&self.pool, batch, false).await? {
-            Sent::Written => {
+            Sent::Written(cursors) => {
                 self.wake.changed.notify();
                 self.wake.commits.notify_one();
-                Ok(())
+                Ok(cursors)
             }
             Sent::VersionMoved => Err(self.diagnose_on_pool(batch, None).await),
             // Once the statement was sent, a lost connection leaves its outcome unknown.
@@ -96,10 +98,10 @@ impl PostgresBackend {
     }
 
     /// Commits `batch` and runs the inline projections on its events, in one transaction.
-    async fn commit_projected(&self, batch: &CommitBatch) -> Result<()> {
+    async fn commit_projected(&self, batch: &CommitBatch) -> Result<Vec<FeedCursor>> {
         let mut tx = super::begin(&self.pool).await?;
-        match self.send_commit(&mut *tx, batch, false).await? {
-            Sent::Written => {}
+        let cursors = match self.send_commit(&mut *tx, batch, false).await? {
+            Sent::Written(cursors) => cursors,
             // Dropping `tx` rolls back; nothing was committed, whatever the failure.
             Sent::VersionMoved => {
                 drop(tx);
@@ -109,13 +111,13 @@ impl PostgresBackend {
                 drop(tx);
                 return Err(self.diagnose_on_pool(batch, Some(e)).await);
             }
-        }
+        };
         self.project(&mut tx, batch).await?;
         match tx.commit().await {
             Ok(()) => {
                 self.wake.changed.notify();
                 self.wake.commits.notify_one();
-                Ok(())
+                Ok(cursors)
             }
             Err(e) if outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
                 aggregates: batch
@@ -210,7 +212,7 @@ impl PostgresBackend {
         batch: &CommitBatch,
     ) -> Result<()> {
         match self.send_commit(&mut *conn, batch, true).await? {
-            Sent::Written => {
+            Sent::Written(_) => {
                 self.project(conn, batch).await?;
                 self.notify_in(conn).await
             }
@@ -241,7 +243,7 @@ impl PostgresBackend {
         }
         // What failed: the statement (`Some`), a version check (`None`), or another step.
         let failed = match self.send_commit(&mut *conn, batch, true).await {
-            Ok(Sent::Written) => match self.project_and_notify(conn, batch).await {
+            Ok(Sent::Written(_)) => match self.project_and_notify(conn, batch).await {
                 Ok(()) => {
                     return sqlx::query(RELEASE)
                         .execute(&mut *conn)
@@ -328,6 +330,7 @@ impl PostgresBackend {
             new: !args.new_ids.is_empty(),
             snapshots: !args.snap_ids.is_empty(),
             in_caller_tx,
+            returning: batch.cursors,
         };
         let sql = self.sql.commit(shape)?;
         let event_count = args.ev_ids.len() as u64;
@@ -383,11 +386,31 @@ impl PostgresBackend {
                 .unzip();
             q = q.bind(ids).bind(versions);
         }
-        Ok(match q.execute(executor).await {
-            Ok(done) if done.rows_affected() == event_count => Sent::Written,
-            Ok(_) => Sent::VersionMoved,
-            Err(e) => Sent::Failed(e),
-        })
+        if !shape.returning {
+            return Ok(match q.execute(executor).await {
+                Ok(done) if done.rows_affected() == event_count => Sent::Written(Vec::new()),
+                Ok(_) => Sent::VersionMoved,
+                Err(e) => Sent::Failed(e),
+            });
+        }
+        let rows = match q.fetch_all(executor).await {
+            Ok(rows) if rows.len() as u64 == event_count => rows,
+            Ok(_) => return Ok(Sent::VersionMoved),
+            Err(e) => return Ok(Sent::Failed(e)),
+        };
+        let mut cursors = rows
+            .iter()
+            .map(|row| {
+                Ok(FeedCursor {
+                    epoch: epoch(get(row, 0)?)?,
+                    tx: to_u64(get(row, 1)?, "transaction id")?,
+                    position: to_u64(get(row, 2)?, "event position")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Positions follow the order the events were applied in.
+        cursors.sort_by_key(|c| c.position);
+        Ok(Sent::Written(cursors))
     }
 
     /// The bind arrays of a commit, with type names turned into ids.

@@ -19,20 +19,20 @@ use crate::filter::Filter;
 use crate::store::sql::backend_error;
 use crate::store::sql::records::{RecordRow, epoch, records_need_refresh};
 use crate::store::sql::types::TypeKind;
-use crate::store::{to_i64, to_u64};
+use crate::store::{StreamRange, to_i64, to_u64};
 
 /// The shortest time between two warnings of a long hold-back from one store.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl PostgresBackend {
-    /// Every event of one aggregate after `after_version`, in version order.
+    /// The events of one aggregate in `range`.
     pub(super) async fn stream_records(
         &self,
         id: AggregateId,
-        after_version: u64,
+        range: StreamRange,
     ) -> Result<Vec<RecordedEvent>> {
         let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        self.stream_records_on(&mut conn, id, after_version).await
+        self.stream_records_on(&mut conn, id, range).await
     }
 
     /// [`stream_records`](PostgresBackend::stream_records) over `conn`.
@@ -40,11 +40,19 @@ impl PostgresBackend {
         &self,
         conn: &mut PgConnection,
         id: AggregateId,
-        after_version: u64,
+        range: StreamRange,
     ) -> Result<Vec<RecordedEvent>> {
-        let rows = query(&self.sql.read_stream)
+        let sql = if range.backward {
+            &self.sql.read_stream_backward
+        } else {
+            &self.sql.read_stream
+        };
+        let (from, to, limit) = range.to_sql();
+        let rows = query(sql)
             .bind(*id.as_uuid())
-            .bind(to_i64(after_version, "aggregate version")?)
+            .bind(from)
+            .bind(to)
+            .bind(limit)
             .fetch_all(&mut *conn)
             .await
             .map_err(backend_error)?;
@@ -131,9 +139,9 @@ impl PostgresBackend {
         }
         // Not full: every event the read could see was looked at.
         match (
-            get::<Option<i32>>(&status, 12)?,
-            get::<Option<i64>>(&status, 13)?,
+            get::<Option<i32>>(&status, 13)?,
             get::<Option<i64>>(&status, 14)?,
+            get::<Option<i64>>(&status, 15)?,
         ) {
             (Some(epoch_id), Some(tx), Some(position)) => Ok(page.scanned_to(FeedCursor {
                 epoch: epoch(i64::from(epoch_id))?,
@@ -212,6 +220,7 @@ fn record_row(row: &PgRow) -> Result<RecordRow<'_>> {
         recorded_at: get(row, 9)?,
         event_id: get(row, 10)?,
         epoch: get(row, 11)?,
+        key: get(row, 12)?,
     })
 }
 

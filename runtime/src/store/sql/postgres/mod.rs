@@ -245,7 +245,7 @@ impl Backend for PostgresBackend {
         Box::pin(self.locate_row(locate))
     }
 
-    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>> {
+    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<Vec<FeedCursor>>> {
         if self.options.read_only {
             return Box::pin(std::future::ready(Err(Error::ReadOnly)));
         }
@@ -255,9 +255,9 @@ impl Backend for PostgresBackend {
     fn read_stream<'a>(
         &'a self,
         id: AggregateId,
-        after_version: u64,
+        range: crate::store::StreamRange,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
-        Box::pin(self.stream_records(id, after_version))
+        Box::pin(self.stream_records(id, range))
     }
 
     fn find_events<'a>(

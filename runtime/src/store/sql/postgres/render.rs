@@ -30,10 +30,12 @@ pub(super) struct Shape {
     /// Inside a caller's transaction: events are stamped with a transaction id no older than
     /// the events they follow (see `commit_sql`).
     pub in_caller_tx: bool,
+    /// The statement returns the events' cursors (for [`Store::append`](crate::Store::append)).
+    pub returning: bool,
 }
 
 impl Shape {
-    const COUNT: usize = 24;
+    const COUNT: usize = 48;
 
     fn index(self) -> usize {
         let cas = match self.cas {
@@ -41,23 +43,27 @@ impl Shape {
             Cas::One => 1,
             Cas::Many => 2,
         };
-        cas * 8
+        usize::from(self.returning) * 24
+            + cas * 8
             + usize::from(self.new) * 4
             + usize::from(self.snapshots) * 2
             + usize::from(self.in_caller_tx)
     }
 
     fn all() -> impl Iterator<Item = Shape> {
-        [Cas::None, Cas::One, Cas::Many]
-            .into_iter()
-            .flat_map(|cas| {
-                (0..8u8).map(move |bits| Shape {
-                    cas,
-                    new: bits & 4 != 0,
-                    snapshots: bits & 2 != 0,
-                    in_caller_tx: bits & 1 != 0,
+        [false, true].into_iter().flat_map(|returning| {
+            [Cas::None, Cas::One, Cas::Many]
+                .into_iter()
+                .flat_map(move |cas| {
+                    (0..8u8).map(move |bits| Shape {
+                        cas,
+                        new: bits & 4 != 0,
+                        snapshots: bits & 2 != 0,
+                        in_caller_tx: bits & 1 != 0,
+                        returning,
+                    })
                 })
-            })
+        })
     }
 }
 
@@ -84,6 +90,7 @@ pub(super) struct Statements {
     /// Sets an aggregate's key (`NULL` releases it).
     pub set_key: Arc<str>,
     pub read_stream: Arc<str>,
+    pub read_stream_backward: Arc<str>,
     pub read_feed: Arc<str>,
     /// The records of the events with the given ids, by position (for inline projections).
     pub records_by_id: Arc<str>,
@@ -102,7 +109,7 @@ pub(super) struct Statements {
 /// The columns of a [`RecordedEvent`], in the order `record` reads them.
 pub(super) const RECORD_COLUMNS: &str = "e.tx_id::text::int8, e.position, e.aggregate_id, a.type_id, \
      e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, \
-     (EXTRACT(EPOCH FROM e.recorded_at) * 1000000)::int8, e.event_id, e.epoch::int8";
+     (EXTRACT(EPOCH FROM e.recorded_at) * 1000000)::int8, e.event_id, e.epoch::int8, a.natural_key";
 
 impl Statements {
     pub fn new(names: &Names) -> Statements {
@@ -154,7 +161,14 @@ impl Statements {
                 .into(),
             read_stream: format!(
                 "SELECT {RECORD_COLUMNS} FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
-                 WHERE e.aggregate_id = $1::uuid AND e.sequence > $2::int8 ORDER BY e.sequence"
+                 WHERE e.aggregate_id = $1::uuid AND e.sequence BETWEEN $2::int8 AND $3::int8 \
+                 ORDER BY e.sequence LIMIT $4::int8"
+            )
+            .into(),
+            read_stream_backward: format!(
+                "SELECT {RECORD_COLUMNS} FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
+                 WHERE e.aggregate_id = $1::uuid AND e.sequence BETWEEN $2::int8 AND $3::int8 \
+                 ORDER BY e.sequence DESC LIMIT $4::int8"
             )
             .into(),
             read_feed: feed_sql(names, None).into(),
@@ -330,7 +344,7 @@ fn feed_sql(names: &Names, filter: Option<FilterShape>) -> String {
                        AND c.epoch = $1::int4 AND c.tx_id = $2::int8::text::xid8) \
                  THEN 1 ELSE 0 END, \
                  convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid, \
-                 {open}::int8{status_extra} \
+                 {open}::int8, NULL::text{status_extra} \
           FROM (SELECT 1) AS one{scanned} \
           LEFT JOIN LATERAL ( \
               SELECT e.tx_id, e.position FROM {events} e \
@@ -571,6 +585,11 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
         None => ("", ""),
     };
     let with = format!("WITH {} ", ctes.join(", "));
+    let returning = if shape.returning {
+        " RETURNING epoch::int8, tx_id::text::int8, position"
+    } else {
+        ""
+    };
     // WITH ORDINALITY and ORDER BY: positions follow the order the events were applied in.
     format!(
         "{with}INSERT INTO {events} (epoch, {tx_column}aggregate_id, sequence, event_type_id, \
@@ -582,7 +601,7 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
                      {event_ids}::uuid[]) WITH ORDINALITY \
               AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata, \
                     event_id, ord){gate} \
-         ORDER BY e.ord"
+         ORDER BY e.ord{returning}"
     )
 }
 
@@ -632,6 +651,7 @@ mod tests {
                 new,
                 snapshots,
                 in_caller_tx,
+                returning: false,
             },
         )
     }

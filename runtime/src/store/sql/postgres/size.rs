@@ -67,6 +67,7 @@ mod tests {
             loaded: Vec::new(),
             recorded_at: std::time::SystemTime::now(),
             inline: Default::default(),
+            cursors: false,
         }
     }
 

@@ -16,8 +16,13 @@ use crate::store::sql::types::{TypeKind, TypeMap};
 use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
 use crate::subscription::inline::statement_failed;
 
-/// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction.
-pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result<()> {
+/// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction; the
+/// events' cursors when the batch asks for them.
+pub(super) fn commit(
+    conn: &mut Connection,
+    shared: &Shared,
+    batch: &CommitBatch,
+) -> Result<Vec<FeedCursor>> {
     // Type names first seen now are written outside the commit: a type name is harmless on its
     // own, and the commit transaction stays short.
     let (sql, cache) = (&shared.sql, &shared.types);
@@ -32,9 +37,10 @@ pub(super) fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend_error)?;
-    write(&tx, shared, batch, &aggregates, &events)?;
+    let cursors = write(&tx, shared, batch, &aggregates, &events)?;
     // On an error above, dropping `tx` rolls back.
-    tx.commit().map_err(backend_error)
+    tx.commit().map_err(backend_error)?;
+    Ok(cursors)
 }
 
 /// Writes `batch` on a caller's connection, inside the transaction it is in. Writes no type
@@ -44,7 +50,7 @@ pub(super) fn commit_in(conn: &Connection, shared: &Shared, batch: &CommitBatch)
     let mut types = Resolver::new(conn, &shared.sql, &shared.types);
     let aggregates = types.map_with_names(TypeKind::Aggregate, aggregate_names(batch))?;
     let events = types.map_with_names(TypeKind::Event, event_names(batch))?;
-    write(conn, shared, batch, &aggregates, &events)
+    write(conn, shared, batch, &aggregates, &events).map(drop)
 }
 
 fn aggregate_names(batch: &CommitBatch) -> impl Iterator<Item = &str> {
@@ -59,14 +65,14 @@ fn event_names(batch: &CommitBatch) -> impl Iterator<Item = &str> {
 }
 
 /// Writes `batch` on `conn`, inside the transaction the connection is in, with type ids from
-/// `aggregates` and `events`.
+/// `aggregates` and `events`; returns the events' cursors when the batch asks for them.
 fn write(
     conn: &Connection,
     shared: &Shared,
     batch: &CommitBatch,
     aggregates: &TypeMap,
     events: &TypeMap,
-) -> Result<()> {
+) -> Result<Vec<FeedCursor>> {
     let sql = &shared.sql;
     let recorded_at = to_micros(batch.recorded_at);
     // Where this commit's events will start, for the inline projections.
@@ -92,6 +98,7 @@ fn write(
     }
     // All events of the batch, in apply order, in multi-row INSERTs.
     let in_order = batch.events_in_order();
+    let mut cursors = Vec::new();
     for chunk in in_order.chunks(EVENT_CHUNK) {
         let mut stmt = conn
             .prepare_cached(&sql.insert_events(chunk.len()))
@@ -112,6 +119,12 @@ fn write(
             bind(&mut stmt, &mut index, event.event_id.as_bytes().as_slice())?;
         }
         stmt.raw_execute().map_err(backend_error)?;
+        if batch.cursors {
+            // One writer at a time: a statement's rows take consecutive positions.
+            let last = to_u64(conn.last_insert_rowid(), "position")?;
+            let first = (last + 1).saturating_sub(chunk.len() as u64);
+            cursors.extend((first..=last).map(FeedCursor::at_position));
+        }
     }
     for change in &batch.changes {
         if let Some(snapshot) = &change.snapshot {
@@ -130,7 +143,7 @@ fn write(
     if !batch.inline.is_empty() {
         project(conn, shared, batch, before)?;
     }
-    Ok(())
+    Ok(cursors)
 }
 
 /// Runs the inline projections on the events this commit wrote (after position `before`), in

@@ -14,23 +14,24 @@ use crate::filter::Filter;
 use crate::store::sql::backend_error;
 use crate::store::sql::records::{RecordRow, uuid_from_bytes};
 use crate::store::sql::types::TypeKind;
-use crate::store::{to_i64, to_u64};
+use crate::store::{StreamRange, to_i64, to_u64};
 
-/// Every event of aggregate `id` after `after_version`.
+/// The events of aggregate `id` in `range`.
 pub(super) fn read_stream(
     conn: &Connection,
     shared: &Shared,
     id: AggregateId,
-    after_version: u64,
+    range: StreamRange,
 ) -> Result<Vec<RecordedEvent>> {
-    let mut stmt = conn
-        .prepare_cached(&shared.sql.read_stream)
-        .map_err(backend_error)?;
+    let sql = if range.backward {
+        &shared.sql.read_stream_backward
+    } else {
+        &shared.sql.read_stream
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(backend_error)?;
+    let (from, to, limit) = range.to_sql();
     let rows = stmt
-        .query((
-            id.as_uuid().as_bytes().as_slice(),
-            to_i64(after_version, "version")?,
-        ))
+        .query((id.as_uuid().as_bytes().as_slice(), from, to, limit))
         .map_err(backend_error)?;
     recorded(conn, shared, rows)
 }
@@ -184,5 +185,6 @@ fn record_row<'r>(r: &'r Row<'_>) -> Result<RecordRow<'r>> {
             .map_err(|e| Error::Corrupt(format!("metadata at position {position}: {e}")))?,
         recorded_at: int(8)?,
         event_id: uuid_from_bytes(blob(9)?, &format!("event id at position {position}"))?,
+        key: r.get(10).map_err(backend_error)?,
     })
 }

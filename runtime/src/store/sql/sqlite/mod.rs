@@ -39,7 +39,7 @@ use crate::registry::Registry;
 use crate::store::sql::types::TypeCache;
 use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
-    Store, StoreOptions,
+    Store, StoreOptions, StreamRange,
 };
 use crate::subscription::row::{Claim, Parked, Row, Spec, Write};
 use crate::subscription::tx::TxState;
@@ -174,26 +174,26 @@ impl Backend for SqliteBackend {
         self.read(move |conn, shared| load::locate(conn, shared, &target))
     }
 
-    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<()>> {
+    fn commit<'a>(&'a self, batch: &'a CommitBatch) -> BoxFuture<'a, Result<Vec<FeedCursor>>> {
         if self.read_only {
             return Box::pin(std::future::ready(Err(Error::ReadOnly)));
         }
         let shared = self.shared.clone();
         let batch = batch.clone();
         Box::pin(self.writer.run(move |conn| {
-            commit::commit(conn, &shared, &batch)?;
+            let cursors = commit::commit(conn, &shared, &batch)?;
             // Here, not on the async side: waiters wake even if the caller gave up waiting.
             shared.committed.notify();
-            Ok(())
+            Ok(cursors)
         }))
     }
 
     fn read_stream<'a>(
         &'a self,
         id: AggregateId,
-        after_version: u64,
+        range: StreamRange,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>> {
-        self.read(move |conn, shared| feed::read_stream(conn, shared, id, after_version))
+        self.read(move |conn, shared| feed::read_stream(conn, shared, id, range))
     }
 
     fn find_events<'a>(

@@ -31,6 +31,7 @@ pub(super) struct Statements {
     pub find_event: String,
     pub insert_snapshot: String,
     pub read_stream: String,
+    pub read_stream_backward: String,
     pub read_feed: String,
     /// The filtered feed, one statement per [`FilterShape`] index.
     pub read_feed_matching: Vec<String>,
@@ -44,7 +45,7 @@ pub(super) struct Statements {
 
 /// The columns of a feed row, in the order [`super::feed`] reads them.
 const FEED_COLUMNS: &str = "e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, \
-     e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id";
+     e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id, a.natural_key";
 
 /// The last byte of an event's aggregate id (a 16-byte blob), from its hex digits: the byte
 /// every store splits partitions by (see `Filter`).
@@ -122,7 +123,10 @@ impl Statements {
                 "INSERT OR REPLACE INTO {prefix}snapshots (aggregate_id, snapshot_version, version, payload, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             ),
             read_stream: sql(&format!(
-                "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.aggregate_id = ?1 AND e.sequence > ?2 ORDER BY e.sequence"
+                "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.aggregate_id = ?1 AND e.sequence BETWEEN ?2 AND ?3 ORDER BY e.sequence LIMIT ?4"
+            )),
+            read_stream_backward: sql(&format!(
+                "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.aggregate_id = ?1 AND e.sequence BETWEEN ?2 AND ?3 ORDER BY e.sequence DESC LIMIT ?4"
             )),
             read_feed: sql(&format!(
                 "SELECT {FEED_COLUMNS} FROM {{prefix}}events e JOIN {{prefix}}aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
@@ -243,7 +247,7 @@ mod tests {
         let all = FilterShape::from_index(FilterShape::COUNT - 1);
         assert_eq!(
             sql.read_feed_matching[all.index()],
-            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 AND e.event_type_id IN (SELECT id FROM annals_event_types WHERE name IN (SELECT value FROM json_each(?3))) AND a.type_id IN (SELECT id FROM annals_aggregate_types WHERE name IN (SELECT value FROM json_each(?4))) AND e.aggregate_id = ?5 AND a.natural_key = ?6 AND ((instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 31, 1)) - 1) * 16 + instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 32, 1)) - 1) % ?8 = ?7 ORDER BY e.position LIMIT ?2"
+            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id, a.natural_key FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 AND e.event_type_id IN (SELECT id FROM annals_event_types WHERE name IN (SELECT value FROM json_each(?3))) AND a.type_id IN (SELECT id FROM annals_aggregate_types WHERE name IN (SELECT value FROM json_each(?4))) AND e.aggregate_id = ?5 AND a.natural_key = ?6 AND ((instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 31, 1)) - 1) * 16 + instr('0123456789ABCDEF', substr(hex(e.aggregate_id), 32, 1)) - 1) % ?8 = ?7 ORDER BY e.position LIMIT ?2"
         );
         let by_id = FilterShape {
             event_types: false,
@@ -274,7 +278,7 @@ mod tests {
         );
         assert_eq!(
             sql.read_feed,
-            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
+            "SELECT e.position, e.aggregate_id, a.type_id, e.sequence, e.event_type_id, e.schema_version, e.payload, e.metadata, e.recorded_at, e.event_id, a.natural_key FROM annals_events e JOIN annals_aggregates a ON a.id = e.aggregate_id WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
         );
         assert_eq!(
             sql.insert_type(TypeKind::Event),
