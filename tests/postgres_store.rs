@@ -458,7 +458,7 @@ async fn instances_starting_at_once_migrate_once() {
         );
     }
     let raw = schema.raw_pool().await;
-    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3, 4]);
     let types: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {}",
         schema.table("event_types")
@@ -492,12 +492,12 @@ async fn newer_schema_is_refused_untouched() {
         let result = Store::open_with(&schema.url, schema.options().migrate(migrate)).await;
         match result {
             Err(Error::SchemaTooNew { found, supported }) => {
-                assert_eq!((found, supported), (99, 3));
+                assert_eq!((found, supported), (99, 4));
             }
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }
     }
-    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3, 99]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3, 4, 99]);
     let events: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM {}",
         schema.table("events")
@@ -536,7 +536,7 @@ async fn unmigrated_store_without_migrate_is_refused_then_migrated_by_hand() {
     }
     let store = Store::open_with(&schema.url, options).await.unwrap();
     store_account(&store).await;
-    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3, 4]);
     store.close().await;
 }
 
@@ -1010,7 +1010,7 @@ async fn a_store_at_schema_version_1_is_migrated_to_feed_epochs() {
         .await
         .unwrap();
     let store = schema.open().await;
-    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3]);
+    assert_eq!(migration_rows(&raw, &schema).await, [1, 2, 3, 4]);
     let id = conformance::open_account(&store, "alice", "Alice", 3).await;
     let feed = conformance::read_feed_to_end(&store, FeedCursor::START, 10).await;
     assert_eq!(feed.len(), 2);

@@ -72,6 +72,20 @@ async fn a_read_only_store_reads_and_refuses_commits() {
             matches!(refused, Err(Error::ReadOnly)),
             "{how}: {refused:?}"
         );
+        // Appends, prunes and erasures are writes too.
+        let appended = store
+            .append::<Account>(id, annals::ExpectedVersion::Any, [Deposited { amount: 1 }])
+            .await;
+        assert!(matches!(appended, Err(Error::ReadOnly)), "{how}");
+        assert!(matches!(store.prune_events(id).await, Err(Error::ReadOnly)));
+        assert!(matches!(
+            store.prune_snapshots(id, 1).await,
+            Err(Error::ReadOnly)
+        ));
+        assert!(matches!(
+            store.erase(id, annals::Metadata::new()).await,
+            Err(Error::ReadOnly)
+        ));
         store.close().await;
         assert_eq!(tables(&path), before, "{how}: nothing written");
     }

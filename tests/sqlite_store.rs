@@ -358,7 +358,7 @@ async fn migrations_by_hand_and_schema_versions() {
 
     // Apply the migrations by hand, as a user with their own tooling would.
     let sql = migrations(Dialect::Sqlite, &options).unwrap();
-    assert_eq!(sql.len(), 2);
+    assert_eq!(sql.len(), 3);
     assert!(
         sql[0]
             .sql
@@ -377,7 +377,7 @@ async fn migrations_by_hand_and_schema_versions() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(recorded, [1, 2]);
+    assert_eq!(recorded, [1, 2, 3]);
 
     let store = Store::open_with(&url(&path), options.clone())
         .await
@@ -398,7 +398,7 @@ async fn migrations_by_hand_and_schema_versions() {
     for migrate in [false, true] {
         match Store::open_with(&url(&path), options.clone().migrate(migrate)).await {
             Err(Error::SchemaTooNew { found, supported }) => {
-                assert_eq!((found, supported), (99, 2))
+                assert_eq!((found, supported), (99, 3))
             }
             other => panic!("expected SchemaTooNew, got {other:?}"),
         }

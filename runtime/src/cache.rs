@@ -349,6 +349,10 @@ impl Context {
             return Ok(None);
         };
         let row = &stream.row;
+        if row.erased {
+            cache.evict(cached.id);
+            return Ok(None);
+        }
         let expected = up_to.map_or(row.version, |v| v.min(row.version));
         // The store is behind the entry (restored from a backup), or the key now names another
         // aggregate: the entry is not this aggregate's history.
@@ -365,7 +369,10 @@ impl Context {
         let from = cached.version;
         let root = match rebuild_from(&stream, from, cached.state) {
             Ok(root) if root.version == expected => root,
-            Ok(_) | Err(Error::Corrupt(_)) | Err(Error::WrongAggregateType { .. }) => {
+            Ok(_)
+            | Err(Error::Corrupt(_))
+            | Err(Error::EventsPruned { .. })
+            | Err(Error::WrongAggregateType { .. }) => {
                 cache.evict(cached.id);
                 return Ok(None);
             }

@@ -514,6 +514,7 @@ impl Context {
                 events: t.events,
                 snapshot: t.snapshot,
                 rekey: t.rekey,
+                erase: false,
             })
             .collect();
         if changes.is_empty() || self.read_only {

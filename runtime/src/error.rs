@@ -115,6 +115,22 @@ pub enum Error {
         table: String,
     },
 
+    /// A load needs events that were pruned ([`Store::prune_events`](crate::Store::prune_events))
+    /// and no snapshot this code can use covers them: the aggregate type's `snapshot_version`
+    /// changed after the prune, say. Nothing was loaded.
+    #[error(
+        "aggregate {aggregate} cannot be rebuilt: its events from version {from} to {to} were \
+         pruned, and no snapshot this code can use covers them"
+    )]
+    EventsPruned {
+        /// The aggregate.
+        aggregate: AggregateId,
+        /// The first version missing.
+        from: u64,
+        /// The last version missing.
+        to: u64,
+    },
+
     /// No aggregate of that type has this id or key.
     #[error("{aggregate_type} {target} not found")]
     NotFound {

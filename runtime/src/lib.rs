@@ -78,6 +78,7 @@ mod live;
 mod load;
 mod log;
 mod metadata;
+mod prune;
 mod rebuild;
 pub mod registry;
 mod retry;
@@ -98,6 +99,7 @@ pub use feed::{FeedPage, HeldBack};
 pub use filter::Filter;
 pub use log::{Appended, ExpectedVersion, NewEvent, ReadStream};
 pub use metadata::Metadata;
+pub use prune::Erased;
 pub use registry::{Registry, registry};
 pub use retry::Retry;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

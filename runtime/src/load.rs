@@ -466,6 +466,10 @@ impl Context {
             let Some(stream) = self.store.load_via(via, request).await? else {
                 return Ok(None);
             };
+            // An erased aggregate is gone: only its tombstone is left.
+            if stream.row.erased {
+                return Ok(None);
+            }
             let span = tracing::Span::current();
             span.record("aggregate", tracing::field::display(stream.row.id));
             match rebuild::<A>(&stream) {

@@ -180,6 +180,7 @@ impl Store {
     /// - [`Error::Conflict`] when the stream is not at `expected` (at [`ExpectedVersion::Any`],
     ///   only after many attempts under contention);
     /// - [`Error::IdTaken`] when `id` is an aggregate of another type;
+    /// - [`Error::NotFound`] when it was erased ([`Store::erase`]);
     /// - [`Error::UnknownEventType`] for an event `A` does not list (its loads could not apply
     ///   it);
     /// - [`Error::ReadOnly`] on a read-only store, and the size errors of a context.
@@ -191,15 +192,21 @@ impl Store {
         expected: ExpectedVersion,
         events: impl IntoIterator<Item = impl Into<NewEvent>>,
     ) -> Result<Appended> {
-        if self.inner.options.read_only {
-            return Err(Error::ReadOnly);
-        }
+        self.writable()?;
         let (events, chosen_ids) = self.stage::<A>(events)?;
         let retry = Retry::attempts(ANY_ATTEMPTS);
         let mut attempt = 0;
         loop {
             attempt += 1;
             let row = self.inner.backend.locate(Locate::Id(id)).await?;
+            if let Some(row) = &row
+                && row.erased
+            {
+                return Err(Error::NotFound {
+                    aggregate_type: A::NAME.to_owned(),
+                    target: crate::error::Target::Id(id),
+                });
+            }
             if let Some(row) = &row
                 && row.aggregate_type != A::NAME
             {
@@ -330,6 +337,7 @@ impl Store {
                 events,
                 snapshot: None,
                 rekey: None,
+                erase: false,
             }],
             loaded: Vec::new(),
             recorded_at: SystemTime::now(),
@@ -429,14 +437,21 @@ impl Store {
     /// so nothing that commits late is skipped by starting from it. [`FeedCursor::START`] on
     /// an empty store.
     pub async fn feed_head(&self) -> Result<FeedCursor> {
-        // A read that matches nothing looks as far as the feed can be read now.
+        // A read that matches nothing looks as far as the feed can be read now. (Should an
+        // aggregate have the nil id, its events are read past one at a time.)
         let nothing = Filter::all().aggregate(AggregateId::from(uuid::Uuid::nil()));
-        Ok(self
-            .inner
-            .backend
-            .read_feed_matching(FeedCursor::START, 1, &nothing)
-            .await?
-            .scanned)
+        let mut after = FeedCursor::START;
+        loop {
+            let page = self
+                .inner
+                .backend
+                .read_feed_matching(after, 1, &nothing)
+                .await?;
+            match page.last() {
+                Some(event) => after = event.cursor,
+                None => return Ok(page.scanned.max(after)),
+            }
+        }
     }
 }
 

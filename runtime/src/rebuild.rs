@@ -62,6 +62,17 @@ fn apply_events<A: Aggregate>(
     stream: &LoadedStream,
 ) -> Result<u64> {
     let mut handlers: Vec<(&Arc<str>, Handler<A>)> = Vec::new();
+    // Events missing before the first one read were pruned (the only deletion that leaves an
+    // aggregate loadable); a gap further on is damage.
+    if let Some(first) = stream.events.first()
+        && first.version > version + 1
+    {
+        return Err(Error::EventsPruned {
+            aggregate: stream.row.id,
+            from: version + 1,
+            to: first.version - 1,
+        });
+    }
     for event in &stream.events {
         if event.version != version + 1 {
             return Err(Error::Corrupt(format!(

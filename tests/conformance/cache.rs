@@ -27,6 +27,7 @@ macro_rules! cache_suite {
             a_failed_closure_leaves_no_trace_in_the_cache,
             contended_increments_from_two_handles,
             the_cache_holds_at_most_its_capacity,
+            pruned_and_erased_aggregates_are_not_served_from_the_cache,
         );
     };
     (@cases $attrs:tt $open:expr; $($case:ident),* $(,)?) => {
@@ -160,4 +161,47 @@ pub async fn the_cache_holds_at_most_its_capacity(cached: &Store, other: &Store)
     cached.clear_aggregate_cache();
     assert_eq!(cached.cached_aggregates(), 0);
     assert_eq!(balance(cached, "k0").await, (4, 5));
+}
+
+/// Reads `value` into gauge `id` through `store`, in a commit of its own (each fifth writes a
+/// snapshot).
+async fn read_gauge(store: &Store, id: AggregateId, value: i64) {
+    store
+        .transact(async |ctx| {
+            let mut gauge = ctx.load::<Gauge>(id).await?;
+            ctx.apply(&mut gauge, GaugeRead { value })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+}
+
+pub async fn pruned_and_erased_aggregates_are_not_served_from_the_cache(
+    cached: &Store,
+    other: &Store,
+) {
+    let mut ctx = cached.begin();
+    let mut gauge = ctx.create::<Gauge>().unwrap();
+    let id = gauge.id();
+    for value in 1..=3 {
+        ctx.apply(&mut gauge, GaugeRead { value }).unwrap();
+    }
+    ctx.commit().await.unwrap();
+    assert_eq!(cached.cached_aggregates(), 1);
+
+    // The other handle moves the gauge past two snapshots and prunes what they cover: the
+    // events after the cached version 3 are gone up to 10.
+    for value in 4..=12 {
+        read_gauge(other, id, value).await;
+    }
+    assert_eq!(other.prune_events(id).await.unwrap(), 10);
+    let gauge = cached.begin_read_only().load::<Gauge>(id).await.unwrap();
+    assert_eq!((gauge.sum, gauge.reads, gauge.version()), (78, 12, 12));
+
+    // Erased through the other handle: the cached handle does not find it.
+    other.erase(id, Metadata::new()).await.unwrap();
+    assert!(matches!(
+        cached.begin_read_only().load::<Gauge>(id).await,
+        Err(Error::NotFound { .. })
+    ));
 }

@@ -266,3 +266,24 @@ impl Apply<Marked> for Grid {
         *self.cells.entry((e.x, e.y)).or_default() += 1;
     }
 }
+
+#[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[event(name = "gauge.read")]
+pub struct GaugeRead {
+    pub value: i64,
+}
+
+/// Snapshots every 5 events, and `Clone`, so that a handle with an aggregate cache keeps it.
+#[derive(Aggregate, Serialize, Deserialize, Default, Debug, Clone)]
+#[aggregate(name = "gauge", events(GaugeRead), snapshot_every = 5)]
+pub struct Gauge {
+    pub sum: i64,
+    pub reads: u64,
+}
+
+impl Apply<GaugeRead> for Gauge {
+    fn apply(&mut self, e: &GaugeRead) {
+        self.sum += e.value;
+        self.reads += 1;
+    }
+}

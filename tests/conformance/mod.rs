@@ -9,6 +9,7 @@ pub mod evolution;
 pub mod idempotency;
 pub mod keys;
 pub mod log;
+pub mod prune;
 pub mod subscriptions;
 
 #[allow(unused_imports)]
@@ -19,6 +20,8 @@ pub use idempotency::*;
 pub use keys::*;
 #[allow(unused_imports)]
 pub use log::*;
+#[allow(unused_imports)]
+pub use prune::*;
 #[allow(unused_imports)]
 pub use subscriptions::*;
 
@@ -98,6 +101,10 @@ macro_rules! conformance_suite {
             appends_with_chosen_ids_apply_once,
             streams_read_by_range_and_direction,
             feed_head_is_the_newest_readable_event,
+            pruned_events_leave_loads_correct,
+            an_erased_aggregate_leaves_only_its_tombstone,
+            erasure_wins_over_concurrent_commits,
+            subscription_goes_on_past_erased_events,
         );
     };
     ($open:expr) => {

@@ -1242,3 +1242,23 @@ pub async fn typed_projection_takes_its_events(store: &Store) {
     );
     assert!(!typed.deposits.is_empty());
 }
+
+pub async fn subscription_goes_on_past_erased_events(store: &Store) {
+    let bob = open_account(store, "bob", "Bob", 2).await;
+    let eve = open_account(store, "eve", "Eve", 3).await;
+    let sub = store.subscription("erasures").batch_size(3);
+    let mut handler = Collect::default();
+    assert_eq!(catch_up(&sub, &mut handler).await.unwrap(), 4);
+    // The subscription's cursor is Eve's last event, which goes now; so does one it has not
+    // read yet.
+    deposit(store, eve, 4).await;
+    store.erase(eve, Metadata::new()).await.unwrap();
+    deposit(store, bob, 5).await;
+    let mut after = Collect::default();
+    assert_eq!(catch_up(&sub, &mut after).await.unwrap(), 2);
+    assert!(after.seen[0].decode::<annals::Erased>().unwrap().is_some());
+    assert_eq!(after.seen[0].aggregate_id, eve);
+    assert_eq!(after.deposits(), [5]);
+    let status = store.subscriptions().status("erasures").await.unwrap();
+    assert_eq!(status[0].lag.events, 0);
+}

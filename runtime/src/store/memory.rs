@@ -14,7 +14,7 @@ use crate::metadata::Metadata;
 use crate::registry::Registry;
 use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
-    StoreOptions, StoredSnapshot, StreamEvent, StreamRange,
+    Prune, StoreOptions, StoredSnapshot, StreamEvent, StreamRange,
 };
 use crate::subscription::row::{Claim, Parked, Row, Spec, Write, cursor_text};
 use crate::subscription::tx::TxState;
@@ -369,7 +369,75 @@ impl State {
         Ok(())
     }
 
+    /// Deletes the events of aggregate `id` whose versions pass `doomed`; returns how many.
+    fn delete_events(&mut self, id: AggregateId, doomed: impl Fn(u64) -> bool) -> u64 {
+        let Some(indexes) = self.streams.get_mut(&id) else {
+            return 0;
+        };
+        let mut deleted = 0;
+        indexes.retain(|&index| {
+            let slot = self.events.get_mut(index);
+            let Some(slot) = slot.filter(|s| s.as_ref().is_some_and(|e| doomed(e.version))) else {
+                return true;
+            };
+            if let Some(event) = slot.take() {
+                self.event_ids.remove(&event.event_id);
+            }
+            deleted += 1;
+            false
+        });
+        deleted
+    }
+
+    fn prune(&mut self, prune: Prune) -> u64 {
+        match prune {
+            Prune::Events {
+                id,
+                snapshot_version,
+            } => {
+                let newest = self
+                    .snapshots
+                    .get(&(id, snapshot_version))
+                    .and_then(|s| s.keys().next_back().copied());
+                match newest {
+                    Some(newest) => self.delete_events(id, |version| version <= newest),
+                    None => 0,
+                }
+            }
+            Prune::Snapshots {
+                id,
+                snapshot_version,
+                keep,
+            } => {
+                let kept = usize::try_from(keep.saturating_sub(1)).unwrap_or(usize::MAX);
+                let Some(&cutoff) = self
+                    .snapshots
+                    .get(&(id, snapshot_version))
+                    .and_then(|s| s.keys().rev().nth(kept))
+                else {
+                    return 0;
+                };
+                let mut deleted = 0;
+                for ((of, _), snapshots) in self.snapshots.iter_mut() {
+                    if *of == id {
+                        let before = snapshots.len();
+                        snapshots.retain(|version, _| *version >= cutoff);
+                        deleted += (before - snapshots.len()) as u64;
+                    }
+                }
+                deleted
+            }
+        }
+    }
+
     fn apply(&mut self, batch: &CommitBatch) {
+        for change in batch.changes.iter().filter(|c| c.erase) {
+            self.delete_events(change.id, |version| version <= change.expected);
+            self.snapshots.retain(|(of, _), _| *of != change.id);
+            if let Some(row) = self.aggregates.get_mut(&change.id) {
+                row.erased = true;
+            }
+        }
         for change in &batch.changes {
             let row = self
                 .aggregates
@@ -379,6 +447,7 @@ impl State {
                     aggregate_type: change.aggregate_type.to_owned(),
                     key: change.key.clone(),
                     version: 0,
+                    erased: false,
                 });
             row.version = change.new_version();
             if change.rekey.is_some()
@@ -555,6 +624,13 @@ impl Backend for MemoryBackend {
                 .into_iter()
                 .map(|index| state.record(index))
                 .collect()
+        })
+    }
+
+    fn prune<'a>(&'a self, prune: Prune) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            Ok(self.state()?.prune(prune))
         })
     }
 

@@ -77,6 +77,8 @@ pub(crate) struct AggregateRow {
     pub aggregate_type: String,
     pub key: Option<String>,
     pub version: u64,
+    /// Erased ([`Store::erase`]): its events are gone but for the tombstone.
+    pub erased: bool,
 }
 
 /// Which aggregate to load.
@@ -136,6 +138,22 @@ impl StreamRange {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         (clamp(self.from), clamp(self.to), clamp(self.limit))
     }
+}
+
+/// What [`Backend::prune`] deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prune {
+    /// The aggregate's events at or before its newest snapshot of this shape.
+    Events {
+        id: AggregateId,
+        snapshot_version: u32,
+    },
+    /// The aggregate's snapshots older than the `keep` newest of this shape (of any shape).
+    Snapshots {
+        id: AggregateId,
+        snapshot_version: u32,
+        keep: u64,
+    },
 }
 
 /// A snapshot as stored.
@@ -217,6 +235,9 @@ pub(crate) struct Change {
     /// For an aggregate that exists: its new key (`Some(Some(key))`, and `key` holds it too) or
     /// the release of its key (`Some(None)`), checked and written with its events.
     pub rekey: Option<Option<String>>,
+    /// An erasure: the aggregate's events (up to `expected`) and snapshots are deleted and its
+    /// row marked erased, in the commit that writes its tombstone.
+    pub erase: bool,
 }
 
 impl Change {
@@ -246,6 +267,11 @@ impl CommitBatch {
     /// True when a change sets or releases an existing aggregate's key.
     pub fn rekeys(&self) -> bool {
         self.changes.iter().any(|c| c.rekey.is_some())
+    }
+
+    /// True when a change erases an aggregate.
+    pub fn erases(&self) -> bool {
+        self.changes.iter().any(|c| c.erase)
     }
 
     pub fn event_count(&self) -> usize {
@@ -317,6 +343,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
         id: AggregateId,
         range: StreamRange,
     ) -> BoxFuture<'a, Result<Vec<RecordedEvent>>>;
+
+    /// Deletes what `prune` names; returns how many rows went.
+    fn prune<'a>(&'a self, prune: Prune) -> BoxFuture<'a, Result<u64>>;
 
     /// Where the events with these ids are stored, if they are: `(event id, aggregate,
     /// version)` for each one found, in no order.

@@ -47,6 +47,11 @@ const SQLITE_MIGRATIONS: &[MigrationSource] = &[
         name: "durable subscriptions",
         sql: include_str!("../../migrations/sqlite/0002_subscriptions.sql"),
     },
+    MigrationSource {
+        version: 3,
+        name: "pruning and erasure",
+        sql: include_str!("../../migrations/sqlite/0003_erasure.sql"),
+    },
 ];
 
 const POSTGRES_MIGRATIONS: &[MigrationSource] = &[
@@ -64,6 +69,11 @@ const POSTGRES_MIGRATIONS: &[MigrationSource] = &[
         version: 3,
         name: "durable subscriptions",
         sql: include_str!("../../migrations/postgres/0003_subscriptions.sql"),
+    },
+    MigrationSource {
+        version: 4,
+        name: "pruning and erasure",
+        sql: include_str!("../../migrations/postgres/0004_erasure.sql"),
     },
 ];
 

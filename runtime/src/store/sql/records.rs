@@ -127,6 +127,7 @@ pub(crate) fn aggregate_row(
     type_id: i64,
     key: Option<String>,
     version: i64,
+    erased: bool,
     aggregates: &TypeMap,
 ) -> Result<AggregateRow> {
     Ok(AggregateRow {
@@ -136,6 +137,7 @@ pub(crate) fn aggregate_row(
             .to_string(),
         key,
         version: to_u64(version, "aggregate version")?,
+        erased,
     })
 }
 

@@ -18,7 +18,7 @@ use crate::event::FeedCursor;
 use crate::store::sql::backend_error;
 use crate::store::sql::records::epoch;
 use crate::store::sql::types::{TypeKind, TypeMap};
-use crate::store::{Change, CommitBatch, Locate, to_i64, to_micros, to_u64};
+use crate::store::{Change, CommitBatch, Locate, Prune, to_i64, to_micros, to_u64};
 use crate::subscription::inline::statement_failed;
 
 /// True for a failure of the connection itself, after which the server may have committed
@@ -74,7 +74,7 @@ impl PostgresBackend {
     /// Commits `batch` on the pool, in autocommit: the statement is the whole transaction.
     /// With inline projections, a transaction holds the statement and theirs.
     pub(super) async fn run_commit(&self, batch: &CommitBatch) -> Result<Vec<FeedCursor>> {
-        if !batch.inline.is_empty() || batch.rekeys() {
+        if !batch.inline.is_empty() || batch.rekeys() || batch.erases() {
             return self.commit_projected(batch).await;
         }
         match self.send_commit(&self.pool, batch, false).await? {
@@ -95,6 +95,39 @@ impl PostgresBackend {
             }),
             Sent::Failed(e) => Err(self.diagnose_on_pool(batch, Some(e)).await),
         }
+    }
+
+    /// Deletes what `prune` names, in one statement; returns how many rows went.
+    pub(super) async fn run_prune(&self, prune: Prune) -> Result<u64> {
+        let deleted = match prune {
+            Prune::Events {
+                id,
+                snapshot_version,
+            } => {
+                let row = query(&self.sql.prune_events)
+                    .bind(id.as_uuid())
+                    .bind(to_i32(snapshot_version, "snapshot version")?)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(backend_error)?;
+                get::<i64>(&row, 0)?
+            }
+            Prune::Snapshots {
+                id,
+                snapshot_version,
+                keep,
+            } => {
+                let done = query(&self.sql.prune_snapshots)
+                    .bind(id.as_uuid())
+                    .bind(to_i32(snapshot_version, "snapshot version")?)
+                    .bind(to_i64(keep.saturating_sub(1), "snapshots to keep")?)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(backend_error)?;
+                i64::try_from(done.rows_affected()).unwrap_or(i64::MAX)
+            }
+        };
+        to_u64(deleted, "deleted rows")
     }
 
     /// Commits `batch` and runs the inline projections on its events, in one transaction.
@@ -134,6 +167,14 @@ impl PostgresBackend {
     /// Writes the key changes of `batch`, then runs its inline projections on its events,
     /// just written over `conn`.
     async fn project(&self, conn: &mut PgConnection, batch: &CommitBatch) -> Result<()> {
+        for change in batch.changes.iter().filter(|c| c.erase) {
+            query(&self.sql.erase)
+                .bind(change.id.as_uuid())
+                .bind(to_i64(change.expected, "aggregate version")?)
+                .execute(&mut *conn)
+                .await
+                .map_err(backend_error)?;
+        }
         if batch.rekeys() {
             self.rekey(conn, batch).await?;
         }

@@ -51,19 +51,19 @@ impl PostgresBackend {
             }
         };
         match row {
-            Some(row) => self.header(conn, &row, [0, 1, 2, 3]).await.map(Some),
+            Some(row) => self.header(conn, &row, [0, 1, 2, 3, 4]).await.map(Some),
             None => Ok(None),
         }
     }
 
-    /// An aggregate's row from the columns at `at`: id, type id, key, version.
+    /// An aggregate's row from the columns at `at`: id, type id, key, version, erased.
     async fn header(
         &self,
         conn: &mut PgConnection,
         row: &PgRow,
-        at: [usize; 4],
+        at: [usize; 5],
     ) -> Result<AggregateRow> {
-        let [id, type_id, key, version] = at;
+        let [id, type_id, key, version, erased] = at;
         let type_id = i64::from(get::<i32>(row, type_id)?);
         let types = self
             .types_with_ids(conn, TypeKind::Aggregate, std::iter::once(type_id))
@@ -73,6 +73,7 @@ impl PostgresBackend {
             type_id,
             get(row, key)?,
             get(row, version)?,
+            get(row, erased)?,
             &types,
         )
     }
@@ -180,7 +181,7 @@ impl PostgresBackend {
             .types_with_ids(conn, TypeKind::Event, type_ids.into_iter())
             .await?;
         let events = stream_events(events, &event_types)?;
-        let row = self.header(conn, header, [6, 2, 5, 1]).await?;
+        let row = self.header(conn, header, [6, 2, 5, 1, 7]).await?;
         let snapshot = match get::<Option<i64>>(header, 3)? {
             Some(version) => Some(snapshot(version, get(header, 4)?)?),
             None => None,

@@ -260,6 +260,13 @@ impl Backend for PostgresBackend {
         Box::pin(self.stream_records(id, range))
     }
 
+    fn prune<'a>(&'a self, prune: crate::store::Prune) -> BoxFuture<'a, Result<u64>> {
+        if self.options.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        Box::pin(self.run_prune(prune))
+    }
+
     fn find_events<'a>(
         &'a self,
         ids: &'a [uuid::Uuid],

@@ -89,6 +89,14 @@ pub(super) struct Statements {
     pub find_events: Arc<str>,
     /// Sets an aggregate's key (`NULL` releases it).
     pub set_key: Arc<str>,
+    /// Deletes an erased aggregate's events up to a version (keeping where they stood) and its
+    /// snapshots, and marks its row.
+    pub erase: Arc<str>,
+    /// Deletes an aggregate's events up to its newest snapshot of a shape, keeping where they
+    /// stood; returns how many went.
+    pub prune_events: Arc<str>,
+    /// Deletes an aggregate's snapshots older than the `$3 + 1`-th newest of a shape.
+    pub prune_snapshots: Arc<str>,
     pub read_stream: Arc<str>,
     pub read_stream_backward: Arc<str>,
     pub read_feed: Arc<str>,
@@ -117,6 +125,8 @@ impl Statements {
         let events = names.table("events");
         let aggregate_types = names.table("aggregate_types");
         let event_types = names.table("event_types");
+        let snapshots = names.table("snapshots");
+        let deleted_events = names.table("deleted_events");
         let mut commit = vec![Arc::<str>::from(""); Shape::COUNT];
         for shape in Shape::all() {
             if let Some(slot) = commit.get_mut(shape.index()) {
@@ -142,11 +152,12 @@ impl Statements {
                 load_sql(names, true, true).into(),
             ],
             locate_by_id: format!(
-                "SELECT id, type_id, natural_key, version FROM {aggregates} WHERE id = $1::uuid"
+                "SELECT id, type_id, natural_key, version, erased FROM {aggregates} \
+                 WHERE id = $1::uuid"
             )
             .into(),
             locate_by_key: format!(
-                "SELECT id, type_id, natural_key, version FROM {aggregates} \
+                "SELECT id, type_id, natural_key, version, erased FROM {aggregates} \
                  WHERE type_id = $1::int4 AND natural_key = $2::text"
             )
             .into(),
@@ -155,6 +166,35 @@ impl Statements {
             find_events: format!(
                 "SELECT event_id, aggregate_id, sequence FROM {events} \
                  WHERE event_id = ANY($1::uuid[])"
+            )
+            .into(),
+            erase: format!(
+                "WITH gone AS (DELETE FROM {events} e \
+                     WHERE e.aggregate_id = $1::uuid AND e.sequence <= $2::int8 \
+                     RETURNING e.position, e.epoch, e.tx_id), \
+                 kept AS (INSERT INTO {deleted_events} (position, epoch, tx_id) \
+                     SELECT position, epoch, tx_id FROM gone), \
+                 snaps AS (DELETE FROM {snapshots} WHERE aggregate_id = $1::uuid), \
+                 marked AS (UPDATE {aggregates} SET erased = true WHERE id = $1::uuid) \
+                 SELECT count(*) FROM gone"
+            )
+            .into(),
+            prune_events: format!(
+                "WITH s AS (SELECT max(version) AS v FROM {snapshots} \
+                     WHERE aggregate_id = $1::uuid AND snapshot_version = $2::int4), \
+                 gone AS (DELETE FROM {events} e \
+                     WHERE e.aggregate_id = $1::uuid AND e.sequence <= (SELECT v FROM s) \
+                     RETURNING e.position, e.epoch, e.tx_id), \
+                 kept AS (INSERT INTO {deleted_events} (position, epoch, tx_id) \
+                     SELECT position, epoch, tx_id FROM gone) \
+                 SELECT count(*) FROM gone"
+            )
+            .into(),
+            prune_snapshots: format!(
+                "DELETE FROM {snapshots} WHERE aggregate_id = $1::uuid AND version < \
+                 (SELECT version FROM {snapshots} \
+                  WHERE aggregate_id = $1::uuid AND snapshot_version = $2::int4 \
+                  ORDER BY version DESC LIMIT 1 OFFSET $3::int8)"
             )
             .into(),
             set_key: format!("UPDATE {aggregates} SET natural_key = $2::text WHERE id = $1::uuid")
@@ -306,6 +346,7 @@ fn feed_sql(names: &Names, filter: Option<FilterShape>) -> String {
     let events = &names.table("events");
     let aggregates = &names.table("aggregates");
     let feed_epoch = &names.table("feed_epoch");
+    let deleted_events = &names.table("deleted_events");
     let conditions = filter.map_or_else(String::new, |shape| filter_conditions(names, shape));
     let (event_extra, status_extra, scanned) = match filter {
         None => ("", "", ""),
@@ -341,6 +382,9 @@ fn feed_sql(names: &Names, filter: Option<FilterShape>) -> String {
                  {horizon}::text::int8, hb.prepared::int4, \
                  CASE WHEN $3::int8 = 0 OR EXISTS ( \
                      SELECT 1 FROM {events} c WHERE c.position = $3::int8 \
+                       AND c.epoch = $1::int4 AND c.tx_id = $2::int8::text::xid8) \
+                   OR EXISTS ( \
+                     SELECT 1 FROM {deleted_events} c WHERE c.position = $3::int8 \
                        AND c.epoch = $1::int4 AND c.tx_id = $2::int8::text::xid8) \
                  THEN 1 ELSE 0 END, \
                  convert_to(hb.datname, 'UTF8'), NULL::bytea, hb.age, NULL::uuid, \
@@ -427,14 +471,14 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
         ("id = $1::uuid", "$2", "$1::uuid")
     };
     let a = format!(
-        "a AS (SELECT id, type_id, natural_key, version, \
+        "a AS (SELECT id, type_id, natural_key, version, erased, \
                       LEAST(version, COALESCE({up_to}::int8, version)) AS up_to \
                FROM {aggregates} WHERE {filter})"
     );
     let events_branch = |after: &str| {
         format!(
             "(SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload, \
-                     NULL, NULL \
+                     NULL, NULL, NULL \
               FROM {events} e \
               WHERE e.aggregate_id = {id}{after} AND e.sequence <= (SELECT up_to FROM a) \
               ORDER BY e.sequence)"
@@ -449,7 +493,7 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
                      AND s.version <= (SELECT up_to FROM a) \
                    ORDER BY s.version DESC LIMIT 1) \
              SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, s.version AS extra, \
-                    s.payload, a.natural_key, a.id \
+                    s.payload, a.natural_key, a.id, a.erased \
              FROM a LEFT JOIN s ON true \
              UNION ALL {}",
             events_branch(" AND e.sequence > COALESCE((SELECT version FROM s), 0)")
@@ -459,7 +503,7 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
         format!(
             "WITH {a} \
              SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra, \
-                    NULL::bytea AS payload, a.natural_key, a.id \
+                    NULL::bytea AS payload, a.natural_key, a.id, a.erased \
              FROM a \
              UNION ALL {}",
             events_branch(&format!(" AND e.sequence > {after}::int8"))
@@ -799,22 +843,22 @@ mod tests {
     #[test]
     fn loads_read_the_row_and_events_in_one_statement() {
         let by_id = "
-            WITH a AS (SELECT id, type_id, natural_key, version,
+            WITH a AS (SELECT id, type_id, natural_key, version, erased,
                               LEAST(version, COALESCE($2::int8, version)) AS up_to
                        FROM \"shop\".es_aggregates WHERE id = $1::uuid)
             SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra,
-                   NULL::bytea AS payload, a.natural_key, a.id
+                   NULL::bytea AS payload, a.natural_key, a.id, a.erased
             FROM a
             UNION ALL
             (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
-                    NULL, NULL
+                    NULL, NULL, NULL
              FROM \"shop\".es_events e
              WHERE e.aggregate_id = $1::uuid AND e.sequence > $3::int8
                AND e.sequence <= (SELECT up_to FROM a)
              ORDER BY e.sequence)";
         assert_eq!(load_sql(&names(), false, false), flat(by_id));
         let by_key_with_snapshot = "
-            WITH a AS (SELECT id, type_id, natural_key, version,
+            WITH a AS (SELECT id, type_id, natural_key, version, erased,
                               LEAST(version, COALESCE($3::int8, version)) AS up_to
                        FROM \"shop\".es_aggregates WHERE type_id = $1::int4 AND natural_key = $2::text),
             s AS (SELECT s.version, s.payload FROM \"shop\".es_snapshots s
@@ -822,11 +866,11 @@ mod tests {
                     AND s.version <= (SELECT up_to FROM a)
                   ORDER BY s.version DESC LIMIT 1)
             SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, s.version AS extra,
-                   s.payload, a.natural_key, a.id
+                   s.payload, a.natural_key, a.id, a.erased
             FROM a LEFT JOIN s ON true
             UNION ALL
             (SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload,
-                    NULL, NULL
+                    NULL, NULL, NULL
              FROM \"shop\".es_events e
              WHERE e.aggregate_id = (SELECT id FROM a)
                AND e.sequence > COALESCE((SELECT version FROM s), 0)

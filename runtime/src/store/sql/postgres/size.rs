@@ -63,6 +63,7 @@ mod tests {
                     .collect(),
                 snapshot: None,
                 rekey: None,
+                erase: false,
             }],
             loaded: Vec::new(),
             recorded_at: std::time::SystemTime::now(),

@@ -7,13 +7,13 @@ use rusqlite::{Connection, Statement, TransactionBehavior};
 
 use super::Shared;
 use super::names::{self, Resolver};
-use super::render::EVENT_CHUNK;
+use super::render::{EVENT_CHUNK, Statements};
 use crate::aggregate::AggregateId;
 use crate::error::{Error, Result};
 use crate::event::FeedCursor;
 use crate::store::sql::backend_error;
 use crate::store::sql::types::{TypeKind, TypeMap};
-use crate::store::{Change, CommitBatch, to_i64, to_micros, to_u64};
+use crate::store::{Change, CommitBatch, Prune, to_i64, to_micros, to_u64};
 use crate::subscription::inline::statement_failed;
 
 /// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction; the
@@ -92,6 +92,9 @@ fn write(
             change,
             aggregates.id_of(change.aggregate_type)?,
         )?;
+        if change.erase {
+            erase(conn, sql, change)?;
+        }
     }
     if batch.rekeys() {
         rekey(conn, shared, batch)?;
@@ -144,6 +147,58 @@ fn write(
         project(conn, shared, batch, before)?;
     }
     Ok(cursors)
+}
+
+/// Deletes an erased aggregate's events (up to the version the erasure checked) and snapshots,
+/// and marks its row.
+fn erase(conn: &Connection, sql: &Statements, change: &Change) -> Result<()> {
+    let id = change.id.as_uuid().as_bytes().as_slice();
+    let run = |statement: &str, params: &[&dyn rusqlite::ToSql]| {
+        conn.prepare_cached(statement)
+            .and_then(|mut stmt| stmt.execute(params))
+            .map_err(backend_error)
+    };
+    run(
+        &sql.erase_events,
+        &[&id, &to_i64(change.expected, "version")?],
+    )?;
+    run(&sql.erase_snapshots, &[&id])?;
+    run(&sql.mark_erased, &[&id])?;
+    Ok(())
+}
+
+/// Deletes what `prune` names, in one transaction; returns how many rows went.
+pub(super) fn prune(conn: &mut Connection, sql: &Statements, prune: Prune) -> Result<u64> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend_error)?;
+    let deleted = match prune {
+        Prune::Events {
+            id,
+            snapshot_version,
+        } => tx.prepare_cached(&sql.prune_events).and_then(|mut stmt| {
+            stmt.execute((
+                id.as_uuid().as_bytes().as_slice(),
+                i64::from(snapshot_version),
+            ))
+        }),
+        Prune::Snapshots {
+            id,
+            snapshot_version,
+            keep,
+        } => tx
+            .prepare_cached(&sql.prune_snapshots)
+            .and_then(|mut stmt| {
+                stmt.execute((
+                    id.as_uuid().as_bytes().as_slice(),
+                    i64::from(snapshot_version),
+                    i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX),
+                ))
+            }),
+    }
+    .map_err(backend_error)?;
+    tx.commit().map_err(backend_error)?;
+    Ok(deleted as u64)
 }
 
 /// Runs the inline projections on the events this commit wrote (after position `before`), in

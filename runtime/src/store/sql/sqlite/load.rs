@@ -71,8 +71,15 @@ fn fetch_row(
     target: &Target,
 ) -> Result<Option<AggregateRow>> {
     let sql = &shared.sql;
-    let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<(Vec<u8>, i64, Option<String>, i64)> {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+    type Columns = (Vec<u8>, i64, Option<String>, i64, bool);
+    let read = |row: &rusqlite::Row<'_>| -> rusqlite::Result<Columns> {
+        Ok((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+        ))
     };
     let found = match target {
         Target::Id(id) => conn
@@ -95,7 +102,7 @@ fn fetch_row(
         }
     }
     .map_err(backend_error)?;
-    let Some((id, type_id, key, version)) = found else {
+    let Some((id, type_id, key, version, erased)) = found else {
         return Ok(None);
     };
     let aggregates = types.map_with(TypeKind::Aggregate, [type_id].into_iter())?;
@@ -104,18 +111,27 @@ fn fetch_row(
         type_id,
         key,
         version,
+        erased,
         &aggregates,
     )
     .map(Some)
 }
 
 /// The rebuild material of one aggregate: its row, the newest usable snapshot and the events
-/// after it, read on one connection.
+/// after it, read on one connection in one read transaction, so that events pruned meanwhile
+/// cannot leave a gap between the snapshot and the events read.
 pub(super) fn load(
     conn: &Connection,
     shared: &Shared,
     request: &Request,
 ) -> Result<Option<LoadedStream>> {
+    let tx = conn.unchecked_transaction().map_err(backend_error)?;
+    let loaded = load_in(&tx, shared, request)?;
+    tx.commit().map_err(backend_error)?;
+    Ok(loaded)
+}
+
+fn load_in(conn: &Connection, shared: &Shared, request: &Request) -> Result<Option<LoadedStream>> {
     let sql = &shared.sql;
     let mut types = Resolver::new(conn, sql, &shared.types);
     let Some(row) = fetch_row(conn, shared, &mut types, &request.target)? else {

@@ -39,7 +39,7 @@ use crate::registry::Registry;
 use crate::store::sql::types::TypeCache;
 use crate::store::{
     AggregateRow, Backend, BoxFuture, CommitBatch, CommitSignal, LoadRequest, LoadedStream, Locate,
-    Store, StoreOptions, StreamRange,
+    Prune, Store, StoreOptions, StreamRange,
 };
 use crate::subscription::row::{Claim, Parked, Row, Spec, Write};
 use crate::subscription::tx::TxState;
@@ -186,6 +186,17 @@ impl Backend for SqliteBackend {
             shared.committed.notify();
             Ok(cursors)
         }))
+    }
+
+    fn prune<'a>(&'a self, prune: Prune) -> BoxFuture<'a, Result<u64>> {
+        if self.read_only {
+            return Box::pin(std::future::ready(Err(Error::ReadOnly)));
+        }
+        let shared = self.shared.clone();
+        Box::pin(
+            self.writer
+                .run(move |conn| commit::prune(conn, &shared.sql, prune)),
+        )
     }
 
     fn read_stream<'a>(

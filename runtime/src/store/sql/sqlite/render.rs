@@ -35,7 +35,16 @@ pub(super) struct Statements {
     pub read_feed: String,
     /// The filtered feed, one statement per [`FilterShape`] index.
     pub read_feed_matching: Vec<String>,
+    /// The newest position ever given out: pruned or erased events do not move it back.
     pub feed_end: String,
+    /// Deletes an aggregate's events up to its newest snapshot of a shape.
+    pub prune_events: String,
+    /// Deletes an aggregate's snapshots older than the `?3 + 1`-th newest of a shape.
+    pub prune_snapshots: String,
+    /// Deletes an erased aggregate's events up to a version.
+    pub erase_events: String,
+    pub erase_snapshots: String,
+    pub mark_erased: String,
     pub insert_aggregate_type: String,
     pub insert_event_type: String,
     pub all_aggregate_types: String,
@@ -97,10 +106,10 @@ impl Statements {
         let sql = |text: &str| render(text, prefix, "");
         Statements {
             row_by_id: sql(
-                "SELECT a.id, a.type_id, a.natural_key, a.version FROM {prefix}aggregates a WHERE a.id = ?1",
+                "SELECT a.id, a.type_id, a.natural_key, a.version, a.erased FROM {prefix}aggregates a WHERE a.id = ?1",
             ),
             row_by_key: sql(
-                "SELECT a.id, a.type_id, a.natural_key, a.version FROM {prefix}aggregates a WHERE a.type_id = ?1 AND a.natural_key = ?2",
+                "SELECT a.id, a.type_id, a.natural_key, a.version, a.erased FROM {prefix}aggregates a WHERE a.type_id = ?1 AND a.natural_key = ?2",
             ),
             snapshot: sql(
                 "SELECT version, payload FROM {prefix}snapshots WHERE aggregate_id = ?1 AND snapshot_version = ?2 AND version <= ?3 ORDER BY version DESC LIMIT 1",
@@ -134,7 +143,20 @@ impl Statements {
             read_feed_matching: (0..FilterShape::COUNT)
                 .map(|index| sql(&feed_matching_sql(FilterShape::from_index(index))))
                 .collect(),
-            feed_end: sql("SELECT max(position) FROM {prefix}events"),
+            feed_end: sql(
+                "SELECT max(p) FROM (SELECT max(position) AS p FROM {prefix}events UNION ALL SELECT seq FROM sqlite_sequence WHERE name = '{prefix}events')",
+            ),
+            prune_events: sql(
+                "DELETE FROM {prefix}events WHERE aggregate_id = ?1 AND sequence <= (SELECT max(version) FROM {prefix}snapshots WHERE aggregate_id = ?1 AND snapshot_version = ?2)",
+            ),
+            prune_snapshots: sql(
+                "DELETE FROM {prefix}snapshots WHERE aggregate_id = ?1 AND version < (SELECT version FROM {prefix}snapshots WHERE aggregate_id = ?1 AND snapshot_version = ?2 ORDER BY version DESC LIMIT 1 OFFSET ?3)",
+            ),
+            erase_events: sql(
+                "DELETE FROM {prefix}events WHERE aggregate_id = ?1 AND sequence <= ?2",
+            ),
+            erase_snapshots: sql("DELETE FROM {prefix}snapshots WHERE aggregate_id = ?1"),
+            mark_erased: sql("UPDATE {prefix}aggregates SET erased = 1 WHERE id = ?1"),
             insert_aggregate_type: sql(
                 "INSERT OR IGNORE INTO {prefix}aggregate_types (name) VALUES (?1)",
             ),
