@@ -207,7 +207,7 @@ async fn deposit_with_row(
         .await
         .unwrap();
         match ctx.commit().await {
-            Ok(()) => {
+            Ok(_) => {
                 tx.commit().await.unwrap();
                 return Ok(event_id);
             }

@@ -48,7 +48,7 @@ async fn deposit_bound(
     let mut ctx = store.begin_in(conn)?;
     let mut account = ctx.load::<Account>(id).await?;
     ctx.apply(&mut account, Deposited { amount: 1 })?;
-    ctx.commit().await
+    ctx.commit().await.map(drop)
 }
 
 #[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
@@ -380,7 +380,7 @@ async fn sign_up(
             barrier.wait().await;
         }
         match ctx.commit().await {
-            Ok(()) => {
+            Ok(_) => {
                 tx.commit().await.unwrap();
                 return Ok((account.id(), attempts));
             }
@@ -714,4 +714,63 @@ async fn waiters_are_woken_when_the_callers_transaction_commits() {
     assert!(woken);
     waiting.close().await;
     store.close().await;
+}
+
+/// One run of a unit of work with idempotency key `key`: an order row and a deposit to `id`, in
+/// one transaction, through a bound context (`bound`) or `commit_in`. Commits the transaction
+/// when the events were new, rolls it back when they were stored already; returns whether they
+/// were.
+async fn idempotent_unit(
+    store: &Store,
+    raw: &sqlx::PgPool,
+    table: &str,
+    id: AggregateId,
+    key: uuid::Uuid,
+    bound: bool,
+) -> bool {
+    let mut tx = raw.begin().await.unwrap();
+    insert_order(&mut tx, table, &uuid::Uuid::now_v7().to_string()).await;
+    let committed = if bound {
+        let mut ctx = store.begin_in(&mut tx).unwrap();
+        ctx.set_idempotency_key(key);
+        let mut account = ctx.load::<Account>(id).await.unwrap();
+        ctx.apply(&mut account, Deposited { amount: 10 }).unwrap();
+        ctx.commit().await.unwrap()
+    } else {
+        let mut ctx = store.begin();
+        ctx.set_idempotency_key(key);
+        let mut account = ctx.load::<Account>(id).await.unwrap();
+        ctx.apply(&mut account, Deposited { amount: 10 }).unwrap();
+        ctx.commit_in(&mut tx).await.unwrap()
+    };
+    if committed.already_committed() {
+        tx.rollback().await.unwrap();
+    } else {
+        tx.commit().await.unwrap();
+    }
+    committed.already_committed()
+}
+
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_run_again_with_its_key_is_already_committed() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let table = schema.orders_table(&raw).await;
+    let id = conformance::open_account(&store, "ida", "Ida", 0).await;
+    for bound in [true, false] {
+        let key = uuid::Uuid::now_v7();
+        assert!(!idempotent_unit(&store, &raw, &table, id, key, bound).await);
+        // The run again (after a lost answer, say) finds its events stored.
+        assert!(idempotent_unit(&store, &raw, &table, id, key, bound).await);
+    }
+    let account = store.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!((account.balance, account.version()), (20, 3));
+    assert_eq!(
+        order_numbers(&raw, &table).await.len(),
+        2,
+        "one order per unit"
+    );
 }

@@ -874,7 +874,7 @@ async fn deposit_in(
     let mut ctx = store.begin();
     let mut account = ctx.load::<Account>(id).await?;
     ctx.apply(&mut account, Deposited { amount: 1 })?;
-    ctx.commit_in(tx).await
+    ctx.commit_in(tx).await.map(drop)
 }
 
 #[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]

@@ -187,3 +187,31 @@ async fn only_on_a_sqlite_store() {
     let tx = conn.transaction().unwrap();
     assert!(matches!(ctx.commit_in_sqlite(&tx), Err(Error::Config(_))));
 }
+
+#[tokio::test]
+async fn a_unit_run_again_with_its_key_is_already_committed() {
+    let (_dir, store, mut conn) = setup().await;
+    let id = conformance::open_account(&store, "ida", "Ida", 0).await;
+    let key = uuid::Uuid::now_v7();
+    for run in 0..2 {
+        let mut ctx = store.begin();
+        ctx.set_idempotency_key(key);
+        let mut account = ctx.load::<Account>(id).await.unwrap();
+        ctx.apply(&mut account, Deposited { amount: 10 }).unwrap();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        tx.execute("INSERT OR IGNORE INTO invoices VALUES ('INV-1', 10)", [])
+            .unwrap();
+        let committed = ctx.commit_in_sqlite(&tx).unwrap();
+        assert_eq!(committed.already_committed(), run == 1);
+        if committed.already_committed() {
+            tx.rollback().unwrap();
+        } else {
+            tx.commit().unwrap();
+        }
+    }
+    let account = store.begin_read_only().load::<Account>(id).await.unwrap();
+    assert_eq!((account.balance, account.version()), (10, 2));
+    assert_eq!(invoices(&conn), [("INV-1".to_owned(), 10)]);
+}

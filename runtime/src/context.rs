@@ -81,7 +81,7 @@ pub struct Context {
     idempotency_key: Option<uuid::Uuid>,
     /// True once an event id was chosen by the caller: a failed commit then checks whether
     /// these events are stored already.
-    chosen_ids: bool,
+    pub(crate) chosen_ids: bool,
 }
 
 /// What [`Context::commit`] did.
@@ -91,6 +91,11 @@ pub struct Committed {
 }
 
 impl Committed {
+    /// A commit that wrote.
+    pub(crate) fn fresh() -> Committed {
+        Committed { already: false }
+    }
+
     /// True when nothing was written because every event of the commit was stored already,
     /// under its id and for the same aggregate: a retry of a commit that went through (see
     /// [`Context::set_idempotency_key`]).
@@ -437,7 +442,7 @@ impl Context {
         let cached = self.take_cached();
         let chosen_ids = self.chosen_ids;
         let Some((clashes, store, batch)) = self.into_commit()? else {
-            return Ok(Committed { already: false });
+            return Ok(Committed::fresh());
         };
         let span = commit_span(&batch, false);
         let result = store.inner.backend.commit(&batch).instrument(span).await;
@@ -448,7 +453,7 @@ impl Context {
             }
         }
         match result {
-            Ok(_) => Ok(Committed { already: false }),
+            Ok(_) => Ok(Committed::fresh()),
             Err(e @ Error::CommitOutcomeUnknown { .. }) => Err(e),
             Err(e) => {
                 if chosen_ids && let Some(outcome) = stored_already(&store, &batch).await {
@@ -599,11 +604,18 @@ impl Context {
     /// tx.commit()?; // the label and the parcel's events, together
     /// # Ok(()) }
     /// ```
+    ///
+    /// With ids chosen by the caller ([`set_idempotency_key`](Context::set_idempotency_key)), a
+    /// unit of work whose events were committed before is
+    /// [already committed](Committed::already_committed), as with [`Context::commit`]: nothing
+    /// of this context was written, and the caller's own writes of this run should be rolled
+    /// back, since those of the first run committed with its events.
     #[cfg(feature = "sqlite")]
-    pub fn commit_in_sqlite(mut self, tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    pub fn commit_in_sqlite(mut self, tx: &rusqlite::Transaction<'_>) -> Result<Committed> {
         let cached = self.take_cached();
+        let chosen_ids = self.chosen_ids;
         let Some((clashes, store, batch)) = self.into_commit()? else {
-            return Ok(());
+            return Ok(Committed::fresh());
         };
         let _entered = commit_span(&batch, true).entered();
         let result = crate::store::sql::sqlite::commit_in(&store, tx, &batch);
@@ -611,7 +623,19 @@ impl Context {
         if let Some(cached) = cached {
             cached.discarded(&store);
         }
-        result.map_err(|e| clashes.classify_without_store(e))
+        match result {
+            Ok(()) => Ok(Committed::fresh()),
+            Err(e) => {
+                if chosen_ids
+                    && let Ok(found) =
+                        crate::store::sql::sqlite::find_events_in(&store, tx, &event_ids(&batch))
+                    && let Some(outcome) = already_stored(&batch, &found)
+                {
+                    return outcome;
+                }
+                Err(clashes.classify_without_store(e))
+            }
+        }
     }
 }
 
@@ -624,16 +648,40 @@ pub(crate) async fn stored_already(
     store: &Store,
     batch: &CommitBatch,
 ) -> Option<Result<Committed>> {
+    stored_already_via(store, &mut Via::Store, batch).await
+}
+
+/// [`stored_already`], looking the ids up `via`.
+pub(crate) async fn stored_already_via(
+    store: &Store,
+    via: &mut Via<'_>,
+    batch: &CommitBatch,
+) -> Option<Result<Committed>> {
+    // A failed lookup leaves the commit's own error standing.
+    let found = store.find_events_via(via, &event_ids(batch)).await.ok()?;
+    already_stored(batch, &found)
+}
+
+/// The ids of the events of `batch`.
+pub(crate) fn event_ids(batch: &CommitBatch) -> Vec<uuid::Uuid> {
+    batch
+        .changes
+        .iter()
+        .flat_map(|c| c.events.iter().map(|e| e.event_id))
+        .collect()
+}
+
+/// What `found`, where the events of `batch` with those ids are stored, says of a failed commit
+/// of `batch` (see [`stored_already`]).
+pub(crate) fn already_stored(
+    batch: &CommitBatch,
+    found: &[(uuid::Uuid, crate::aggregate::AggregateId, u64)],
+) -> Option<Result<Committed>> {
     let staged: Vec<(uuid::Uuid, crate::aggregate::AggregateId)> = batch
         .changes
         .iter()
         .flat_map(|c| c.events.iter().map(move |e| (e.event_id, c.id)))
         .collect();
-    let ids: Vec<uuid::Uuid> = staged.iter().map(|(id, _)| *id).collect();
-    // A failed lookup leaves the commit's own error standing.
-    let Ok(found) = store.inner.backend.find_events(&ids).await else {
-        return None;
-    };
     if found.is_empty() {
         return None;
     }
@@ -676,6 +724,12 @@ pub(crate) fn check_size(
 impl Context {
     /// Commits this context inside the caller's own PostgreSQL transaction, so the domain
     /// events and the caller's own writes commit together, or not at all.
+    ///
+    /// With ids chosen by the caller ([`set_idempotency_key`](Context::set_idempotency_key)), a
+    /// unit of work whose events were committed before is
+    /// [already committed](Committed::already_committed), as with [`Context::commit`]: nothing
+    /// of this context was written; roll the transaction back, since the first run's own writes
+    /// committed with its events.
     ///
     /// Pass the connection of an open transaction (`&mut *tx` for a
     /// `sqlx::Transaction<'_, Postgres>`); the events become visible, and waiters are notified,
@@ -734,10 +788,11 @@ impl Context {
     /// tx.commit().await?; // the invoice and the order's events, together
     /// # Ok(()) }
     /// ```
-    pub async fn commit_in(mut self, conn: &mut sqlx::PgConnection) -> Result<()> {
+    pub async fn commit_in(mut self, conn: &mut sqlx::PgConnection) -> Result<Committed> {
         let cached = self.take_cached();
+        let chosen_ids = self.chosen_ids;
         let Some((clashes, store, batch)) = self.into_commit()? else {
-            return Ok(());
+            return Ok(Committed::fresh());
         };
         let span = commit_span(&batch, true);
         let backend = crate::store::sql::postgres::of(&store)?;
@@ -747,8 +802,15 @@ impl Context {
             cached.discarded(&store);
         }
         match result {
-            Ok(()) => Ok(()),
-            Err(e) => Err(clashes.classify(&store, &mut Via::Store, e).await),
+            Ok(()) => Ok(Committed::fresh()),
+            Err(e) => {
+                // The lookup runs on the pool: a failed statement aborted the caller's
+                // transaction.
+                if chosen_ids && let Some(outcome) = stored_already(&store, &batch).await {
+                    return outcome;
+                }
+                Err(clashes.classify(&store, &mut Via::Store, e).await)
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use sqlx::PgConnection;
 use tracing::Instrument;
 
 use crate::aggregate::{Aggregate, AggregateId, Root};
-use crate::context::{Context, commit_span};
+use crate::context::{Committed, Context, commit_span, stored_already_via};
 use crate::error::Result;
 use crate::store::sql::postgres;
 use crate::store::{Store, Via};
@@ -82,7 +82,7 @@ use crate::store::{Store, Via};
 ///         .execute(ctx.connection())
 ///         .await?;
 ///     match ctx.commit().await {
-///         Ok(()) => {
+///         Ok(_) => {
 ///             tx.commit().await?; // the reservation and the stock's event, together
 ///             break;
 ///         }
@@ -165,11 +165,18 @@ impl<'c> TxContext<'c> {
     /// and to waiters, when the caller commits it; gone if it rolls back. Fails as
     /// [`Context::commit`] does, leaving the transaction usable and without anything of this
     /// context (see [`TxContext`]). A context with nothing staged sends nothing.
-    pub async fn commit(self) -> Result<()> {
+    ///
+    /// With ids chosen by the caller ([`set_idempotency_key`](Context::set_idempotency_key)), a
+    /// unit of work whose events were committed before is
+    /// [already committed](Committed::already_committed), looked up over the transaction's
+    /// connection: nothing of this context was written; roll the transaction back, since the
+    /// first run's own writes committed with its events.
+    pub async fn commit(self) -> Result<Committed> {
         let TxContext { mut ctx, conn } = self;
         let cached = ctx.take_cached();
+        let chosen_ids = ctx.chosen_ids;
         let Some((clashes, store, batch)) = ctx.into_commit()? else {
-            return Ok(());
+            return Ok(Committed::fresh());
         };
         let span = commit_span(&batch, true);
         let result = postgres::of(&store)?
@@ -181,8 +188,14 @@ impl<'c> TxContext<'c> {
             cached.discarded(&store);
         }
         match result {
-            Ok(()) => Ok(()),
-            Err(e) => Err(clashes.classify(&store, &mut Via::Caller(conn), e).await),
+            Ok(()) => Ok(Committed::fresh()),
+            Err(e) => {
+                let via = &mut Via::Caller(conn);
+                if chosen_ids && let Some(outcome) = stored_already_via(&store, via, &batch).await {
+                    return outcome;
+                }
+                Err(clashes.classify(&store, via, e).await)
+            }
         }
     }
 }

@@ -72,6 +72,25 @@ impl Store {
         }
     }
 
+    /// Where the events with these ids are stored, read `via`.
+    pub(crate) async fn find_events_via(
+        &self,
+        via: &mut Via<'_>,
+        ids: &[uuid::Uuid],
+    ) -> Result<Vec<(uuid::Uuid, AggregateId, u64)>> {
+        match via {
+            Via::Store => self.inner.backend.find_events(ids).await,
+            #[cfg(feature = "postgres")]
+            Via::Caller(conn) => {
+                crate::store::sql::postgres::of(self)?
+                    .find_events_on(conn, ids)
+                    .await
+            }
+            #[cfg(not(feature = "postgres"))]
+            Via::Caller(conn) => match **conn {},
+        }
+    }
+
     /// The events of one aggregate in `range`, read `via`.
     pub(crate) async fn read_stream_via(
         &self,

@@ -59,6 +59,28 @@ impl PostgresBackend {
         self.records(conn, &rows).await
     }
 
+    /// Where the events with `ids` are stored, read over `conn`: `(event id, aggregate,
+    /// version)` for each one found.
+    pub(crate) async fn find_events_on(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[uuid::Uuid],
+    ) -> Result<Vec<(uuid::Uuid, AggregateId, u64)>> {
+        let rows = query(&self.sql.find_events)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        rows.iter()
+            .map(|row| {
+                let event: uuid::Uuid = get(row, 0)?;
+                let aggregate: uuid::Uuid = get(row, 1)?;
+                let version: i64 = get(row, 2)?;
+                Ok((event, aggregate.into(), to_u64(version, "event version")?))
+            })
+            .collect()
+    }
+
     /// Up to `limit` events of the feed after `after`, and who holds back the events after
     /// them, if anyone does. One statement; it never waits.
     pub(super) async fn feed(&self, after: FeedCursor, limit: usize) -> Result<FeedPage> {

@@ -272,23 +272,8 @@ impl Backend for PostgresBackend {
         ids: &'a [uuid::Uuid],
     ) -> BoxFuture<'a, Result<Vec<(uuid::Uuid, AggregateId, u64)>>> {
         Box::pin(async move {
-            let rows = query(&self.sql.find_events)
-                .bind(ids)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(backend_error)?;
-            rows.iter()
-                .map(|row| {
-                    let event: uuid::Uuid = get(row, 0)?;
-                    let aggregate: uuid::Uuid = get(row, 1)?;
-                    let version: i64 = get(row, 2)?;
-                    Ok((
-                        event,
-                        aggregate.into(),
-                        crate::store::to_u64(version, "event version")?,
-                    ))
-                })
-                .collect()
+            let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+            self.find_events_on(&mut conn, ids).await
         })
     }
 

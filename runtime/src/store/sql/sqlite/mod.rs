@@ -145,12 +145,29 @@ pub(crate) fn commit_in(
     conn: &rusqlite::Connection,
     batch: &CommitBatch,
 ) -> Result<()> {
-    let Some(backend) = store.inner.backend.as_any().downcast_ref::<SqliteBackend>() else {
-        return Err(Error::Config(
-            "commit_in_sqlite needs a SQLite store (sqlite://…)".to_owned(),
-        ));
-    };
-    backend.commit_in(conn, batch)
+    of(store)?.commit_in(conn, batch)
+}
+
+/// Where the events with `ids` are stored, read over the caller's connection (after a failed
+/// `Context::commit_in_sqlite`).
+pub(crate) fn find_events_in(
+    store: &Store,
+    conn: &rusqlite::Connection,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<(uuid::Uuid, AggregateId, u64)>> {
+    feed::find_events(conn, &of(store)?.shared, ids)
+}
+
+/// The SQLite backend of `store`; [`Error::Config`] for another store.
+fn of(store: &Store) -> Result<&SqliteBackend> {
+    store
+        .inner
+        .backend
+        .as_any()
+        .downcast_ref::<SqliteBackend>()
+        .ok_or_else(|| {
+            Error::Config("commit_in_sqlite needs a SQLite store (sqlite://…)".to_owned())
+        })
 }
 
 impl Backend for SqliteBackend {
