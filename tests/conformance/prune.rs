@@ -224,7 +224,13 @@ pub async fn erasure_wins_over_concurrent_commits(store: &Store) {
         })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
-    store.erase(id, Metadata::new()).await.unwrap();
+    // Two erasures at once, while deposits keep landing: one writes the tombstone.
+    let (first, second) = tokio::join!(
+        store.erase(id, Metadata::new()),
+        store.erase(id, Metadata::new())
+    );
+    let tombstones = [first.unwrap(), second.unwrap()];
+    assert_eq!(tombstones.iter().flatten().count(), 1, "{tombstones:?}");
     tokio::time::timeout(Duration::from_secs(120), writer)
         .await
         .expect("the writer stops")

@@ -567,6 +567,18 @@ impl Backend for MemoryBackend {
         Box::pin(async move {
             tokio::task::yield_now().await;
             let mut state = self.state()?;
+            let erasing;
+            let batch = if batch.erases() {
+                erasing = batch.erasing_at(|id| {
+                    state
+                        .aggregates
+                        .get(&id)
+                        .map(|row| (row.version, row.erased))
+                })?;
+                &erasing
+            } else {
+                batch
+            };
             state.check(batch)?;
             let first = state.events.len() as u64 + 1;
             let cursors = if batch.cursors {

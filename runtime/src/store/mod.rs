@@ -274,6 +274,48 @@ impl CommitBatch {
         self.changes.iter().any(|c| c.erase)
     }
 
+    /// The ids of the aggregates this batch erases.
+    pub fn erased_ids(&self) -> Vec<AggregateId> {
+        self.changes
+            .iter()
+            .filter(|c| c.erase)
+            .map(|c| c.id)
+            .collect()
+    }
+
+    /// The batch with each erasure at the version its aggregate has as the commit runs
+    /// (`current` gives it, and whether the aggregate is erased already, read under the commit's
+    /// lock), so that commits landing meanwhile cannot starve an erasure. An aggregate erased
+    /// already is [`Error::Conflict`] (its erasure has nothing left to do); one that is gone is
+    /// [`Error::NotFound`].
+    pub fn erasing_at(
+        &self,
+        current: impl Fn(AggregateId) -> Option<(u64, bool)>,
+    ) -> Result<CommitBatch> {
+        let mut batch = self.clone();
+        for change in batch.changes.iter_mut().filter(|c| c.erase) {
+            let Some((version, erased)) = current(change.id) else {
+                return Err(Error::NotFound {
+                    aggregate_type: change.aggregate_type.to_owned(),
+                    target: crate::error::Target::Id(change.id),
+                });
+            };
+            if erased {
+                return Err(Error::Conflict {
+                    aggregate_type: change.aggregate_type.to_owned(),
+                    aggregate: change.id,
+                    expected: change.expected,
+                    actual: version,
+                });
+            }
+            change.expected = version;
+            for (event, next) in change.events.iter_mut().zip(version + 1..) {
+                event.version = next;
+            }
+        }
+        Ok(batch)
+    }
+
     pub fn event_count(&self) -> usize {
         self.changes.iter().map(|c| c.events.len()).sum()
     }

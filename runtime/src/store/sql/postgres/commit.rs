@@ -133,6 +133,13 @@ impl PostgresBackend {
     /// Commits `batch` and runs the inline projections on its events, in one transaction.
     async fn commit_projected(&self, batch: &CommitBatch) -> Result<Vec<FeedCursor>> {
         let mut tx = super::begin(&self.pool).await?;
+        let erasing;
+        let batch = if batch.erases() {
+            erasing = self.erasing_now(&mut tx, batch).await?;
+            &erasing
+        } else {
+            batch
+        };
         let cursors = match self.send_commit(&mut *tx, batch, false).await? {
             Sent::Written(cursors) => cursors,
             // Dropping `tx` rolls back; nothing was committed, whatever the failure.
@@ -200,6 +207,36 @@ impl PostgresBackend {
             }
         }
         Ok(())
+    }
+
+    /// `batch` with its erasures at the versions their aggregates have, read under a row lock
+    /// held to the end of the transaction (see [`CommitBatch::erasing_at`]).
+    async fn erasing_now(
+        &self,
+        conn: &mut PgConnection,
+        batch: &CommitBatch,
+    ) -> Result<CommitBatch> {
+        let ids: Vec<uuid::Uuid> = batch.erased_ids().iter().map(|id| *id.as_uuid()).collect();
+        let rows = query(&self.sql.lock_erased)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(backend_error)?;
+        let mut current = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: uuid::Uuid = get(row, 0)?;
+            current.push((
+                AggregateId::from(id),
+                to_u64(get(row, 1)?, "aggregate version")?,
+                get::<bool>(row, 2)?,
+            ));
+        }
+        batch.erasing_at(|id| {
+            current
+                .iter()
+                .find(|(of, _, _)| *of == id)
+                .map(|(_, version, erased)| (*version, *erased))
+        })
     }
 
     /// Writes the key changes of `batch` over `conn`, after its version checks passed: every

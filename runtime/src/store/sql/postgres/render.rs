@@ -92,6 +92,8 @@ pub(super) struct Statements {
     /// Deletes an erased aggregate's events up to a version (keeping where they stood) and its
     /// snapshots, and marks its row.
     pub erase: Arc<str>,
+    /// Locks the rows of aggregates to erase: their versions and whether they are erased.
+    pub lock_erased: Arc<str>,
     /// Deletes an aggregate's events up to its newest snapshot of a shape, keeping where they
     /// stood; returns how many went.
     pub prune_events: Arc<str>,
@@ -177,6 +179,11 @@ impl Statements {
                  snaps AS (DELETE FROM {snapshots} WHERE aggregate_id = $1::uuid), \
                  marked AS (UPDATE {aggregates} SET erased = true WHERE id = $1::uuid) \
                  SELECT count(*) FROM gone"
+            )
+            .into(),
+            lock_erased: format!(
+                "SELECT id, version, erased FROM {aggregates} WHERE id = ANY($1::uuid[]) \
+                 ORDER BY id FOR NO KEY UPDATE"
             )
             .into(),
             prune_events: format!(

@@ -3,7 +3,7 @@
 //! [`Error::Conflict`] or [`Error::KeyTaken`]. Runs whole on one connection: the writer
 //! thread's in its own `BEGIN IMMEDIATE` transaction, or a caller's inside theirs.
 
-use rusqlite::{Connection, Statement, TransactionBehavior};
+use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior};
 
 use super::Shared;
 use super::names::{self, Resolver};
@@ -37,6 +37,13 @@ pub(super) fn commit(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend_error)?;
+    let erasing;
+    let batch = if batch.erases() {
+        erasing = erasing_now(&tx, sql, batch)?;
+        &erasing
+    } else {
+        batch
+    };
     let cursors = write(&tx, shared, batch, &aggregates, &events)?;
     // On an error above, dropping `tx` rolls back.
     tx.commit().map_err(backend_error)?;
@@ -147,6 +154,32 @@ fn write(
         project(conn, shared, batch, before)?;
     }
     Ok(cursors)
+}
+
+/// `batch` with its erasures at the versions their aggregates have inside the write
+/// transaction (see [`CommitBatch::erasing_at`]).
+fn erasing_now(conn: &Connection, sql: &Statements, batch: &CommitBatch) -> Result<CommitBatch> {
+    let mut current = Vec::new();
+    let mut stmt = conn
+        .prepare_cached(&sql.erase_state)
+        .map_err(backend_error)?;
+    for id in batch.erased_ids() {
+        let row: Option<(i64, bool)> = stmt
+            .query_row([id.as_uuid().as_bytes().as_slice()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(backend_error)?;
+        if let Some((version, erased)) = row {
+            current.push((id, to_u64(version, "version")?, erased));
+        }
+    }
+    batch.erasing_at(|id| {
+        current
+            .iter()
+            .find(|(of, _, _)| *of == id)
+            .map(|(_, version, erased)| (*version, *erased))
+    })
 }
 
 /// Deletes an erased aggregate's events (up to the version the erasure checked) and snapshots,

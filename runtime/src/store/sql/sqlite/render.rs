@@ -44,6 +44,8 @@ pub(super) struct Statements {
     /// Deletes an erased aggregate's events up to a version.
     pub erase_events: String,
     pub erase_snapshots: String,
+    /// An aggregate's version and whether it is erased.
+    pub erase_state: String,
     pub mark_erased: String,
     pub insert_aggregate_type: String,
     pub insert_event_type: String,
@@ -156,6 +158,7 @@ impl Statements {
                 "DELETE FROM {prefix}events WHERE aggregate_id = ?1 AND sequence <= ?2",
             ),
             erase_snapshots: sql("DELETE FROM {prefix}snapshots WHERE aggregate_id = ?1"),
+            erase_state: sql("SELECT version, erased FROM {prefix}aggregates WHERE id = ?1"),
             mark_erased: sql("UPDATE {prefix}aggregates SET erased = 1 WHERE id = ?1"),
             insert_aggregate_type: sql(
                 "INSERT OR IGNORE INTO {prefix}aggregate_types (name) VALUES (?1)",
