@@ -1217,3 +1217,31 @@ async fn another_applications_table_is_never_adopted() {
     .unwrap();
     assert_eq!(notes, ["theirs"]);
 }
+
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_keeps_the_newest_event_of_the_store() {
+    let Some((store, _schema)) = support::open_fresh().await else {
+        return;
+    };
+    // Five ticks in one commit: the snapshot at 5 covers every event, and the fifth is the
+    // newest of the store, which the feed-epoch check reads.
+    let mut ctx = store.begin();
+    let mut meter = ctx.create::<Meter>().unwrap();
+    for _ in 0..5 {
+        ctx.apply(&mut meter, Ticked).unwrap();
+    }
+    let id = meter.id();
+    ctx.commit().await.unwrap();
+    assert_eq!(store.prune_events(id).await.unwrap(), 4);
+    assert_eq!(store.history(id).await.unwrap()[0].version, 5);
+    // Once a newer event exists elsewhere, it goes too.
+    conformance::open_account(&store, "later", "Lat", 0).await;
+    assert_eq!(store.prune_events(id).await.unwrap(), 1);
+    assert!(store.history(id).await.unwrap().is_empty());
+    let meter = store.begin_read_only().load::<Meter>(id).await.unwrap();
+    assert_eq!(
+        (meter.ticks, meter.version(), meter.applied_since_load),
+        (5, 5, 0)
+    );
+}

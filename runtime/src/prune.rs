@@ -63,7 +63,9 @@ impl Store {
     /// Deletes aggregate `id`'s events at and before its newest snapshot (of the snapshot shape
     /// its type has now, [`snapshot_version`](crate::Aggregate::SNAPSHOT_VERSION)); returns how
     /// many went. Loads stay correct: they start from that snapshot. An aggregate without such
-    /// a snapshot keeps every event.
+    /// a snapshot keeps every event. On PostgreSQL the newest event of the whole store stays
+    /// too: the feed-epoch check reads it to tell a store moved to a cluster whose transaction
+    /// ids are behind.
     ///
     /// ```
     /// # use annals::prelude::*;

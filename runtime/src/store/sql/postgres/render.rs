@@ -95,7 +95,8 @@ pub(super) struct Statements {
     /// Locks the rows of aggregates to erase: their versions and whether they are erased.
     pub lock_erased: Arc<str>,
     /// Deletes an aggregate's events up to its newest snapshot of a shape, keeping where they
-    /// stood; returns how many went.
+    /// stood; returns how many went. The newest event of the store stays: the feed-epoch check
+    /// reads it to tell a store moved to a cluster whose transaction ids are behind.
     pub prune_events: Arc<str>,
     /// Deletes an aggregate's snapshots older than the `$3 + 1`-th newest of a shape.
     pub prune_snapshots: Arc<str>,
@@ -191,6 +192,9 @@ impl Statements {
                      WHERE aggregate_id = $1::uuid AND snapshot_version = $2::int4), \
                  gone AS (DELETE FROM {events} e \
                      WHERE e.aggregate_id = $1::uuid AND e.sequence <= (SELECT v FROM s) \
+                       AND (e.epoch, e.tx_id, e.position) < \
+                           (SELECT n.epoch, n.tx_id, n.position FROM {events} n \
+                            ORDER BY n.epoch DESC, n.tx_id DESC, n.position DESC LIMIT 1) \
                      RETURNING e.position, e.epoch, e.tx_id), \
                  kept AS (INSERT INTO {deleted_events} (position, epoch, tx_id) \
                      SELECT position, epoch, tx_id FROM gone) \
