@@ -158,8 +158,9 @@ impl State {
     }
 }
 
-/// The records `batch` will have once applied to a feed of `stored` events.
-fn records_of(batch: &CommitBatch, stored: usize) -> Result<Vec<RecordedEvent>> {
+/// The records `batch` will have once applied to `state`.
+fn records_of(batch: &CommitBatch, state: &State) -> Result<Vec<RecordedEvent>> {
+    let stored = state.events.len();
     batch
         .events_in_order()
         .into_iter()
@@ -170,9 +171,13 @@ fn records_of(batch: &CommitBatch, stored: usize) -> Result<Vec<RecordedEvent>> 
                 cursor: FeedCursor::at_position(position),
                 aggregate_id: change.id,
                 aggregate_type: change.aggregate_type.to_owned(),
-                key: match &change.rekey {
-                    Some(key) => key.clone(),
-                    None => change.key.clone(),
+                key: match (&change.rekey, change.is_new) {
+                    (Some(key), _) => key.clone(),
+                    (None, true) => change.key.clone(),
+                    (None, false) => state
+                        .aggregates
+                        .get(&change.id)
+                        .and_then(|row| row.key.clone()),
                 },
                 version: event.version,
                 event_type: event.name.to_owned(),
@@ -590,7 +595,7 @@ impl Backend for MemoryBackend {
             };
             if !batch.inline.is_empty() {
                 // No SQL to run here, but a projection that fails fails the commit.
-                let records = records_of(batch, state.events.len())?;
+                let records = records_of(batch, &state)?;
                 batch.inline.statements(&records)?;
             }
             state.apply(batch);
