@@ -6,7 +6,7 @@ use std::ops::{Bound, Range, RangeBounds};
 use std::time::SystemTime;
 
 use crate::aggregate::{Aggregate, AggregateId};
-use crate::context::{check_size, stored_already};
+use crate::context::{already_stored, check_size, event_ids};
 use crate::error::{Error, Result};
 use crate::event::{Event, FeedCursor, RecordedEvent};
 use crate::filter::Filter;
@@ -346,25 +346,21 @@ impl Store {
         }
     }
 
-    /// After a failed append with ids chosen by the caller: `Some` with what
-    /// [`stored_already`] found, and for an append stored already, its versions and cursors.
+    /// After a failed append with ids chosen by the caller: `Some` with what the stored ids say
+    /// (as for a context's commit), and for an append stored already, its versions and cursors;
+    /// `None` when none is stored.
     async fn appended_already(
         &self,
         id: AggregateId,
         batch: &CommitBatch,
     ) -> Option<Result<Appended>> {
-        if let Err(e) = stored_already(self, batch).await? {
+        let ids = event_ids(batch);
+        // One lookup: whether the append is stored, and at which versions. A failed lookup
+        // leaves the append's own error standing.
+        let found = self.inner.backend.find_events(&ids).await.ok()?;
+        if let Err(e) = already_stored(batch, &found)? {
             return Some(Err(e));
         }
-        let ids: Vec<uuid::Uuid> = batch
-            .changes
-            .iter()
-            .flat_map(|c| c.events.iter().map(|e| e.event_id))
-            .collect();
-        let found = match self.inner.backend.find_events(&ids).await {
-            Ok(found) => found,
-            Err(e) => return Some(Err(e)),
-        };
         let first = found.iter().map(|(_, _, v)| *v).min().unwrap_or(0);
         let last = found.iter().map(|(_, _, v)| *v).max().unwrap_or(0);
         let range = StreamRange {

@@ -574,12 +574,15 @@ impl Backend for MemoryBackend {
             let mut state = self.state()?;
             let erasing;
             let batch = if batch.erases() {
-                erasing = batch.erasing_at(|id| {
-                    state
-                        .aggregates
-                        .get(&id)
-                        .map(|row| (row.version, row.erased))
-                })?;
+                let current: Vec<_> = batch
+                    .erased_ids()
+                    .into_iter()
+                    .filter_map(|id| {
+                        let row = state.aggregates.get(&id)?;
+                        Some((id, row.version, row.erased))
+                    })
+                    .collect();
+                erasing = batch.erasing_at(&current)?;
                 &erasing
             } else {
                 batch

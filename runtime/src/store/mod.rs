@@ -284,17 +284,15 @@ impl CommitBatch {
     }
 
     /// The batch with each erasure at the version its aggregate has as the commit runs
-    /// (`current` gives it, and whether the aggregate is erased already, read under the commit's
-    /// lock), so that commits landing meanwhile cannot starve an erasure. An aggregate erased
+    /// (`current`: `(aggregate, version, erased already)` of the erased aggregates, read under
+    /// the commit's lock), so that commits landing meanwhile cannot starve an erasure. An aggregate erased
     /// already is [`Error::Conflict`] (its erasure has nothing left to do); one that is gone is
     /// [`Error::NotFound`].
-    pub fn erasing_at(
-        &self,
-        current: impl Fn(AggregateId) -> Option<(u64, bool)>,
-    ) -> Result<CommitBatch> {
+    pub fn erasing_at(&self, current: &[(AggregateId, u64, bool)]) -> Result<CommitBatch> {
         let mut batch = self.clone();
         for change in batch.changes.iter_mut().filter(|c| c.erase) {
-            let Some((version, erased)) = current(change.id) else {
+            let Some(&(_, version, erased)) = current.iter().find(|(id, _, _)| *id == change.id)
+            else {
                 return Err(Error::NotFound {
                     aggregate_type: change.aggregate_type.to_owned(),
                     target: crate::error::Target::Id(change.id),

@@ -231,12 +231,7 @@ impl PostgresBackend {
                 get::<bool>(row, 2)?,
             ));
         }
-        batch.erasing_at(|id| {
-            current
-                .iter()
-                .find(|(of, _, _)| *of == id)
-                .map(|(_, version, erased)| (*version, *erased))
-        })
+        batch.erasing_at(&current)
     }
 
     /// Writes the key changes of `batch` over `conn`, after its version checks passed: every

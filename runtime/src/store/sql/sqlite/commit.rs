@@ -174,12 +174,7 @@ fn erasing_now(conn: &Connection, sql: &Statements, batch: &CommitBatch) -> Resu
             current.push((id, to_u64(version, "version")?, erased));
         }
     }
-    batch.erasing_at(|id| {
-        current
-            .iter()
-            .find(|(of, _, _)| *of == id)
-            .map(|(_, version, erased)| (*version, *erased))
-    })
+    batch.erasing_at(&current)
 }
 
 /// Deletes an erased aggregate's events (up to the version the erasure checked) and snapshots,
@@ -200,16 +195,13 @@ fn erase(conn: &Connection, sql: &Statements, change: &Change) -> Result<()> {
     Ok(())
 }
 
-/// Deletes what `prune` names, in one transaction; returns how many rows went.
-pub(super) fn prune(conn: &mut Connection, sql: &Statements, prune: Prune) -> Result<u64> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(backend_error)?;
+/// Deletes what `prune` names, in one statement; returns how many rows went.
+pub(super) fn prune(conn: &Connection, sql: &Statements, prune: Prune) -> Result<u64> {
     let deleted = match prune {
         Prune::Events {
             id,
             snapshot_version,
-        } => tx.prepare_cached(&sql.prune_events).and_then(|mut stmt| {
+        } => conn.prepare_cached(&sql.prune_events).and_then(|mut stmt| {
             stmt.execute((
                 id.as_uuid().as_bytes().as_slice(),
                 i64::from(snapshot_version),
@@ -219,7 +211,7 @@ pub(super) fn prune(conn: &mut Connection, sql: &Statements, prune: Prune) -> Re
             id,
             snapshot_version,
             keep,
-        } => tx
+        } => conn
             .prepare_cached(&sql.prune_snapshots)
             .and_then(|mut stmt| {
                 stmt.execute((
@@ -230,7 +222,6 @@ pub(super) fn prune(conn: &mut Connection, sql: &Statements, prune: Prune) -> Re
             }),
     }
     .map_err(backend_error)?;
-    tx.commit().map_err(backend_error)?;
     Ok(deleted as u64)
 }
 
