@@ -555,3 +555,130 @@ async fn one_commit_larger_than_an_insert_chunk() {
         ("account.deposited", "counter.incremented")
     );
 }
+
+/// Commits that queue while the writer is busy are committed together, in one transaction with
+/// a savepoint each: the ones that fail (a lost race for a version, a key taken by another
+/// commit of the same group) write nothing, and every other one lands, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_queued_together_fail_or_land_each_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("group.db");
+    let store = Store::open(&url(&path)).await.unwrap();
+    let contested = open_account(&store, "contested", 0).await;
+
+    // Contexts made ready before any of them commits.
+    // Two deposits on the same loaded version, each with a new account of its own written
+    // first: one of them must lose, and its new account with it.
+    let mut rivals = Vec::new();
+    for amount in [100, 200] {
+        let mut ctx = store.begin();
+        let key = format!("side-{amount}");
+        let mut side = ctx.create_with_key::<Account>(&key).await.unwrap();
+        ctx.apply(&mut side, Opened { owner: key }).unwrap();
+        let mut account = ctx.load::<Account>(contested).await.unwrap();
+        ctx.apply(&mut account, Deposited { amount }).unwrap();
+        rivals.push((amount, ctx));
+    }
+    // Two creations with the same key: one of them must find it taken.
+    let mut twins = Vec::new();
+    for owner in ["twin-a", "twin-b"] {
+        let mut ctx = store.begin();
+        let mut account = ctx.create_with_key::<Account>("twin").await.unwrap();
+        let owner = owner.to_owned();
+        ctx.apply(&mut account, Opened { owner }).unwrap();
+        twins.push(ctx);
+    }
+    // Plain creations, each with two events: all of them land.
+    let mut plain = Vec::new();
+    for i in 0..6 {
+        let mut ctx = store.begin();
+        let key = format!("plain-{i}");
+        let mut account = ctx.create_with_key::<Account>(&key).await.unwrap();
+        ctx.apply(&mut account, Opened { owner: key.clone() })
+            .unwrap();
+        ctx.apply(&mut account, Deposited { amount: i + 1 })
+            .unwrap();
+        plain.push((key, ctx));
+    }
+
+    // Another connection holds the write lock, so the store's writer waits inside the first
+    // commit while the others queue behind it; they are taken together once it is released.
+    let lock = annals::rusqlite::Connection::open(&path).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { open_account(&store, "first", 1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rival_tasks: Vec<_> = rivals
+        .into_iter()
+        .map(|(amount, ctx)| tokio::spawn(async move { (amount, ctx.commit().await) }))
+        .collect();
+    let twin_tasks: Vec<_> = twins
+        .into_iter()
+        .map(|ctx| tokio::spawn(async move { ctx.commit().await }))
+        .collect();
+    let plain_tasks: Vec<_> = plain
+        .into_iter()
+        .map(|(key, ctx)| tokio::spawn(async move { (key, ctx.commit().await) }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.execute_batch("COMMIT").unwrap();
+
+    first.await.unwrap();
+    let mut winners = Vec::new();
+    for task in rival_tasks {
+        match task.await.unwrap() {
+            (amount, Ok(_)) => winners.push(amount),
+            (_, Err(Error::Conflict { .. })) => {}
+            (_, Err(other)) => panic!("a rival failed with {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one of two rivals commits");
+    let mut twins_landed = 0;
+    for task in twin_tasks {
+        match task.await.unwrap() {
+            Ok(_) => twins_landed += 1,
+            Err(Error::KeyTaken { .. }) => {}
+            Err(other) => panic!("a twin failed with {other:?}"),
+        }
+    }
+    assert_eq!(twins_landed, 1, "exactly one of two twins takes the key");
+    for task in plain_tasks {
+        let (key, outcome) = task.await.unwrap();
+        outcome.unwrap_or_else(|e| panic!("{key}: {e:?}"));
+    }
+
+    // The state: each landed commit once, nothing of a failed one.
+    let mut ctx = store.begin();
+    let account = ctx.load::<Account>(contested).await.unwrap();
+    assert_eq!(account.balance, winners[0]);
+    assert_eq!(account.version(), 1 + 1);
+    for i in 0..6 {
+        let account = ctx
+            .load_by_key::<Account>(&format!("plain-{i}"))
+            .await
+            .unwrap();
+        assert_eq!((account.balance, account.version()), (i + 1, 2));
+    }
+    for amount in [100, 200] {
+        let side = ctx.find_by_key::<Account>(&format!("side-{amount}")).await;
+        assert_eq!(side.unwrap().is_some(), amount == winners[0]);
+    }
+    let twin = ctx.load_by_key::<Account>("twin").await.unwrap();
+    assert!(twin.owner == "twin-a" || twin.owner == "twin-b");
+    // contested: 1 + 1; the winner's side account: 1; first: 2; the twin: 1; plain: 6 × 2.
+    let feed = conformance::read_feed_to_end(&store, FeedCursor::START, 100).await;
+    assert_eq!(feed.len(), 2 + 1 + 2 + 1 + 12);
+    assert!(
+        feed.windows(2).all(|w| w[0].cursor < w[1].cursor),
+        "positions strictly increase"
+    );
+    store.close().await;
+
+    // Reopened, the file holds the same.
+    let store = Store::open(&url(&path)).await.unwrap();
+    let again = conformance::read_feed_to_end(&store, FeedCursor::START, 100).await;
+    assert_eq!(again.len(), feed.len());
+    store.close().await;
+}

@@ -3,7 +3,10 @@
 //! [`Error::Conflict`] or [`Error::KeyTaken`]. Runs whole on one connection: the writer
 //! thread's in its own `BEGIN IMMEDIATE` transaction, or a caller's inside theirs.
 
+use std::sync::Arc;
+
 use rusqlite::{Connection, OptionalExtension, Statement, TransactionBehavior};
+use tokio::sync::oneshot;
 
 use super::Shared;
 use super::names::{self, Resolver};
@@ -18,36 +21,155 @@ use crate::subscription::inline::statement_failed;
 
 /// Commits `batch` on the writer's connection in one `BEGIN IMMEDIATE` transaction; the
 /// events' cursors when the batch asks for them.
-pub(super) fn commit(
-    conn: &mut Connection,
-    shared: &Shared,
-    batch: &CommitBatch,
-) -> Result<Vec<FeedCursor>> {
-    // Type names first seen now are written outside the commit: a type name is harmless on its
-    // own, and the commit transaction stays short.
-    let (sql, cache) = (&shared.sql, &shared.types);
-    let aggregates = names::ensure(
-        conn,
-        sql,
-        cache,
-        TypeKind::Aggregate,
-        aggregate_names(batch),
-    )?;
-    let events = names::ensure(conn, sql, cache, TypeKind::Event, event_names(batch))?;
+fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result<Vec<FeedCursor>> {
+    let types = TypeIds::ensure(conn, shared, batch)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(backend_error)?;
+    let cursors = write_now(&tx, shared, batch, &types)?;
+    // On an error above, dropping `tx` rolls back.
+    tx.commit().map_err(backend_error)?;
+    Ok(cursors)
+}
+
+/// A commit waiting for the writer thread: its batch and where to send the outcome.
+pub(super) struct CommitJob {
+    pub shared: Arc<Shared>,
+    pub batch: CommitBatch,
+    pub reply: oneshot::Sender<Result<Vec<FeedCursor>>>,
+}
+
+impl CommitJob {
+    /// Commits this job in a transaction of its own and answers.
+    fn run_alone(self, conn: &mut Connection) {
+        let outcome = commit(conn, &self.shared, &self.batch);
+        if outcome.is_ok() {
+            self.shared.committed.notify();
+        }
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// Commits the commits that were waiting together in one transaction, each in a savepoint of
+/// its own: one that fails (a conflict, a taken key, a failed projection statement) is rolled
+/// back to its savepoint and answered with its error, the others commit together, with one
+/// sync of the log for all of them. Each is answered only once the transaction has committed.
+///
+/// The outcome of each is what it would have been alone, in the order sent: a commit sees the
+/// writes of the ones before it in the group, as it would have after their own transactions.
+/// Should SQLite roll the whole transaction back (an I/O error, a full disk) or the final
+/// `COMMIT` fail, nothing of the group was written, and each commit is run again alone.
+pub(super) fn commit_group(conn: &mut Connection, jobs: Vec<CommitJob>) {
+    // A caller that gave up before its commit started gets nothing written.
+    let mut jobs: Vec<CommitJob> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+    if jobs.len() <= 1 {
+        if let Some(job) = jobs.pop() {
+            job.run_alone(conn);
+        }
+        return;
+    }
+    // Type names first seen now are written before the transaction, as alone.
+    let mut ready = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match TypeIds::ensure(conn, &job.shared, &job.batch) {
+            Ok(types) => ready.push((job, types)),
+            Err(error) => {
+                let _ = job.reply.send(Err(error));
+            }
+        }
+    }
+    match write_group(conn, &ready) {
+        Some(outcomes) => {
+            if outcomes.iter().any(Result::is_ok)
+                && let Some((job, _)) = ready.first()
+            {
+                job.shared.committed.notify();
+            }
+            for ((job, _), outcome) in ready.into_iter().zip(outcomes) {
+                let _ = job.reply.send(outcome);
+            }
+        }
+        None => {
+            for (job, _) in ready {
+                job.run_alone(conn);
+            }
+        }
+    }
+}
+
+/// Writes each job in a savepoint of one `BEGIN IMMEDIATE` transaction and commits it: the
+/// outcome of each, or `None` when the transaction wrote nothing (it could not begin, SQLite
+/// rolled it back, or its `COMMIT` failed).
+fn write_group(
+    conn: &mut Connection,
+    jobs: &[(CommitJob, TypeIds)],
+) -> Option<Vec<Result<Vec<FeedCursor>>>> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .ok()?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (job, types) in jobs {
+        let savepoint = |statement: &str| {
+            tx.prepare_cached(statement)
+                .and_then(|mut stmt| stmt.execute(()))
+                .map(drop)
+        };
+        savepoint("SAVEPOINT annals_commit").ok()?;
+        let outcome = write_now(&tx, &job.shared, &job.batch, types);
+        if tx.is_autocommit() {
+            // SQLite rolled the whole transaction back.
+            return None;
+        }
+        if outcome.is_err() {
+            savepoint("ROLLBACK TO annals_commit").ok()?;
+        }
+        savepoint("RELEASE annals_commit").ok()?;
+        outcomes.push(outcome);
+    }
+    tx.commit().ok()?;
+    Some(outcomes)
+}
+
+/// The type ids of a batch's aggregate and event types, written first if new.
+struct TypeIds {
+    aggregates: Arc<TypeMap>,
+    events: Arc<TypeMap>,
+}
+
+impl TypeIds {
+    /// Looks the batch's type names up, and writes the ones first seen now, outside any
+    /// transaction: a type name is harmless on its own, and the commit transaction stays short.
+    fn ensure(conn: &Connection, shared: &Shared, batch: &CommitBatch) -> Result<TypeIds> {
+        let (sql, cache) = (&shared.sql, &shared.types);
+        Ok(TypeIds {
+            aggregates: names::ensure(
+                conn,
+                sql,
+                cache,
+                TypeKind::Aggregate,
+                aggregate_names(batch),
+            )?,
+            events: names::ensure(conn, sql, cache, TypeKind::Event, event_names(batch))?,
+        })
+    }
+}
+
+/// Writes `batch` inside the writer's transaction, taking its erasures at their aggregates'
+/// versions now.
+fn write_now(
+    conn: &Connection,
+    shared: &Shared,
+    batch: &CommitBatch,
+    types: &TypeIds,
+) -> Result<Vec<FeedCursor>> {
     let erasing;
     let batch = if batch.erases() {
-        erasing = erasing_now(&tx, sql, batch)?;
+        erasing = erasing_now(conn, &shared.sql, batch)?;
         &erasing
     } else {
         batch
     };
-    let cursors = write(&tx, shared, batch, &aggregates, &events)?;
-    // On an error above, dropping `tx` rolls back.
-    tx.commit().map_err(backend_error)?;
-    Ok(cursors)
+    write(conn, shared, batch, &types.aggregates, &types.events)
 }
 
 /// Writes `batch` on a caller's connection, inside the transaction it is in. Writes no type

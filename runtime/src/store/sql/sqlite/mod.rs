@@ -195,14 +195,8 @@ impl Backend for SqliteBackend {
         if self.read_only {
             return Box::pin(std::future::ready(Err(Error::ReadOnly)));
         }
-        let shared = self.shared.clone();
-        let batch = batch.clone();
-        Box::pin(self.writer.run(move |conn| {
-            let cursors = commit::commit(conn, &shared, &batch)?;
-            // Here, not on the async side: waiters wake even if the caller gave up waiting.
-            shared.committed.notify();
-            Ok(cursors)
-        }))
+        // The writer thread signals the commit: waiters wake even if the caller gave up.
+        Box::pin(self.writer.commit(self.shared.clone(), batch.clone()))
     }
 
     fn prune<'a>(&'a self, prune: Prune) -> BoxFuture<'a, Result<u64>> {

@@ -6,17 +6,34 @@
 //! only awaits that answer, so dropping its future can never leave the connection inside a
 //! transaction: work that has not started when its caller gives up is skipped, work that has
 //! started runs to its end (commit or rollback), and the next message finds the connection idle.
+//!
+//! Commits that wait while the thread is busy are taken together: the thread commits them in
+//! one transaction, each in a savepoint of its own, so that concurrent writers share one sync
+//! of the log (see [`commit_group`]).
 
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use crate::error::{Error, Result};
+use super::Shared;
+use crate::store::CommitBatch;
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+use super::commit::{CommitJob, commit_group};
+use crate::error::{Error, Result};
+use crate::event::FeedCursor;
+
+/// The most commits taken into one transaction.
+const GROUP: usize = 64;
+
+enum Job {
+    /// Work that runs alone.
+    Alone(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// A commit, which runs together with the commits waiting behind it.
+    Commit(CommitJob),
+}
 
 /// The handle to the writer thread. Dropping it (or [`close`](Writer::close)) lets the thread
 /// finish the work already sent, close the connection and end.
@@ -48,12 +65,38 @@ impl Writer {
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let job = Job::Alone(Box::new(move |conn| {
             if reply.is_closed() {
                 return;
             }
             let _ = reply.send(work(conn));
-        });
+        }));
+        self.send(job, answer)
+    }
+
+    /// Commits `job`'s batch, with the commits waiting beside it; the events' cursors when
+    /// the batch asks for them.
+    pub fn commit(
+        &self,
+        shared: Arc<Shared>,
+        batch: CommitBatch,
+    ) -> impl Future<Output = Result<Vec<FeedCursor>>> + Send + use<> {
+        let (reply, answer) = oneshot::channel();
+        self.send(
+            Job::Commit(CommitJob {
+                shared,
+                batch,
+                reply,
+            }),
+            answer,
+        )
+    }
+
+    fn send<T: Send + 'static>(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<Result<T>>,
+    ) -> impl Future<Output = Result<T>> + Send + use<T> {
         let sent = match &*self.jobs.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(jobs) => jobs.send(job).is_ok(),
             None => false,
@@ -78,10 +121,29 @@ impl Writer {
     }
 }
 
-/// The thread's loop: one job at a time until every sender is gone.
+/// The thread's loop, until every sender is gone: one job at a time, except that a commit is
+/// taken with the commits queued right behind it (up to [`GROUP`]).
 fn serve(mut conn: Connection, queue: &mpsc::Receiver<Job>) {
-    while let Ok(job) = queue.recv() {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+    let mut next = None;
+    while let Some(job) = next.take().or_else(|| queue.recv().ok()) {
+        let work = || match job {
+            Job::Alone(work) => work(&mut conn),
+            Job::Commit(first) => {
+                let mut group = vec![first];
+                while group.len() < GROUP {
+                    match queue.try_recv() {
+                        Ok(Job::Commit(commit)) => group.push(commit),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_group(&mut conn, group);
+            }
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
         if outcome.is_err() {
             tracing::error!("a SQLite writer job panicked; its transaction was rolled back");
         }
