@@ -49,21 +49,19 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         ));
     }
 
-    // One `Handles` impl per listed type, at the span of the type in the user's list, so a
-    // missing `Apply` impl is reported there.
+    // One `Handles` impl per listed type, at the span of the type in the user's list: it
+    // needs `Apply` of that type, so a missing `Apply` impl is reported there, once. A marker,
+    // with no code of its own.
     let mut seen = HashSet::new();
     let handles: Vec<TokenStream> = events
         .iter()
         .filter(|path| seen.insert(path.to_token_stream().to_string()))
         .map(|path| {
             let krate = respan(&krate, path.span());
+            let ty = respan(&ident.to_token_stream(), path.span());
             quote_spanned! {path.span()=>
                 #[automatically_derived]
-                impl #krate::Handles<#path> for #ident {
-                    fn handle(&mut self, __event: &#path) {
-                        <Self as #krate::Apply<#path>>::apply(self, __event)
-                    }
-                }
+                impl #krate::Handles<#path> for #ty {}
             }
         })
         .collect();
@@ -91,43 +89,20 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         });
     }
 
-    // The `Apply` call is spanned at the type in the user's list: a missing impl is reported
-    // there, once. Each listed event gets a handler, a plain function, which a load looks up
-    // once per event type and calls for every event of that type. It names the aggregate's
-    // type, not `Self`, and calls only non-generic runtime functions, so each listed event adds
-    // one small function and nothing else.
+    // Each listed event gets a handler, which a load looks up once per event type and calls
+    // for every event of that type: the runtime's one generic `apply_stored`, whose decoding
+    // part is the event's alone (shared by every aggregate listing it). It is named at the
+    // span of the type in the user's list, as the `Handles` impl that checks `Apply` is.
     let dispatch = events.iter().map(|path| {
         let krate = respan(&krate, path.span());
         let ty = respan(&ident.to_token_stream(), path.span());
-        let apply = quote_spanned! {path.span()=>
-            <#ty as #krate::Apply<#path>>::apply(__state, &__event);
-        };
         quote_spanned! {path.span()=>
-            if #private::accepts(
+            if #krate::__private::accepts(
                 <#path as #krate::Event>::NAMES,
                 <#path as #krate::Event>::ALIASES,
                 __name,
             ) {
-                fn __apply(
-                    __state: &mut #ty,
-                    __stored: &#private::StoredPayload<'_>,
-                ) -> #private::Result<()> {
-                    __stored.check_version(<#path as #krate::Event>::VERSION)?;
-                    match <#path as #krate::Event>::decode(
-                        __stored.name,
-                        __stored.schema_version,
-                        __stored.payload,
-                    ) {
-                        ::core::result::Result::Ok(__event) => {
-                            #apply
-                            ::core::result::Result::Ok(())
-                        }
-                        ::core::result::Result::Err(__error) => {
-                            ::core::result::Result::Err(__stored.decode_error(__error))
-                        }
-                    }
-                }
-                return ::core::option::Option::Some(__apply);
+                return ::core::option::Option::Some(#krate::__private::apply_stored::<#ty, #path>);
             }
         }
     });
@@ -153,9 +128,10 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     let listed = events.iter().map(|path| {
         let krate = respan(&krate, path.span());
         quote_spanned! {path.span()=>
-            #private::ListedEvent {
+            #krate::__private::ListedEvent {
                 names: <#path as #krate::Event>::NAMES,
-                rust_type: #private::type_name::<#path>,
+                rust_type: ::core::stringify!(#path),
+                type_id: #krate::__private::TypeId::of::<#path>(),
             }
         }
     });
@@ -198,7 +174,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             #private::inventory::submit! {
                 #private::AggregateRegistration {
                     name: #name,
-                    rust_type: #private::type_name::<#ident>,
+                    rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
                     snapshot_every: #snapshot_every,
                     snapshot_version: #snapshot_version,
                     events: &[#(#listed),*],

@@ -105,6 +105,12 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
 
     let krate = runtime_path(attrs.krate.as_ref());
     let private = quote!(#krate::__private);
+    // The type's path for messages: a constant, where `type_name` would add a function per type.
+    let rust_type = quote!(::core::concat!(
+        ::core::module_path!(),
+        "::",
+        ::core::stringify!(#ident)
+    ));
 
     if !cx.is_ok() {
         return cx.into_errors_with_fallback(&input.generics, quote! {
@@ -167,7 +173,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     _ => {
                         return ::core::result::Result::Err(#private::unknown_variant(
                             __name,
-                            #private::type_name::<Self>(),
+                            #rust_type,
                         ));
                     }
                 };
@@ -234,7 +240,8 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     aliases: &[#(#alias_pairs),*],
                     version: #version,
                     upcasts: &[#(#upcast_regs),*],
-                    rust_type: #private::type_name::<#ident>,
+                    rust_type: #rust_type,
+                    type_id: #private::TypeId::of::<#ident>(),
                 }
             }
         };

@@ -10,13 +10,15 @@
 //! shared, non-generic functions of the runtime for the rest:
 //!
 //! - **`Event`**: one `impl Event` (its names, aliases and version as constants; `name`,
-//!   `encode` and `decode`, each calling one runtime function) and one `inventory` submission.
+//!   `encode` and `decode`, each calling one runtime function) and one `inventory` submission
+//!   of constants only (the type's path as a string and its `TypeId`, no function).
 //!   `upcast(...)` adds, inside `decode`, one branch for older versions and one small function
 //!   per declared step; a type without steps gets nothing for them.
-//! - **`Aggregate`**: one `impl Aggregate` whose `handler` maps a stored name to one
-//!   capture-free function per listed event (looked up once per event type per load, then
-//!   called for each event), one `impl Handles<E>` per listed event, and one `inventory`
-//!   submission.
+//! - **`Aggregate`**: one `impl Aggregate` whose `handler` maps a stored name to the runtime's
+//!   generic `apply_stored::<Self, E>` for each listed event (looked up once per event type per
+//!   load, then called for each event; its decoding is `E`'s alone, shared by every aggregate
+//!   listing `E`), one empty `impl Handles<E>` per listed event (a marker that checks the
+//!   `Apply` impl), and one `inventory` submission of constants.
 //! - **`Projection`**: one `impl Projection` and one `impl Handler` whose `handle` has one name
 //!   check and one decode per listed event.
 

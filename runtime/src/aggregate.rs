@@ -184,11 +184,7 @@ pub trait Apply<E> {
     label = "`{E}` is not one of `{Self}`'s events",
     note = "add `{E}` to `#[aggregate(events(...))]` on `{Self}` and implement `Apply<{E}>`"
 )]
-pub trait Handles<E: Event>: Aggregate {
-    /// Applies the event through the aggregate's [`Apply`] impl.
-    #[doc(hidden)]
-    fn handle(&mut self, event: &E);
-}
+pub trait Handles<E: Event>: Aggregate + Apply<E> {}
 
 /// An event no aggregate lists; it has no values. Its blanket `Handles` impl gives every
 /// aggregate at least two, so that rustc does not infer the event type of
@@ -217,11 +213,14 @@ impl Event for NoEvent {
 }
 
 #[diagnostic::do_not_recommend]
-impl<A: Aggregate> Handles<NoEvent> for A {
-    fn handle(&mut self, event: &NoEvent) {
+impl<A: Aggregate> Apply<NoEvent> for A {
+    fn apply(&mut self, event: &NoEvent) {
         match *event {}
     }
 }
+
+#[diagnostic::do_not_recommend]
+impl<A: Aggregate> Handles<NoEvent> for A {}
 
 /// One aggregate loaded into (or created in) a context: its id, natural key, version and state.
 ///

@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tracing::Instrument;
 
-use crate::aggregate::{Aggregate, AggregateId, Handles, Root};
+use crate::aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -264,7 +264,7 @@ where
     E: Event,
 {
     match copy.as_mut().and_then(|c| c.downcast_mut::<A>()) {
-        Some(state) => state.handle(event),
+        Some(state) => <A as Apply<E>>::apply(state, event),
         None => {
             *copy = root
                 .state

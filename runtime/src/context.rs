@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use tracing::Instrument;
 
-use crate::aggregate::{Aggregate, AggregateId, Handles, Root};
+use crate::aggregate::{Aggregate, AggregateId, Apply, Handles, Root};
 use crate::cache::{CachedState, follow, follow_stored};
 use crate::clash::ClashRules;
 use crate::error::{Error, Result};
@@ -306,7 +306,7 @@ impl Context {
             type_name: name.to_owned(),
             source,
         })?;
-        root.state.handle(&event);
+        <A as Apply<E>>::apply(&mut root.state, &event);
         root.version += 1;
         let event_id = self.next_event_id(id);
         let snapshot = snapshot_due::<A>(root, max)?;

@@ -139,7 +139,7 @@ pub mod __private {
     pub use crate::error::{BoxError, Error, Result};
     pub use crate::event::StoredPayload;
     pub use crate::registry::{AggregateRegistration, EventRegistration, ListedEvent};
-    pub use core::any::type_name;
+    pub use core::any::TypeId;
     pub use inventory;
 
     pub use crate::codec::{decode_enum, decode_json, encode_enum, encode_json, variant_mismatch};
@@ -158,6 +158,18 @@ pub mod __private {
     pub use crate::upcast::{JsonEvent, Step, from_json, upcast};
 
     pub use crate::aggregate::Handler;
+
+    /// Decodes a stored event as `E` and applies it to the state: the handler of every event an
+    /// aggregate lists. The decoding is `E`'s alone, shared by every aggregate listing `E`.
+    pub fn apply_stored<A, E>(state: &mut A, stored: &StoredPayload<'_>) -> Result<()>
+    where
+        A: crate::Handles<E>,
+        E: crate::Event,
+    {
+        let event = stored.decode::<E>()?;
+        <A as crate::Apply<E>>::apply(state, &event);
+        Ok(())
+    }
 
     /// Finds out at compile time whether an aggregate's state is `Clone`: `(&CloneProbe::<T>::NEW)
     /// .clone_for_cache(value)` resolves to [`CloneByClone`] when `T: Clone` (a method taking

@@ -51,7 +51,8 @@ inventory::submit! {
         aliases: &[],
         version: 1,
         upcasts: &[],
-        rust_type: std::any::type_name::<Erased>,
+        rust_type: "annals::Erased",
+        type_id: std::any::TypeId::of::<Erased>(),
     }
 }
 

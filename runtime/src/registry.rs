@@ -5,6 +5,7 @@
 //! [`Registry::validate`] (run by every [`Store::open`](crate::Store::open)) refuses two Rust
 //! types under one name and aggregates that list unregistered events.
 
+use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -18,7 +19,10 @@ pub struct EventRegistration {
     pub aliases: &'static [(&'static str, &'static str)],
     pub version: u32,
     pub upcasts: &'static [UpcastRegistration],
-    pub rust_type: fn() -> &'static str,
+    /// The type's path, for messages.
+    pub rust_type: &'static str,
+    /// The type itself: what tells two types with one path apart.
+    pub type_id: TypeId,
 }
 
 /// One declared upcast step of an event type.
@@ -33,16 +37,20 @@ pub struct UpcastRegistration {
 
 /// One event type in an aggregate's `events(...)` list.
 #[doc(hidden)]
+#[derive(Debug)]
 pub struct ListedEvent {
     pub names: &'static [&'static str],
-    pub rust_type: fn() -> &'static str,
+    /// The type as the list spells it, for messages.
+    pub rust_type: &'static str,
+    pub type_id: TypeId,
 }
 
 /// What `#[derive(Aggregate)]` submits for one aggregate type.
 #[doc(hidden)]
 pub struct AggregateRegistration {
     pub name: &'static str,
-    pub rust_type: fn() -> &'static str,
+    /// The type's path, for messages.
+    pub rust_type: &'static str,
     pub snapshot_every: Option<u64>,
     pub snapshot_version: u32,
     pub events: &'static [ListedEvent],
@@ -62,7 +70,7 @@ pub struct EventInfo {
     pub schema_version: u32,
     /// How each schema version from 1 up to `schema_version` is read, in order.
     pub versions: Vec<SchemaVersion>,
-    /// The Rust type (for an enum: the enum; each variant has its own name).
+    /// The Rust type's path (for an enum: the enum; each variant has its own name).
     pub rust_type: &'static str,
 }
 
@@ -93,7 +101,7 @@ pub enum ReadAs {
 pub struct AggregateInfo {
     /// The name stored with each aggregate.
     pub name: &'static str,
-    /// The Rust type.
+    /// The Rust type's path.
     pub rust_type: &'static str,
     /// Snapshot policy: one snapshot every this many events.
     pub snapshot_every: Option<u64>,
@@ -107,8 +115,11 @@ pub struct AggregateInfo {
 #[derive(Debug)]
 pub struct Registry {
     events: Vec<EventInfo>,
+    /// The Rust type of each of `events`.
+    event_types: Vec<TypeId>,
     aggregates: Vec<AggregateInfo>,
-    listed: Vec<(usize, &'static str, &'static str)>,
+    /// Each name an aggregate lists: (the aggregate's index, the name, the listed type).
+    listed: Vec<(usize, &'static str, &'static ListedEvent)>,
 }
 
 /// The registry of this program, gathered once.
@@ -119,41 +130,47 @@ pub fn registry() -> &'static Registry {
 
 impl Registry {
     fn gather() -> Registry {
-        let mut events: Vec<EventInfo> = inventory::iter::<EventRegistration>
+        let mut events: Vec<(EventInfo, TypeId)> = inventory::iter::<EventRegistration>
             .into_iter()
             .flat_map(|r| {
-                r.names.iter().map(move |name| EventInfo {
-                    name,
-                    aliases: r
-                        .aliases
-                        .iter()
-                        .filter(|(_, of)| of == name)
-                        .map(|(alias, _)| *alias)
-                        .collect(),
-                    schema_version: r.version,
-                    versions: versions(r),
-                    rust_type: (r.rust_type)(),
+                r.names.iter().map(move |name| {
+                    let info = EventInfo {
+                        name,
+                        aliases: r
+                            .aliases
+                            .iter()
+                            .filter(|(_, of)| of == name)
+                            .map(|(alias, _)| *alias)
+                            .collect(),
+                        schema_version: r.version,
+                        versions: versions(r),
+                        rust_type: r.rust_type,
+                    };
+                    (info, r.type_id)
                 })
             })
             .collect();
-        events.sort_by(|a, b| (a.name, a.rust_type).cmp(&(b.name, b.rust_type)));
+        events.sort_by(|(a, a_type), (b, b_type)| {
+            (a.name, a.rust_type, a_type).cmp(&(b.name, b.rust_type, b_type))
+        });
         events.dedup();
+        let (events, event_types) = events.into_iter().unzip();
 
         let mut aggregates = Vec::new();
         let mut listed = Vec::new();
         let mut regs: Vec<&AggregateRegistration> = inventory::iter::<AggregateRegistration>
             .into_iter()
             .collect();
-        regs.sort_by_key(|r| (r.name, (r.rust_type)()));
+        regs.sort_by_key(|r| (r.name, r.rust_type));
         for (index, r) in regs.into_iter().enumerate() {
             for e in r.events {
                 for name in e.names {
-                    listed.push((index, *name, (e.rust_type)()));
+                    listed.push((index, *name, e));
                 }
             }
             aggregates.push(AggregateInfo {
                 name: r.name,
-                rust_type: (r.rust_type)(),
+                rust_type: r.rust_type,
                 snapshot_every: r.snapshot_every,
                 snapshot_version: r.snapshot_version,
                 events: r
@@ -165,6 +182,7 @@ impl Registry {
         }
         Registry {
             events,
+            event_types,
             aggregates,
             listed,
         }
@@ -212,10 +230,11 @@ impl Registry {
     /// and that every event an aggregate lists is registered. Run by
     /// [`Store::open`](crate::Store::open).
     pub fn validate(&self) -> Result<()> {
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-        for e in &self.events {
-            if let Some(first) = seen.insert(e.name, e.rust_type)
-                && first != e.rust_type
+        let events = || self.events.iter().zip(&self.event_types);
+        let mut seen: BTreeMap<&str, (&str, TypeId)> = BTreeMap::new();
+        for (e, type_id) in events() {
+            if let Some((first, first_id)) = seen.insert(e.name, (e.rust_type, *type_id))
+                && first_id != *type_id
             {
                 return Err(collision("event", e.name, first, e.rust_type));
             }
@@ -223,7 +242,7 @@ impl Registry {
         let mut aliases: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         for e in &self.events {
             for alias in &e.aliases {
-                if let Some(owner) = seen.get(alias) {
+                if let Some((owner, _)) = seen.get(alias) {
                     return Err(collision("event", alias, owner, e.rust_type));
                 }
                 if let Some((name, rust_type)) = aliases.insert(alias, (e.name, e.rust_type))
@@ -239,11 +258,9 @@ impl Registry {
                 return Err(collision("aggregate", a.name, first, a.rust_type));
             }
         }
-        for (index, name, rust_type) in &self.listed {
-            let registered = self
-                .events
-                .iter()
-                .any(|e| e.name == *name && e.rust_type == *rust_type);
+        for (index, name, listed) in &self.listed {
+            let registered =
+                events().any(|(e, type_id)| e.name == *name && *type_id == listed.type_id);
             if !registered {
                 let aggregate_type = self
                     .aggregates
@@ -251,7 +268,7 @@ impl Registry {
                     .map_or_else(String::new, |a| a.name.to_owned());
                 return Err(Error::UnregisteredEvent {
                     aggregate_type,
-                    event_type: (*rust_type).to_owned(),
+                    event_type: listed.rust_type.to_owned(),
                 });
             }
         }

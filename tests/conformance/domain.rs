@@ -173,11 +173,7 @@ impl Apply<Ticked> for MeterNextRelease {
     }
 }
 
-impl annals::Handles<Ticked> for MeterNextRelease {
-    fn handle(&mut self, e: &Ticked) {
-        self.apply(e)
-    }
-}
+impl annals::Handles<Ticked> for MeterNextRelease {}
 
 /// A payload with room for arbitrary bytes, for size limits and odd characters.
 #[derive(Event, Serialize, Deserialize, Debug, Clone, PartialEq)]
