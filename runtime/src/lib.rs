@@ -160,15 +160,22 @@ pub mod __private {
     pub use crate::aggregate::Handler;
 
     /// Decodes a stored event as `E` and applies it to the state: the handler of every event an
-    /// aggregate lists. The decoding is `E`'s alone, shared by every aggregate listing `E`.
+    /// aggregate lists. Its decoding calls `E::decode`, the one decode path of `E`, shared by
+    /// every aggregate listing `E`.
     pub fn apply_stored<A, E>(state: &mut A, stored: &StoredPayload<'_>) -> Result<()>
     where
         A: crate::Handles<E>,
         E: crate::Event,
     {
-        let event = stored.decode::<E>()?;
-        <A as crate::Apply<E>>::apply(state, &event);
-        Ok(())
+        // `StoredPayload::decode`'s steps, written out: one function per listed event, not two.
+        stored.check_version(E::VERSION)?;
+        match E::decode(stored.name, stored.schema_version, stored.payload) {
+            Ok(event) => {
+                <A as crate::Apply<E>>::apply(state, &event);
+                Ok(())
+            }
+            Err(source) => Err(stored.decode_error(source)),
+        }
     }
 
     /// Finds out at compile time whether an aggregate's state is `Clone`: `(&CloneProbe::<T>::NEW)

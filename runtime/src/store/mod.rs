@@ -265,6 +265,7 @@ pub(crate) struct CommitBatch {
 
 impl CommitBatch {
     /// True when a change sets or releases an existing aggregate's key.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub fn rekeys(&self) -> bool {
         self.changes.iter().any(|c| c.rekey.is_some())
     }
