@@ -19,11 +19,10 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::Shared;
-use crate::store::CommitBatch;
-
 use super::commit::{CommitJob, commit_group};
 use crate::error::{Error, Result};
 use crate::event::FeedCursor;
+use crate::store::CommitBatch;
 
 /// The most commits taken into one transaction.
 const GROUP: usize = 64;
@@ -74,7 +73,7 @@ impl Writer {
         self.send(job, answer)
     }
 
-    /// Commits `job`'s batch, with the commits waiting beside it; the events' cursors when
+    /// Commits `batch`, together with the commits queued beside it; the events' cursors when
     /// the batch asks for them.
     pub fn commit(
         &self,
