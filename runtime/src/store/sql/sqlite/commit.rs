@@ -34,17 +34,16 @@ fn commit(conn: &mut Connection, shared: &Shared, batch: &CommitBatch) -> Result
 
 /// A commit waiting for the writer thread: its batch and where to send the outcome.
 pub(super) struct CommitJob {
-    pub shared: Arc<Shared>,
     pub batch: CommitBatch,
     pub reply: oneshot::Sender<Result<Vec<FeedCursor>>>,
 }
 
 impl CommitJob {
     /// Commits this job in a transaction of its own and answers.
-    fn run_alone(self, conn: &mut Connection) {
-        let outcome = commit(conn, &self.shared, &self.batch);
+    fn run_alone(self, conn: &mut Connection, shared: &Shared) {
+        let outcome = commit(conn, shared, &self.batch);
         if outcome.is_ok() {
-            self.shared.committed.notify();
+            shared.committed.notify();
         }
         let _ = self.reply.send(outcome);
     }
@@ -59,31 +58,29 @@ impl CommitJob {
 /// writes of the ones before it in the group, as it would have after their own transactions.
 /// Should SQLite roll the whole transaction back (an I/O error, a full disk) or the final
 /// `COMMIT` fail, nothing of the group was written, and each commit is run again alone.
-pub(super) fn commit_group(conn: &mut Connection, jobs: Vec<CommitJob>) {
+pub(super) fn commit_group(conn: &mut Connection, shared: &Shared, jobs: Vec<CommitJob>) {
     // A caller that gave up before its commit started gets nothing written.
     let mut jobs: Vec<CommitJob> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
     if jobs.len() <= 1 {
         if let Some(job) = jobs.pop() {
-            job.run_alone(conn);
+            job.run_alone(conn, shared);
         }
         return;
     }
     // Type names first seen now are written before the transaction, as alone.
     let mut ready = Vec::with_capacity(jobs.len());
     for job in jobs {
-        match TypeIds::ensure(conn, &job.shared, &job.batch) {
+        match TypeIds::ensure(conn, shared, &job.batch) {
             Ok(types) => ready.push((job, types)),
             Err(error) => {
                 let _ = job.reply.send(Err(error));
             }
         }
     }
-    match write_group(conn, &ready) {
+    match write_group(conn, shared, &ready) {
         Some(outcomes) => {
-            if outcomes.iter().any(Result::is_ok)
-                && let Some((job, _)) = ready.first()
-            {
-                job.shared.committed.notify();
+            if outcomes.iter().any(Result::is_ok) {
+                shared.committed.notify();
             }
             for ((job, _), outcome) in ready.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome);
@@ -91,7 +88,7 @@ pub(super) fn commit_group(conn: &mut Connection, jobs: Vec<CommitJob>) {
         }
         None => {
             for (job, _) in ready {
-                job.run_alone(conn);
+                job.run_alone(conn, shared);
             }
         }
     }
@@ -102,6 +99,7 @@ pub(super) fn commit_group(conn: &mut Connection, jobs: Vec<CommitJob>) {
 /// rolled it back, or its `COMMIT` failed).
 fn write_group(
     conn: &mut Connection,
+    shared: &Shared,
     jobs: &[(CommitJob, TypeIds)],
 ) -> Option<Vec<Result<Vec<FeedCursor>>>> {
     let tx = conn
@@ -115,7 +113,7 @@ fn write_group(
                 .map(drop)
         };
         savepoint("SAVEPOINT annals_commit").ok()?;
-        let outcome = write_now(&tx, &job.shared, &job.batch, types);
+        let outcome = write_now(&tx, shared, &job.batch, types);
         if tx.is_autocommit() {
             // SQLite rolled the whole transaction back.
             return None;

@@ -77,15 +77,16 @@ impl SqliteBackend {
             tokio::task::spawn_blocking(move || open_writer(&writer_target, &writer_options))
                 .await
                 .map_err(|e| Error::Backend(format!("opening the SQLite store: {e}").into()))??;
+        let shared = Arc::new(Shared {
+            sql: Statements::new(&options.table_prefix),
+            subscriptions: subscriptions::Statements::new(&options.table_prefix),
+            types: TypeCache::default(),
+            committed: CommitSignal::default(),
+            options: options.clone(),
+        });
         Ok(SqliteBackend {
-            shared: Arc::new(Shared {
-                sql: Statements::new(&options.table_prefix),
-                subscriptions: subscriptions::Statements::new(&options.table_prefix),
-                types: TypeCache::default(),
-                committed: CommitSignal::default(),
-                options: options.clone(),
-            }),
-            writer: Writer::spawn(conn, "annals-sqlite-writer")?,
+            writer: Writer::spawn(conn, shared.clone(), "annals-sqlite-writer")?,
+            shared,
             readers,
             read_only: target.read_only,
         })
@@ -196,7 +197,7 @@ impl Backend for SqliteBackend {
             return Box::pin(std::future::ready(Err(Error::ReadOnly)));
         }
         // The writer thread signals the commit: waiters wake even if the caller gave up.
-        Box::pin(self.writer.commit(self.shared.clone(), batch.clone()))
+        Box::pin(self.writer.commit(batch.clone()))
     }
 
     fn prune<'a>(&'a self, prune: Prune) -> BoxFuture<'a, Result<u64>> {

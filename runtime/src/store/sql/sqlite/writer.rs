@@ -43,12 +43,12 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn`.
-    pub fn spawn(conn: Connection, name: &str) -> Result<Writer> {
+    /// Starts the thread that owns `conn`, and commits with what the store's handles share.
+    pub fn spawn(conn: Connection, shared: Arc<Shared>, name: &str) -> Result<Writer> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || serve(conn, &queue))
+            .spawn(move || serve(conn, &shared, &queue))
             .map_err(|e| Error::Backend(Box::new(e)))?;
         Ok(Writer {
             jobs: Mutex::new(Some(jobs)),
@@ -77,18 +77,10 @@ impl Writer {
     /// the batch asks for them.
     pub fn commit(
         &self,
-        shared: Arc<Shared>,
         batch: CommitBatch,
     ) -> impl Future<Output = Result<Vec<FeedCursor>>> + Send + use<> {
         let (reply, answer) = oneshot::channel();
-        self.send(
-            Job::Commit(CommitJob {
-                shared,
-                batch,
-                reply,
-            }),
-            answer,
-        )
+        self.send(Job::Commit(CommitJob { batch, reply }), answer)
     }
 
     fn send<T: Send + 'static>(
@@ -122,7 +114,7 @@ impl Writer {
 
 /// The thread's loop, until every sender is gone: one job at a time, except that a commit is
 /// taken with the commits queued right behind it (up to [`GROUP`]).
-fn serve(mut conn: Connection, queue: &mpsc::Receiver<Job>) {
+fn serve(mut conn: Connection, shared: &Shared, queue: &mpsc::Receiver<Job>) {
     let mut next = None;
     while let Some(job) = next.take().or_else(|| queue.recv().ok()) {
         let work = || match job {
@@ -139,7 +131,7 @@ fn serve(mut conn: Connection, queue: &mpsc::Receiver<Job>) {
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut conn, group);
+                commit_group(&mut conn, shared, group);
             }
         };
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
