@@ -20,6 +20,10 @@
 //! twice: as opened by default, and with an aggregate cache (`StoreOptions::aggregate_cache`),
 //! which spares each command decoding and applying the aggregate's past events.
 //!
+//! After the table, W2's CPU per command is split between this process and the server's
+//! backends serving the benchmark's connections (read from `/proc`, so only when the server
+//! runs on this machine): where a side spends more than the other.
+//!
 //! - W1: sequential commits, each loading an aggregate (a few events) and appending one event.
 //! - W2: 8 concurrent tasks, each running one-event deposit commands (load, apply, commit) on
 //!   an aggregate of its own, a fresh one every round.
@@ -418,6 +422,99 @@ async fn compare_loads<L: LedgerAggregate>(
     .await
 }
 
+/// The `application_name` of every connection the benchmark times.
+const BENCH_APP: &str = "annals-bench";
+
+/// CPU time spent by each side of a comparison: in this process, and in the server's backends
+/// serving the benchmark's connections. Sides run one at a time, so what those backends spend
+/// during a side's run is that side's. Read from `/proc` in clock ticks (Linux; the server's
+/// share only when it runs on this machine).
+struct Meter {
+    /// A connection of its own, under another name: the one that lists the backends.
+    conn: tokio::sync::Mutex<sqlx::PgConnection>,
+    /// Per side: (this process, the server's backends), in ticks.
+    ticks: std::sync::Mutex<Vec<(u64, Option<u64>)>>,
+}
+
+/// The unit of `/proc`'s CPU times: `USER_HZ`, 100 on Linux whatever the kernel's own tick.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// Clock ticks (user + system) a process has spent, from `/proc/<pid>/stat`.
+fn process_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+impl Meter {
+    async fn new(server: &str) -> std::sync::Arc<Meter> {
+        std::sync::Arc::new(Meter {
+            conn: tokio::sync::Mutex::new(sqlx::PgConnection::connect(server).await.unwrap()),
+            ticks: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// This process's ticks, and the benchmark's backends' (`None` when one is not visible).
+    async fn sample(&self) -> (u64, Option<u64>) {
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+                .bind(BENCH_APP)
+                .fetch_all(&mut *self.conn.lock().await)
+                .await
+                .unwrap();
+        let server = pids
+            .iter()
+            .map(|pid| process_ticks(&pid.to_string()))
+            .sum::<Option<u64>>();
+        (process_ticks("self").unwrap_or(0), server)
+    }
+
+    /// `run`, with its ticks added to `side`'s.
+    fn wrap<'a>(
+        self: &std::sync::Arc<Self>,
+        side: usize,
+        mut run: harness::Run<'a>,
+    ) -> harness::Run<'a> {
+        let meter = self.clone();
+        Box::new(move |round| {
+            let (meter, timed) = (meter.clone(), run(round));
+            Box::pin(async move {
+                let before = meter.sample().await;
+                let time = timed.await;
+                let after = meter.sample().await;
+                let mut ticks = meter.ticks.lock().unwrap();
+                if ticks.len() <= side {
+                    ticks.resize(side + 1, (0, Some(0)));
+                }
+                let total = &mut ticks[side];
+                total.0 += after.0.saturating_sub(before.0);
+                total.1 = match (total.1, before.1, after.1) {
+                    (Some(sum), Some(b), Some(a)) => Some(sum + a.saturating_sub(b)),
+                    _ => None,
+                };
+                time
+            })
+        })
+    }
+
+    /// CPU per operation of each side, `ops` operations per side in all.
+    fn report(&self, names: &[&str], ops: usize) -> String {
+        let ticks = self.ticks.lock().unwrap();
+        let micros = |t: u64| t as f64 / TICKS_PER_SECOND * 1e6 / ops.max(1) as f64;
+        let mut out = String::from("W2 CPU per command, this process + the server's backends:");
+        for (name, (client, server)) in names.iter().zip(ticks.iter()) {
+            let server =
+                server.map_or("not visible".to_owned(), |s| format!("{:.0} us", micros(s)));
+            out.push_str(&format!(
+                "\n  {name:<14} {:>5.0} us + {server}",
+                micros(*client)
+            ));
+        }
+        out
+    }
+}
+
 /// `ANNALS_BENCH_ONLY=W4,W5` runs only those workloads (for profiling one of them).
 fn enabled(name: &str) -> bool {
     std::env::var("ANNALS_BENCH_ONLY")
@@ -426,10 +523,14 @@ fn enabled(name: &str) -> bool {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let Ok(url) = std::env::var("DATABASE_URL") else {
+    let Ok(server) = std::env::var("DATABASE_URL") else {
         eprintln!("DATABASE_URL is not set: the PostgreSQL benchmark needs a server");
         return;
     };
+    // Every connection of both sides carries this name, so that the server's backends serving
+    // them can be told apart from the rest of the server.
+    let separator = if server.contains('?') { '&' } else { '?' };
+    let url = format!("{server}{separator}application_name={BENCH_APP}");
     let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
     let store = Store::open_with(&url, StoreOptions::new().schema(&schema).pool_size(10))
         .await
@@ -439,6 +540,7 @@ async fn main() {
     let rounds = size(9, 1);
     let load_rounds = size(15, 1);
     let mut rows = Vec::new();
+    let mut cpu = None;
     let one = [moved(1)];
 
     // W1: sequential load-and-append commits, over aggregates of a few events.
@@ -500,6 +602,7 @@ async fn main() {
         let annals_ids = annals_create::<Ledger>(&store, fresh, &one).await;
         let cached_ids = annals_create::<Ledger>(&cached, fresh, &one).await;
         let deposit = moved(2);
+        let meter = Meter::new(&server).await;
         let sides: Vec<harness::Run> = vec![
             Box::new(|round| {
                 let raw = raw.clone();
@@ -546,10 +649,19 @@ async fn main() {
                 ))
             }),
         ];
+        let sides = sides
+            .into_iter()
+            .enumerate()
+            .map(|(side, run)| meter.wrap(side, run))
+            .collect();
         let times = harness::compare_all(rounds, sides).await;
         let [mirror, least, plain, with_cache] = times[..] else {
             unreachable!("four sides")
         };
+        cpu = Some(meter.report(
+            &["raw mirror", "raw least SQL", "annals", "annals cache"],
+            rounds * TASKS * commands,
+        ));
         let ops = Measure::Throughput {
             ops: TASKS * commands,
         };
@@ -657,9 +769,12 @@ async fn main() {
         "annals on PostgreSQL against raw sqlx (same process, server, schema and pool settings)",
         &rows,
     );
+    if let Some(cpu) = cpu {
+        println!("{cpu}");
+    }
     store.close().await;
     raw.pool.close().await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&server).await.unwrap();
     sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
         .execute(&mut conn)
         .await
