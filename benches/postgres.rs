@@ -432,6 +432,8 @@ const BENCH_APP: &str = "annals-bench";
 struct Meter {
     /// A connection of its own, under another name: the one that lists the backends.
     conn: tokio::sync::Mutex<sqlx::PgConnection>,
+    /// The sides, in the order of the runs [`wrap`](Meter::wrap) is given.
+    names: &'static [&'static str],
     /// Per side: (this process, the server's backends), in ticks.
     ticks: std::sync::Mutex<Vec<(u64, Option<u64>)>>,
 }
@@ -448,10 +450,11 @@ fn process_ticks(pid: &str) -> Option<u64> {
 }
 
 impl Meter {
-    async fn new(server: &str) -> std::sync::Arc<Meter> {
+    async fn new(server: &str, names: &'static [&'static str]) -> std::sync::Arc<Meter> {
         std::sync::Arc::new(Meter {
             conn: tokio::sync::Mutex::new(sqlx::PgConnection::connect(server).await.unwrap()),
-            ticks: std::sync::Mutex::new(Vec::new()),
+            names,
+            ticks: std::sync::Mutex::new(vec![(0, Some(0)); names.len()]),
         })
     }
 
@@ -484,9 +487,6 @@ impl Meter {
                 let time = timed.await;
                 let after = meter.sample().await;
                 let mut ticks = meter.ticks.lock().unwrap();
-                if ticks.len() <= side {
-                    ticks.resize(side + 1, (0, Some(0)));
-                }
                 let total = &mut ticks[side];
                 total.0 += after.0.saturating_sub(before.0);
                 total.1 = match (total.1, before.1, after.1) {
@@ -499,11 +499,11 @@ impl Meter {
     }
 
     /// CPU per operation of each side, `ops` operations per side in all.
-    fn report(&self, names: &[&str], ops: usize) -> String {
+    fn report(&self, ops: usize) -> String {
         let ticks = self.ticks.lock().unwrap();
         let micros = |t: u64| t as f64 / TICKS_PER_SECOND * 1e6 / ops.max(1) as f64;
         let mut out = String::from("W2 CPU per command, this process + the server's backends:");
-        for (name, (client, server)) in names.iter().zip(ticks.iter()) {
+        for (name, (client, server)) in self.names.iter().zip(ticks.iter()) {
             let server =
                 server.map_or("not visible".to_owned(), |s| format!("{:.0} us", micros(s)));
             out.push_str(&format!(
@@ -602,7 +602,11 @@ async fn main() {
         let annals_ids = annals_create::<Ledger>(&store, fresh, &one).await;
         let cached_ids = annals_create::<Ledger>(&cached, fresh, &one).await;
         let deposit = moved(2);
-        let meter = Meter::new(&server).await;
+        let meter = Meter::new(
+            &server,
+            &["raw mirror", "raw least SQL", "annals", "annals cache"],
+        )
+        .await;
         let sides: Vec<harness::Run> = vec![
             Box::new(|round| {
                 let raw = raw.clone();
@@ -658,10 +662,7 @@ async fn main() {
         let [mirror, least, plain, with_cache] = times[..] else {
             unreachable!("four sides")
         };
-        cpu = Some(meter.report(
-            &["raw mirror", "raw least SQL", "annals", "annals cache"],
-            rounds * TASKS * commands,
-        ));
+        cpu = Some(meter.report(rounds * TASKS * commands));
         let ops = Measure::Throughput {
             ops: TASKS * commands,
         };
