@@ -2,8 +2,44 @@
 
 mod conformance;
 
-use annals::Event;
+use annals::{BoxError, Event, Transaction};
 use conformance::domain::*;
+use serde::{Deserialize, Serialize};
+
+/// An event type that no aggregate lists, only a projection: a read-side program's own view of
+/// events another program writes.
+#[derive(annals::Event, Serialize, Deserialize)]
+#[event(name = "registry.audited", alias = "registry.checked", version = 2)]
+struct Audited {
+    by: String,
+}
+
+#[derive(annals::Projection, Default)]
+#[projection(name = "registry.audits", events(Audited, Deposited))]
+#[expect(dead_code, reason = "only registered: never run")]
+struct Audits;
+
+impl annals::subscription::On<Audited> for Audits {
+    async fn on(
+        &mut self,
+        _: Audited,
+        _: &annals::subscription::Envelope,
+        _: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl annals::subscription::On<Deposited> for Audits {
+    async fn on(
+        &mut self,
+        _: Deposited,
+        _: &annals::subscription::Envelope,
+        _: &mut Transaction<'_>,
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
 
 #[test]
 fn lists_every_event_and_aggregate() {
@@ -59,6 +95,51 @@ fn lists_every_event_and_aggregate() {
             .filter(|a| a.name == "meter")
             .count(),
         1
+    );
+}
+
+#[test]
+fn lists_projections_and_the_events_only_they_list() {
+    let registry = annals::registry();
+    let audits = registry.projection("registry.audits").unwrap();
+    assert_eq!(audits.events, ["registry.audited", "account.deposited"]);
+    assert!(audits.rust_type.ends_with("registry::Audits"), "{audits:?}");
+    let typed = registry.projection("typed").unwrap();
+    assert_eq!(
+        typed.events,
+        [
+            "account.deposited",
+            "counter.incremented",
+            "counter.added",
+            "Reset"
+        ]
+    );
+    let names: Vec<&str> = registry.projections().iter().map(|p| p.name).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "projections are listed by name");
+
+    // Registered through the projection alone, with its aliases and versions.
+    let audited = registry.event("registry.audited").unwrap();
+    assert_eq!((audited.schema_version, audited.versions.len()), (2, 2));
+    assert_eq!(audited.aliases, ["registry.checked"]);
+    assert!(
+        audited.rust_type.ends_with("registry::Audited"),
+        "{audited:?}"
+    );
+    assert_eq!(registry.event("registry.checked"), Some(audited));
+    assert_eq!(registry.aggregates_using("registry.audited").count(), 0);
+    // An event listed by an aggregate and a projection is listed once.
+    let deposited = registry
+        .events()
+        .iter()
+        .filter(|e| e.name == "account.deposited")
+        .count();
+    assert_eq!(deposited, 1);
+    // The runtime's own tombstone, which nothing of this program lists.
+    assert_eq!(
+        registry.event("annals.erased").unwrap().rust_type,
+        "annals::Erased"
     );
 }
 

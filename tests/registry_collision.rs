@@ -3,11 +3,23 @@
 use annals::prelude::*;
 use serde::{Deserialize, Serialize};
 
+// An event type is registered by the aggregates that list it: each module's aggregate lists its
+// own `Paid`.
+
 mod billing {
     use super::*;
     #[derive(Event, Serialize, Deserialize)]
     #[event(name = "paid")]
     pub struct Paid;
+
+    #[derive(Aggregate, Default)]
+    #[aggregate(name = "invoice", events(Paid))]
+    #[expect(dead_code, reason = "only registered: the store refuses to open")]
+    pub struct Invoice;
+
+    impl Apply<Paid> for Invoice {
+        fn apply(&mut self, _: &Paid) {}
+    }
 }
 
 mod shipping {
@@ -15,6 +27,15 @@ mod shipping {
     #[derive(Event, Serialize, Deserialize)]
     #[event(name = "paid")]
     pub struct Paid;
+
+    #[derive(Aggregate, Default)]
+    #[aggregate(name = "parcel", events(Paid))]
+    #[expect(dead_code, reason = "only registered: the store refuses to open")]
+    pub struct Parcel;
+
+    impl Apply<Paid> for Parcel {
+        fn apply(&mut self, _: &Paid) {}
+    }
 }
 
 #[tokio::test]

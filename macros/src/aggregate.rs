@@ -125,16 +125,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             quote!(#private::no_snapshots(#name, __version)),
         ),
     };
-    let listed = events.iter().map(|path| {
-        let krate = respan(&krate, path.span());
-        quote_spanned! {path.span()=>
-            #krate::__private::ListedEvent {
-                names: <#path as #krate::Event>::NAMES,
-                rust_type: ::core::stringify!(#path),
-                type_id: #krate::__private::TypeId::of::<#path>(),
-            }
-        }
-    });
+    let listed = listed_events(&krate, &events);
 
     quote! {
         const _: () = {
@@ -177,11 +168,30 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
                     snapshot_every: #snapshot_every,
                     snapshot_version: #snapshot_version,
-                    events: &[#(#listed),*],
+                    events: #listed,
                 }
             }
         };
     }
+}
+
+/// The registrations of the listed event types, as an aggregate's or a projection's
+/// registration carries them: the registry learns of an event type through the types that list
+/// it. Each entry is spanned at the type in the user's list.
+pub(crate) fn listed_events<'a>(
+    krate: &TokenStream,
+    events: impl IntoIterator<Item = &'a Path>,
+) -> TokenStream {
+    let listed = events.into_iter().map(|path| {
+        let krate = respan(krate, path.span());
+        quote_spanned! {path.span()=>
+            #krate::__private::ListedEvent {
+                registration: &<#path as #krate::Event>::REGISTRATION,
+                rust_type: ::core::stringify!(#path),
+            }
+        }
+    });
+    quote!(&[#(#listed),*])
 }
 
 /// `tokens` with every span set to `span`: the runtime path in code generated for one listed

@@ -217,6 +217,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 const NAMES: &'static [&'static str] = &[#(#names),*];
                 const ALIASES: &'static [&'static str] = &[#(#alias_names),*];
                 const VERSION: u32 = #version;
+                const REGISTRATION: #private::EventRegistration = #private::EventRegistration {
+                    names: Self::NAMES,
+                    aliases: &[#(#alias_pairs),*],
+                    version: #version,
+                    upcasts: &[#(#upcast_regs),*],
+                    rust_type: #rust_type,
+                    type_id: #private::TypeId::of::<Self>(),
+                };
 
                 #name_fn
 
@@ -231,17 +239,6 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                     __payload: &[u8],
                 ) -> ::core::result::Result<Self, #private::BoxError> {
                     #current
-                }
-            }
-
-            #private::inventory::submit! {
-                #private::EventRegistration {
-                    names: <#ident as #krate::Event>::NAMES,
-                    aliases: &[#(#alias_pairs),*],
-                    version: #version,
-                    upcasts: &[#(#upcast_regs),*],
-                    rust_type: #rust_type,
-                    type_id: #private::TypeId::of::<#ident>(),
                 }
             }
         };

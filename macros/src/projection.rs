@@ -8,7 +8,7 @@ use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Path};
 
-use crate::aggregate::respan;
+use crate::aggregate::{listed_events, respan};
 use crate::internals::ast::Container;
 use crate::internals::attr::{ProjectionAttrs, runtime_path};
 use crate::internals::check;
@@ -93,7 +93,8 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     };
     // Without errors, the dispatch and the reset hook; with errors, a stand-in that compiles,
     // so that only the errors reported above show.
-    let (body, reset) = if cx.is_ok() {
+    let (body, reset, registration) = if cx.is_ok() {
+        let listed = listed_events(&krate, events.iter().copied());
         (
             quote! {
                 for __event in __events {
@@ -101,9 +102,18 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
                 }
             },
             reset,
+            Some(quote! {
+                #krate::__private::inventory::submit! {
+                    #krate::__private::ProjectionRegistration {
+                        name: #name,
+                        rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+                        events: #listed,
+                    }
+                }
+            }),
         )
     } else {
-        (quote! { let _ = (__events, __tx); }, None)
+        (quote! { let _ = (__events, __tx); }, None, None)
     };
     let expanded = quote! {
         const _: () = {
@@ -122,6 +132,8 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
 
                 #reset
             }
+
+            #registration
         };
     };
     if cx.is_ok() {

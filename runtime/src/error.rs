@@ -287,7 +287,7 @@ pub enum Error {
     /// Two Rust types were registered under one name.
     #[error("type name collision: {kind} name {name:?} is used by both `{first}` and `{second}`")]
     TypeNameCollision {
-        /// `"event"` or `"aggregate"`.
+        /// `"event"`, `"aggregate"` or `"projection"` (a subscription name).
         kind: &'static str,
         /// The registered name.
         name: String,
@@ -295,15 +295,6 @@ pub enum Error {
         first: String,
         /// The other Rust type.
         second: String,
-    },
-
-    /// An aggregate lists an event type that is not in the registry.
-    #[error("aggregate {aggregate_type:?} lists event `{event_type}`, which is not registered")]
-    UnregisteredEvent {
-        /// The aggregate type's registered name.
-        aggregate_type: String,
-        /// The event's Rust type.
-        event_type: String,
     },
 
     /// An aggregate type was used that is not in the registry.

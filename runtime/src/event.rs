@@ -49,6 +49,11 @@ use crate::metadata::Metadata;
 /// `name` on an enum itself is an error: each variant has its own. Names are at most 200 bytes,
 /// without control characters, and unique across the program (checked at [`Store::open`]).
 ///
+/// The type enters the [registry](crate::registry()) through the aggregates that list it in
+/// `events(...)` and the projections that handle it: the derive submits nothing of its own,
+/// which keeps it cheap to compile. A type that no aggregate or projection of the program lists
+/// is not in the registry, and its names are not checked against the others'.
+///
 /// ```
 /// # use serde::{Deserialize, Serialize};
 /// use annals as ledger; // a renamed dependency
@@ -101,6 +106,10 @@ use crate::metadata::Metadata;
 ///         OrderPlaced { total_cents: v2.total_cents, currency: "EUR".into() }
 ///     }
 /// }
+/// # #[derive(Aggregate, Default)]
+/// # #[aggregate(name = "doc.shop.order", events(OrderPlaced))]
+/// # struct Order;
+/// # impl Apply<OrderPlaced> for Order { fn apply(&mut self, _: &OrderPlaced) {} }
 /// # let versions = &annals::registry().event("doc.order.placed").unwrap().versions;
 /// # assert_eq!(versions.len(), 3);
 /// ```
@@ -136,6 +145,11 @@ pub trait Event: Send + Sync + Sized + 'static {
     const ALIASES: &'static [&'static str] = &[];
     /// The schema version stored with every event of this type.
     const VERSION: u32;
+    /// What the registry holds of this type: its names, aliases, versions and upcast steps.
+    /// The derive fills it in; each aggregate that lists the type carries it into the registry.
+    #[doc(hidden)]
+    const REGISTRATION: crate::registry::EventRegistration =
+        crate::registry::EventRegistration::by_hand::<Self>();
 
     /// The name this value is stored under (for a struct, its one name; an enum's derive
     /// names each variant).

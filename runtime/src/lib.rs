@@ -138,7 +138,9 @@ pub mod prelude {
 pub mod __private {
     pub use crate::error::{BoxError, Error, Result};
     pub use crate::event::StoredPayload;
-    pub use crate::registry::{AggregateRegistration, EventRegistration, ListedEvent};
+    pub use crate::registry::{
+        AggregateRegistration, EventRegistration, ListedEvent, ProjectionRegistration,
+    };
     pub use core::any::TypeId;
     pub use inventory;
 

@@ -35,6 +35,10 @@ pub struct Erased {}
 impl Event for Erased {
     const NAMES: &'static [&'static str] = &["annals.erased"];
     const VERSION: u32 = 1;
+    const REGISTRATION: EventRegistration = EventRegistration {
+        rust_type: "annals::Erased",
+        ..EventRegistration::by_hand::<Erased>()
+    };
 
     fn encode(&self) -> std::result::Result<Vec<u8>, BoxError> {
         serde_json::to_vec(self).map_err(Into::into)
@@ -45,16 +49,8 @@ impl Event for Erased {
     }
 }
 
-inventory::submit! {
-    EventRegistration {
-        names: <Erased as Event>::NAMES,
-        aliases: &[],
-        version: 1,
-        upcasts: &[],
-        rust_type: "annals::Erased",
-        type_id: std::any::TypeId::of::<Erased>(),
-    }
-}
+// No aggregate lists it: the runtime registers it itself.
+inventory::submit! { <Erased as Event>::REGISTRATION }
 
 /// How many times an erasure is tried; only an erasure of the same aggregate meanwhile makes a
 /// try fail, and the next one then finds it erased.

@@ -1,9 +1,14 @@
-//! The compile-time registry of every event and aggregate type.
+//! The compile-time registry of the program's aggregate, projection and event types.
 //!
-//! Each `#[derive(Event)]` and `#[derive(Aggregate)]` submits a registration through
-//! `inventory`; [`registry`] gathers them into one inspectable list, and
-//! [`Registry::validate`] (run by every [`Store::open`](crate::Store::open)) refuses two Rust
-//! types under one name and aggregates that list unregistered events.
+//! Each `#[derive(Aggregate)]` and `#[derive(Projection)]` submits a registration through
+//! `inventory`, which carries the registration of every event type it lists (what
+//! `#[derive(Event)]` puts in [`Event`](crate::Event)'s hidden `REGISTRATION` constant). An
+//! event type is registered by the aggregates that apply it and the projections that handle
+//! it, with no `inventory` item of its own, which keeps the derive cheap to compile: an event
+//! type that no aggregate or projection of the program lists is not in the registry (nothing
+//! of the program writes it, and no derived projection reads it). [`registry`] gathers them
+//! into one inspectable list, and [`Registry::validate`] (run by every
+//! [`Store::open`](crate::Store::open)) refuses two Rust types under one name.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
@@ -11,8 +16,10 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
-/// What `#[derive(Event)]` submits for one event type.
+/// What the registry holds of one event type: `#[derive(Event)]` writes it as the type's
+/// `Event::REGISTRATION`.
 #[doc(hidden)]
+#[derive(Debug)]
 pub struct EventRegistration {
     pub names: &'static [&'static str],
     /// `(alias, name)`: each former name and the current name it stands for.
@@ -25,8 +32,25 @@ pub struct EventRegistration {
     pub type_id: TypeId,
 }
 
+impl EventRegistration {
+    /// The registration of an event type that implements `Event` by hand: its names and
+    /// version, with no aliases or upcast steps of record. Its path comes from the aggregates'
+    /// lists that name it.
+    pub const fn by_hand<E: crate::Event>() -> EventRegistration {
+        EventRegistration {
+            names: E::NAMES,
+            aliases: &[],
+            version: E::VERSION,
+            upcasts: &[],
+            rust_type: "",
+            type_id: TypeId::of::<E>(),
+        }
+    }
+}
+
 /// One declared upcast step of an event type.
 #[doc(hidden)]
+#[derive(Debug)]
 pub struct UpcastRegistration {
     pub from: u32,
     /// True for a typed step, false for a step on the JSON value.
@@ -39,13 +63,13 @@ pub struct UpcastRegistration {
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct ListedEvent {
-    pub names: &'static [&'static str],
-    /// The type as the list spells it, for messages.
+    /// The event type's registration.
+    pub registration: &'static EventRegistration,
+    /// The type as the list spells it, for a type implementing `Event` by hand.
     pub rust_type: &'static str,
-    pub type_id: TypeId,
 }
 
-/// What `#[derive(Aggregate)]` submits for one aggregate type.
+/// What `#[derive(Aggregate)]` submits for one aggregate type, with its events'.
 #[doc(hidden)]
 pub struct AggregateRegistration {
     pub name: &'static str,
@@ -56,8 +80,20 @@ pub struct AggregateRegistration {
     pub events: &'static [ListedEvent],
 }
 
+/// What `#[derive(Projection)]` submits for one projection type, with its events'.
+#[doc(hidden)]
+pub struct ProjectionRegistration {
+    /// The subscription's name.
+    pub name: &'static str,
+    /// The type's path, for messages.
+    pub rust_type: &'static str,
+    pub events: &'static [ListedEvent],
+}
+
+// The runtime's own events, which no aggregate lists (`annals.erased`).
 inventory::collect!(EventRegistration);
 inventory::collect!(AggregateRegistration);
+inventory::collect!(ProjectionRegistration);
 
 /// One registered event name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,15 +147,26 @@ pub struct AggregateInfo {
     pub events: Vec<&'static str>,
 }
 
-/// Every event and aggregate type linked into this program.
+/// One registered projection type (`#[derive(Projection)]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionInfo {
+    /// The name of its subscription.
+    pub name: &'static str,
+    /// The Rust type's path.
+    pub rust_type: &'static str,
+    /// The names of the events it handles, in the order listed.
+    pub events: Vec<&'static str>,
+}
+
+/// Every aggregate and projection type linked into this program, and every event type they
+/// list.
 #[derive(Debug)]
 pub struct Registry {
     events: Vec<EventInfo>,
     /// The Rust type of each of `events`.
     event_types: Vec<TypeId>,
     aggregates: Vec<AggregateInfo>,
-    /// Each name an aggregate lists: (the aggregate's index, the name, the listed type).
-    listed: Vec<(usize, &'static str, &'static ListedEvent)>,
+    projections: Vec<ProjectionInfo>,
 }
 
 /// The registry of this program, gathered once.
@@ -130,9 +177,31 @@ pub fn registry() -> &'static Registry {
 
 impl Registry {
     fn gather() -> Registry {
-        let mut events: Vec<(EventInfo, TypeId)> = inventory::iter::<EventRegistration>
+        let mut regs: Vec<&AggregateRegistration> = inventory::iter::<AggregateRegistration>
             .into_iter()
-            .flat_map(|r| {
+            .collect();
+        regs.sort_by_key(|r| (r.name, r.rust_type));
+        let mut projection_regs: Vec<&ProjectionRegistration> =
+            inventory::iter::<ProjectionRegistration>
+                .into_iter()
+                .collect();
+        projection_regs.sort_by_key(|r| (r.name, r.rust_type));
+        let listed = regs
+            .iter()
+            .flat_map(|r| r.events)
+            .chain(projection_regs.iter().flat_map(|r| r.events))
+            .map(|e| (e.registration, e.rust_type));
+        let own = inventory::iter::<EventRegistration>
+            .into_iter()
+            .map(|r| (r, r.rust_type));
+        let mut events: Vec<(EventInfo, TypeId)> = own
+            .chain(listed)
+            .flat_map(|(r, listed_as)| {
+                let rust_type = if r.rust_type.is_empty() {
+                    listed_as
+                } else {
+                    r.rust_type
+                };
                 r.names.iter().map(move |name| {
                     let info = EventInfo {
                         name,
@@ -144,47 +213,42 @@ impl Registry {
                             .collect(),
                         schema_version: r.version,
                         versions: versions(r),
-                        rust_type: r.rust_type,
+                        rust_type,
                     };
                     (info, r.type_id)
                 })
             })
             .collect();
+        // One entry per name and type, however many aggregates list the type.
         events.sort_by(|(a, a_type), (b, b_type)| {
-            (a.name, a.rust_type, a_type).cmp(&(b.name, b.rust_type, b_type))
+            (a.name, a_type, a.rust_type).cmp(&(b.name, b_type, b.rust_type))
         });
-        events.dedup();
+        events.dedup_by(|(a, a_type), (b, b_type)| a.name == b.name && a_type == b_type);
         let (events, event_types) = events.into_iter().unzip();
 
-        let mut aggregates = Vec::new();
-        let mut listed = Vec::new();
-        let mut regs: Vec<&AggregateRegistration> = inventory::iter::<AggregateRegistration>
+        let aggregates = regs
             .into_iter()
-            .collect();
-        regs.sort_by_key(|r| (r.name, r.rust_type));
-        for (index, r) in regs.into_iter().enumerate() {
-            for e in r.events {
-                for name in e.names {
-                    listed.push((index, *name, e));
-                }
-            }
-            aggregates.push(AggregateInfo {
+            .map(|r| AggregateInfo {
                 name: r.name,
                 rust_type: r.rust_type,
                 snapshot_every: r.snapshot_every,
                 snapshot_version: r.snapshot_version,
-                events: r
-                    .events
-                    .iter()
-                    .flat_map(|e| e.names.iter().copied())
-                    .collect(),
-            });
-        }
+                events: names(r.events),
+            })
+            .collect();
+        let projections = projection_regs
+            .into_iter()
+            .map(|r| ProjectionInfo {
+                name: r.name,
+                rust_type: r.rust_type,
+                events: names(r.events),
+            })
+            .collect();
         Registry {
             events,
             event_types,
             aggregates,
-            listed,
+            projections,
         }
     }
 
@@ -214,6 +278,16 @@ impl Registry {
             .find(|n| *n == name)
     }
 
+    /// Every registered projection type, sorted by name.
+    pub fn projections(&self) -> &[ProjectionInfo] {
+        &self.projections
+    }
+
+    /// The projection type whose subscription is named `name`.
+    pub fn projection(&self, name: &str) -> Option<&ProjectionInfo> {
+        self.projections.iter().find(|p| p.name == name)
+    }
+
     /// The aggregate type registered under `name`.
     pub fn aggregate(&self, name: &str) -> Option<&AggregateInfo> {
         self.aggregates.iter().find(|a| a.name == name)
@@ -226,8 +300,9 @@ impl Registry {
             .filter(move |a| a.events.contains(&event_name))
     }
 
-    /// Checks that every name and alias belongs to one Rust type (one name, for an alias)
-    /// and that every event an aggregate lists is registered. Run by
+    /// Checks that every event name and alias belongs to one Rust type (one name, for an
+    /// alias), every aggregate name to one aggregate type, and every projection's subscription
+    /// name to one projection type (two would share one position). Run by
     /// [`Store::open`](crate::Store::open).
     pub fn validate(&self) -> Result<()> {
         let events = || self.events.iter().zip(&self.event_types);
@@ -252,28 +327,31 @@ impl Registry {
                 }
             }
         }
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-        for a in &self.aggregates {
-            if let Some(first) = seen.insert(a.name, a.rust_type) {
-                return Err(collision("aggregate", a.name, first, a.rust_type));
-            }
-        }
-        for (index, name, listed) in &self.listed {
-            let registered =
-                events().any(|(e, type_id)| e.name == *name && *type_id == listed.type_id);
-            if !registered {
-                let aggregate_type = self
-                    .aggregates
-                    .get(*index)
-                    .map_or_else(String::new, |a| a.name.to_owned());
-                return Err(Error::UnregisteredEvent {
-                    aggregate_type,
-                    event_type: listed.rust_type.to_owned(),
-                });
-            }
-        }
+        let aggregates = self.aggregates.iter().map(|a| (a.name, a.rust_type));
+        unique("aggregate", aggregates)?;
+        let projections = self.projections.iter().map(|p| (p.name, p.rust_type));
+        unique("projection", projections)?;
         Ok(())
     }
+}
+
+/// Refuses two types of one kind under one name; `types` yields (name, Rust type).
+fn unique<'a>(kind: &'static str, types: impl Iterator<Item = (&'a str, &'a str)>) -> Result<()> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, rust_type) in types {
+        if let Some(first) = seen.insert(name, rust_type) {
+            return Err(collision(kind, name, first, rust_type));
+        }
+    }
+    Ok(())
+}
+
+/// The names of the listed event types, in the order listed.
+fn names(events: &[ListedEvent]) -> Vec<&'static str> {
+    events
+        .iter()
+        .flat_map(|e| e.registration.names.iter().copied())
+        .collect()
 }
 
 /// How each schema version of a registration is read.

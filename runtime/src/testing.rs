@@ -313,7 +313,7 @@ fn apply<A: Aggregate>(state: &mut A, version: &mut u64, event: &Encoded) {
 /// # struct Deposited { amount: i64 }
 ///
 /// #[derive(Projection, Default)]
-/// #[projection(name = "doc.totals", events(Deposited))]
+/// #[projection(name = "doc.testing.totals", events(Deposited))]
 /// struct Totals { total: i64, last: Option<AggregateId> }
 ///
 /// impl On<Deposited> for Totals {

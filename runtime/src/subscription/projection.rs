@@ -114,6 +114,12 @@ pub trait On<E: Event>: Send {
 ///
 /// The derive adds, per listed event, one name check and one decode in `handle`, and one
 /// `.event::<E>()` in the filter; no code per event pair.
+///
+/// A derived projection is in the [registry](crate::registry()) with the events it lists (an
+/// event type that only projections list, in a program that reads what another writes, is
+/// registered through them). Its name is its position's: two projection types under one name
+/// would share it, so [`Store::open`](crate::Store::open) refuses them with
+/// [`Error::TypeNameCollision`](crate::Error::TypeNameCollision).
 pub trait Projection: Handler + Sized {
     /// The subscription's name.
     const NAME: &'static str;

@@ -1,0 +1,74 @@
+//! Two projection types under one subscription name, which would share one position: opening a
+//! store fails, naming both.
+
+use annals::prelude::*;
+use annals::subscription::{Envelope, On};
+use annals::{BoxError, Transaction};
+use serde::{Deserialize, Serialize};
+
+#[derive(Event, Serialize, Deserialize)]
+#[event(name = "ledger.posted")]
+pub struct Posted;
+
+mod daily {
+    use super::*;
+    #[derive(Projection, Default)]
+    #[projection(name = "totals", events(Posted))]
+    #[expect(dead_code, reason = "only registered: the store refuses to open")]
+    pub struct Totals;
+
+    impl On<Posted> for Totals {
+        async fn on(
+            &mut self,
+            _: Posted,
+            _: &Envelope,
+            _: &mut Transaction<'_>,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+}
+
+mod monthly {
+    use super::*;
+    #[derive(Projection, Default)]
+    #[projection(name = "totals", events(Posted))]
+    #[expect(dead_code, reason = "only registered: the store refuses to open")]
+    pub struct Totals;
+
+    impl On<Posted> for Totals {
+        async fn on(
+            &mut self,
+            _: Posted,
+            _: &Envelope,
+            _: &mut Transaction<'_>,
+        ) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_projections_under_one_name_refuse_to_open() {
+    match Store::open("memory:").await {
+        Err(Error::TypeNameCollision {
+            kind,
+            name,
+            first,
+            second,
+        }) => {
+            assert_eq!((kind, name.as_str()), ("projection", "totals"));
+            assert!(first.ends_with("daily::Totals"), "{first}");
+            assert!(second.ends_with("monthly::Totals"), "{second}");
+        }
+        other => panic!("expected TypeNameCollision, got {other:?}"),
+    }
+    // The event both list is registered once.
+    let registry = annals::registry();
+    let posted: Vec<_> = registry
+        .events()
+        .iter()
+        .filter(|e| e.name == "ledger.posted")
+        .collect();
+    assert_eq!(posted.len(), 1);
+}
