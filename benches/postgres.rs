@@ -22,7 +22,8 @@
 //!
 //! After the table, W2's CPU per command is split between this process and the server's
 //! backends serving the benchmark's connections (read from `/proc`, so only when the server
-//! runs on this machine): where a side spends more than the other.
+//! runs on this machine): where a side spends more than the other; and the WAL written per
+//! command.
 //!
 //! - W1: sequential commits, each loading an aggregate (a few events) and appending one event.
 //! - W2: 8 concurrent tasks, each running one-event deposit commands (load, apply, commit) on
@@ -434,8 +435,9 @@ struct Meter {
     conn: tokio::sync::Mutex<sqlx::PgConnection>,
     /// The sides, in the order of the runs [`wrap`](Meter::wrap) is given.
     names: &'static [&'static str],
-    /// Per side: (this process, the server's backends), in ticks.
-    ticks: std::sync::Mutex<Vec<(u64, Option<u64>)>>,
+    /// Per side: (this process, the server's backends), in ticks, and the WAL written, in
+    /// bytes (by every database of the server: the runs are the only writers of this one).
+    ticks: std::sync::Mutex<Vec<(u64, Option<u64>, u64)>>,
 }
 
 /// The unit of `/proc`'s CPU times: `USER_HZ`, 100 on Linux whatever the kernel's own tick.
@@ -454,23 +456,34 @@ impl Meter {
         std::sync::Arc::new(Meter {
             conn: tokio::sync::Mutex::new(sqlx::PgConnection::connect(server).await.unwrap()),
             names,
-            ticks: std::sync::Mutex::new(vec![(0, Some(0)); names.len()]),
+            ticks: std::sync::Mutex::new(vec![(0, Some(0), 0); names.len()]),
         })
     }
 
-    /// This process's ticks, and the benchmark's backends' (`None` when one is not visible).
-    async fn sample(&self) -> (u64, Option<u64>) {
+    /// This process's ticks, the benchmark's backends' (`None` when one is not visible), and
+    /// the server's WAL position in bytes.
+    async fn sample(&self) -> (u64, Option<u64>, u64) {
+        let mut conn = self.conn.lock().await;
         let pids: Vec<i32> =
             sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
                 .bind(BENCH_APP)
-                .fetch_all(&mut *self.conn.lock().await)
+                .fetch_all(&mut *conn)
+                .await
+                .unwrap();
+        let wal: i64 =
+            sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8")
+                .fetch_one(&mut *conn)
                 .await
                 .unwrap();
         let server = pids
             .iter()
             .map(|pid| process_ticks(&pid.to_string()))
             .sum::<Option<u64>>();
-        (process_ticks("self").unwrap_or(0), server)
+        (
+            process_ticks("self").unwrap_or(0),
+            server,
+            u64::try_from(wal).unwrap_or(0),
+        )
     }
 
     /// `run`, with its ticks added to `side`'s.
@@ -493,6 +506,7 @@ impl Meter {
                     (Some(sum), Some(b), Some(a)) => Some(sum + a.saturating_sub(b)),
                     _ => None,
                 };
+                total.2 += after.2.saturating_sub(before.2);
                 time
             })
         })
@@ -502,13 +516,16 @@ impl Meter {
     fn report(&self, ops: usize) -> String {
         let ticks = self.ticks.lock().unwrap();
         let micros = |t: u64| t as f64 / TICKS_PER_SECOND * 1e6 / ops.max(1) as f64;
-        let mut out = String::from("W2 CPU per command, this process + the server's backends:");
-        for (name, (client, server)) in self.names.iter().zip(ticks.iter()) {
+        let mut out = String::from(
+            "W2 per command: CPU of this process + of the server's backends; WAL written:",
+        );
+        for (name, (client, server, wal)) in self.names.iter().zip(ticks.iter()) {
             let server =
                 server.map_or("not visible".to_owned(), |s| format!("{:.0} us", micros(s)));
             out.push_str(&format!(
-                "\n  {name:<14} {:>5.0} us + {server}",
-                micros(*client)
+                "\n  {name:<14} {:>5.0} us + {server}; {:.0} bytes",
+                micros(*client),
+                *wal as f64 / ops.max(1) as f64,
             ));
         }
         out

@@ -1,6 +1,7 @@
-//! An event type that implements `Event` by hand, without the derive: the aggregate that lists
-//! it registers it, so a store opens, commits it and loads it back, and the registry lists it
-//! under the path the aggregate's list spells.
+//! An event type that implements `Event` by hand, without the derive (not supported: it names
+//! hidden items), as the runtime's own `annals.erased` does: the aggregate that lists it
+//! registers it, so a store opens, commits it and loads it back, and the registry lists it under
+//! the path the aggregate's list spells.
 
 use annals::prelude::*;
 
@@ -8,8 +9,8 @@ use annals::prelude::*;
 pub struct Rang;
 
 impl Event for Rang {
-    const NAMES: &'static [&'static str] = &["bell.rang"];
-    const VERSION: u32 = 1;
+    const REGISTRATION: annals::__private::EventRegistration =
+        annals::__private::EventRegistration::by_hand::<Rang>(&["bell.rang"], 1);
     fn name(&self) -> &'static str {
         "bell.rang"
     }

@@ -4,15 +4,15 @@ use std::collections::HashSet;
 
 use proc_macro2::TokenStream;
 use quote::{ToTokens, quote, quote_spanned};
+use syn::Path;
 use syn::spanned::Spanned;
-use syn::{DeriveInput, Path};
 
-use crate::internals::ast::Container;
+use crate::internals::ast::{Container, Input};
 use crate::internals::attr::{AggregateAttrs, runtime_path};
 use crate::internals::check;
 use crate::internals::ctxt::Ctxt;
 
-pub fn expand(input: &DeriveInput) -> TokenStream {
+pub fn expand(input: &Input) -> TokenStream {
     let mut cx = Ctxt::new();
     if Container::from_ast(&mut cx, input, "Aggregate").is_none() {
         return cx.into_compile_errors();
@@ -97,11 +97,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         let krate = respan(&krate, path.span());
         let ty = respan(&ident.to_token_stream(), path.span());
         quote_spanned! {path.span()=>
-            if #krate::__private::accepts(
-                <#path as #krate::Event>::NAMES,
-                <#path as #krate::Event>::ALIASES,
-                __name,
-            ) {
+            if #krate::__private::accepts(&<#path as #krate::Event>::REGISTRATION, __name) {
                 return ::core::option::Option::Some(#krate::__private::apply_stored::<#ty, #path>);
             }
         }
@@ -128,50 +124,48 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     let listed = listed_events(&krate, &events);
 
     quote! {
-        const _: () = {
-            #[automatically_derived]
-            impl #krate::Aggregate for #ident {
-                const NAME: &'static str = #name;
-                const SNAPSHOT_EVERY: ::core::option::Option<u64> = #snapshot_every;
-                const SNAPSHOT_VERSION: u32 = #snapshot_version;
+        #[automatically_derived]
+        impl #krate::Aggregate for #ident {
+            const NAME: &'static str = #name;
+            const SNAPSHOT_EVERY: ::core::option::Option<u64> = #snapshot_every;
+            const SNAPSHOT_VERSION: u32 = #snapshot_version;
 
-                fn handler(
-                    __name: &str,
-                ) -> ::core::option::Option<#private::Handler<Self>> {
-                    #(#dispatch)*
-                    ::core::option::Option::None
-                }
-
-                fn clone_for_cache(&self) -> ::core::option::Option<Self> {
-                    #[allow(unused_imports)]
-                    use #private::{CloneByClone as _, CloneNone as _};
-                    (&#private::CloneProbe::<Self>::NEW).clone_for_cache(self)
-                }
-
-                fn encode_snapshot(
-                    &self,
-                ) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
-                    #encode_snapshot
-                }
-
-                #[allow(unused_variables)]
-                fn decode_snapshot(__payload: &[u8], __version: u64) -> #private::Result<Self> {
-                    #decode_snapshot
-                }
+            fn handler(
+                __name: &str,
+            ) -> ::core::option::Option<#private::Handler<Self>> {
+                #(#dispatch)*
+                ::core::option::Option::None
             }
 
-            #(#handles)*
-
-            #private::inventory::submit! {
-                #private::AggregateRegistration {
-                    name: #name,
-                    rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
-                    snapshot_every: #snapshot_every,
-                    snapshot_version: #snapshot_version,
-                    events: #listed,
-                }
+            fn clone_for_cache(&self) -> ::core::option::Option<Self> {
+                #[allow(unused_imports)]
+                use #private::{CloneByClone as _, CloneNone as _};
+                (&#private::CloneProbe::<Self>::NEW).clone_for_cache(self)
             }
-        };
+
+            fn encode_snapshot(
+                &self,
+            ) -> ::core::option::Option<#private::Result<::std::vec::Vec<u8>>> {
+                #encode_snapshot
+            }
+
+            #[allow(unused_variables)]
+            fn decode_snapshot(__payload: &[u8], __version: u64) -> #private::Result<Self> {
+                #decode_snapshot
+            }
+        }
+
+        #(#handles)*
+
+        #private::inventory::submit! {
+            #private::AggregateRegistration {
+                name: #name,
+                rust_type: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+                snapshot_every: #snapshot_every,
+                snapshot_version: #snapshot_version,
+                events: #listed,
+            }
+        }
     }
 }
 

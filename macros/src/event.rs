@@ -4,15 +4,14 @@ use std::collections::HashSet;
 
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote, quote_spanned};
-use syn::DeriveInput;
 use syn::spanned::Spanned;
 
-use crate::internals::ast::{Container, Shape};
+use crate::internals::ast::{Container, Input, Shape};
 use crate::internals::attr::{EventAttrs, UpcastHow, UpcastStep, VariantAttrs, runtime_path};
 use crate::internals::check;
 use crate::internals::ctxt::Ctxt;
 
-pub fn expand(input: &DeriveInput) -> TokenStream {
+pub fn expand(input: &Input) -> TokenStream {
     let mut cx = Ctxt::new();
     let Some(cont) = Container::from_ast(&mut cx, input, "Event") else {
         return cx.into_compile_errors();
@@ -117,8 +116,8 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
             const _: () = {
                 #[automatically_derived]
                 impl #krate::Event for #ident {
-                    const NAMES: &'static [&'static str] = &[];
-                    const VERSION: u32 = 1;
+                    const REGISTRATION: #private::EventRegistration =
+                        #private::EventRegistration::by_hand::<Self>(&[], 1);
                     fn name(&self) -> &'static str { "" }
                     fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
                         ::core::result::Result::Err(::core::convert::From::from("invalid event"))
@@ -200,7 +199,14 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         .flat_map(|e| e.aliases.iter().map(move |(a, _)| (a, &e.name)))
         .collect();
     let alias_names = aliases.iter().map(|(a, _)| a);
-    let alias_pairs = aliases.iter().map(|(a, n)| quote!((#a, #n)));
+    let alias_of = aliases.iter().map(|(_, n)| n);
+    // Only the fields that are not empty: the others come from `EventRegistration::NONE`.
+    let aliases = (!aliases.is_empty()).then(|| {
+        quote! {
+            aliases: &[#(#alias_names),*],
+            alias_of: &[#(#alias_of),*],
+        }
+    });
     let upcast_regs = steps.iter().map(|step| {
         let from = step.from.value;
         let (typed, path) = match &step.how {
@@ -209,39 +215,40 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
         };
         quote!(#private::UpcastRegistration { from: #from, typed: #typed, path: #path })
     });
+    let upcasts = (!steps.is_empty()).then(|| quote!(upcasts: &[#(#upcast_regs),*],));
+    // A struct update that sets nothing would be a lint in the user's crate.
+    let rest = (aliases.is_none() || upcasts.is_none())
+        .then(|| quote!(..#private::EventRegistration::NONE));
 
     quote! {
-        const _: () = {
-            #[automatically_derived]
-            impl #krate::Event for #ident {
-                const NAMES: &'static [&'static str] = &[#(#names),*];
-                const ALIASES: &'static [&'static str] = &[#(#alias_names),*];
-                const VERSION: u32 = #version;
-                const REGISTRATION: #private::EventRegistration = #private::EventRegistration {
-                    names: Self::NAMES,
-                    aliases: &[#(#alias_pairs),*],
-                    version: #version,
-                    upcasts: &[#(#upcast_regs),*],
-                    rust_type: #rust_type,
-                    type_id: #private::TypeId::of::<Self>(),
-                };
+        #[automatically_derived]
+        impl #krate::Event for #ident {
+            // The one constant: `NAMES`, `ALIASES` and `VERSION` read it.
+            const REGISTRATION: #private::EventRegistration = #private::EventRegistration {
+                names: &[#(#names),*],
+                #aliases
+                #upcasts
+                version: #version,
+                rust_type: #rust_type,
+                type_id: #private::TypeId::of::<Self>(),
+                #rest
+            };
 
-                #name_fn
+            #name_fn
 
-                fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
-                    #encode_body
-                }
-
-                #[allow(unused_variables)]
-                fn decode(
-                    __name: &str,
-                    __version: u32,
-                    __payload: &[u8],
-                ) -> ::core::result::Result<Self, #private::BoxError> {
-                    #current
-                }
+            fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
+                #encode_body
             }
-        };
+
+            #[allow(unused_variables)]
+            fn decode(
+                __name: &str,
+                __version: u32,
+                __payload: &[u8],
+            ) -> ::core::result::Result<Self, #private::BoxError> {
+                #current
+            }
+        }
     }
 }
 

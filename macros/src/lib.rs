@@ -9,13 +9,15 @@
 //! Users compile this code on every build, so each derive generates little per type and calls
 //! shared, non-generic functions of the runtime for the rest:
 //!
-//! - **`Event`**: one `impl Event`: its names, aliases, version and registration as constants
-//!   (the registration adds the type's path as a string, its `TypeId` and its upcast steps'
-//!   names), and `name`, `encode` and `decode`, each calling one runtime function. No
-//!   `inventory` submission: the aggregates and projections that list the type carry its
-//!   registration, as one reference each, in their own submission. An `inventory` item costs a
-//!   static, a constructor function and its `.init_array` entry, which for every event of a
-//!   large domain added about 8 % to `cargo check`.
+//! - **`Event`**: one `impl Event` with one constant, the type's registration (its names,
+//!   aliases, version and upcast steps' names, its path as a string and its `TypeId`; what it
+//!   leaves empty comes from one shared constant), which `NAMES`, `ALIASES` and `VERSION`
+//!   read; and `name` (enums only), `encode` and `decode`, each calling one runtime function.
+//!   Each constant of an impl costs every build its own type check, MIR and evaluation, so the
+//!   derive writes only this one. No `inventory` submission: the aggregates and
+//!   projections that list the type carry its registration, as one reference each, in their
+//!   own. An `inventory` item costs a static, a constructor function and its `.init_array`
+//!   entry, which for every event of a large domain added about 8 % to `cargo check`.
 //!   `upcast(...)` adds, inside `decode`, one branch for older versions and one small function
 //!   per declared step; a type without steps gets nothing for them.
 //! - **`Aggregate`**: one `impl Aggregate` whose `handler` maps a stored name to the runtime's
@@ -27,6 +29,9 @@
 //! - **`Projection`**: one `impl Projection`, one `impl Handler` whose `handle` has one name
 //!   check and one decode per listed event, and one `inventory` submission like an
 //!   aggregate's.
+//!
+//! Each derive parses only what it reads of the item (its attributes, name and generics, and an
+//! enum's variants' attributes and names); fields are skipped unparsed.
 
 mod aggregate;
 mod event;
@@ -34,7 +39,9 @@ mod internals;
 mod projection;
 
 use proc_macro::TokenStream;
-use syn::{DeriveInput, parse_macro_input};
+use syn::parse_macro_input;
+
+use crate::internals::ast::Input;
 
 /// Derives `annals::Event` for a struct (one registered name) or an enum (one name per
 /// variant), beside serde's `Serialize` and `Deserialize`.
@@ -47,7 +54,7 @@ use syn::{DeriveInput, parse_macro_input};
 /// documents each with a compiled example.
 #[proc_macro_derive(Event, attributes(event))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
-    let input = parse_macro_input!(input as DeriveInput);
+    let input = parse_macro_input!(input as Input);
     event::expand(&input).into()
 }
 
@@ -60,7 +67,7 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 /// documents each with a compiled example.
 #[proc_macro_derive(Aggregate, attributes(aggregate))]
 pub fn derive_aggregate(input: TokenStream) -> TokenStream {
-    let input = parse_macro_input!(input as DeriveInput);
+    let input = parse_macro_input!(input as Input);
     aggregate::expand(&input).into()
 }
 
@@ -74,6 +81,6 @@ pub fn derive_aggregate(input: TokenStream) -> TokenStream {
 /// `annals::subscription::Projection` documents each with a compiled example.
 #[proc_macro_derive(Projection, attributes(projection))]
 pub fn derive_projection(input: TokenStream) -> TokenStream {
-    let input = parse_macro_input!(input as DeriveInput);
+    let input = parse_macro_input!(input as Input);
     projection::expand(&input).into()
 }

@@ -5,16 +5,16 @@ use std::collections::HashSet;
 
 use proc_macro2::TokenStream;
 use quote::{ToTokens, quote, quote_spanned};
+use syn::Path;
 use syn::spanned::Spanned;
-use syn::{DeriveInput, Path};
 
 use crate::aggregate::{listed_events, respan};
-use crate::internals::ast::Container;
+use crate::internals::ast::{Container, Input};
 use crate::internals::attr::{ProjectionAttrs, runtime_path};
 use crate::internals::check;
 use crate::internals::ctxt::Ctxt;
 
-pub fn expand(input: &DeriveInput) -> TokenStream {
+pub fn expand(input: &Input) -> TokenStream {
     let mut cx = Ctxt::new();
     if Container::from_ast(&mut cx, input, "Projection").is_none() {
         return cx.into_compile_errors();
@@ -53,7 +53,7 @@ pub fn expand(input: &DeriveInput) -> TokenStream {
     let dispatch = events.iter().map(|path| {
         let krate = respan(&krate, path.span());
         quote_spanned! {path.span()=>
-            if #krate::__private::accepts(<#path as #krate::Event>::NAMES, <#path as #krate::Event>::ALIASES, &__event.event_type) {
+            if #krate::__private::accepts(&<#path as #krate::Event>::REGISTRATION, &__event.event_type) {
                 if let ::core::option::Option::Some(__decoded) = __event.decode::<#path>()? {
                     <Self as #krate::subscription::On<#path>>::on(
                         self,

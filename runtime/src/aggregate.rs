@@ -196,8 +196,8 @@ pub enum NoEvent {}
 
 #[diagnostic::do_not_recommend]
 impl Event for NoEvent {
-    const NAMES: &'static [&'static str] = &[];
-    const VERSION: u32 = 1;
+    const REGISTRATION: crate::registry::EventRegistration =
+        crate::registry::EventRegistration::by_hand::<NoEvent>(&[], 1);
 
     fn name(&self) -> &'static str {
         match *self {}

@@ -129,6 +129,9 @@ use crate::metadata::Metadata;
 /// payload as it will be read back, and refuses an event whose JSON does not decode into it
 /// ([`Error::RoundTrip`]).
 ///
+/// Derive it: implementing it by hand is not supported (its registration, `encode` and `decode`
+/// are hidden items that the derive writes).
+///
 /// [`Store::open`]: crate::Store::open
 /// [`Context::apply`]: crate::Context::apply
 #[diagnostic::on_unimplemented(
@@ -139,17 +142,18 @@ use crate::metadata::Metadata;
 pub trait Event: Send + Sync + Sized + 'static {
     /// Every name values of this type are stored under: one for a struct, one per variant for an
     /// enum.
-    const NAMES: &'static [&'static str];
+    const NAMES: &'static [&'static str] = Self::REGISTRATION.names;
     /// Former names that events stored earlier still carry (`#[event(alias = "...")]`): they
     /// load as this type.
-    const ALIASES: &'static [&'static str] = &[];
+    const ALIASES: &'static [&'static str] = Self::REGISTRATION.aliases;
     /// The schema version stored with every event of this type.
-    const VERSION: u32;
-    /// What the registry holds of this type: its names, aliases, versions and upcast steps.
-    /// The derive fills it in; each aggregate that lists the type carries it into the registry.
+    const VERSION: u32 = Self::REGISTRATION.version;
+    /// What the registry holds of this type: its names, aliases, versions and upcast steps,
+    /// which the constants above read. The derive writes it, as the one constant of its impl
+    /// (each constant an impl defines costs every build of the user's crate); each aggregate
+    /// and projection that lists the type carries it into the registry.
     #[doc(hidden)]
-    const REGISTRATION: crate::registry::EventRegistration =
-        crate::registry::EventRegistration::by_hand::<Self>();
+    const REGISTRATION: crate::registry::EventRegistration;
 
     /// The name this value is stored under (for a struct, its one name; an enum's derive
     /// names each variant).
@@ -169,7 +173,7 @@ pub trait Event: Send + Sync + Sized + 'static {
     /// True when events stored under `name` are of this type: one of its names or aliases.
     #[doc(hidden)]
     fn accepts(name: &str) -> bool {
-        crate::__private::accepts(Self::NAMES, Self::ALIASES, name)
+        Self::NAMES.contains(&name) || Self::ALIASES.contains(&name)
     }
 }
 

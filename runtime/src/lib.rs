@@ -153,9 +153,10 @@ pub mod __private {
         Box::new(error)
     }
 
-    /// True when `name` is one of `names` or `aliases`: one function for every event type.
-    pub fn accepts(names: &[&str], aliases: &[&str], name: &str) -> bool {
-        names.contains(&name) || aliases.contains(&name)
+    /// True when `name` is one of the registered event type's names or aliases: one function
+    /// for every event type.
+    pub fn accepts(registration: &EventRegistration, name: &str) -> bool {
+        registration.names.contains(&name) || registration.aliases.contains(&name)
     }
     pub use crate::upcast::{JsonEvent, Step, from_json, upcast};
 
@@ -219,29 +220,56 @@ pub mod __private {
         format!("no variant of `{rust_type}` is registered as {name:?}").into()
     }
 
-    /// Encodes an aggregate's state as a snapshot.
+    /// Encodes an aggregate's state as a snapshot. Its error is made by a function shared by
+    /// every type: one function per aggregate type, not one per type and closure.
     pub fn encode_snapshot<T: serde::Serialize>(state: &T, name: &str) -> Result<Vec<u8>> {
-        serde_json::to_vec(state).map_err(|e| Error::Encode {
-            what: "snapshot",
-            type_name: name.to_owned(),
-            source: Box::new(e),
-        })
+        match serde_json::to_vec(state) {
+            Ok(bytes) => Ok(bytes),
+            Err(error) => Err(snapshot_encode_error(name, error)),
+        }
     }
 
-    /// Decodes a snapshot.
+    /// Decodes a snapshot (its error made as [`encode_snapshot`]'s is).
     pub fn decode_snapshot<T: serde::de::DeserializeOwned>(
         payload: &[u8],
         version: u64,
         name: &str,
         snapshot_version: u32,
     ) -> Result<T> {
-        serde_json::from_slice(payload).map_err(|e| Error::Decode {
+        match serde_json::from_slice(payload) {
+            Ok(state) => Ok(state),
+            Err(error) => Err(snapshot_decode_error(
+                name,
+                version,
+                snapshot_version,
+                error,
+            )),
+        }
+    }
+
+    #[cold]
+    fn snapshot_encode_error(name: &str, error: serde_json::Error) -> Error {
+        Error::Encode {
+            what: "snapshot",
+            type_name: name.to_owned(),
+            source: Box::new(error),
+        }
+    }
+
+    #[cold]
+    fn snapshot_decode_error(
+        name: &str,
+        version: u64,
+        snapshot_version: u32,
+        error: serde_json::Error,
+    ) -> Error {
+        Error::Decode {
             what: "snapshot",
             event_type: name.to_owned(),
             schema_version: snapshot_version,
             position: version,
-            source: Box::new(e),
-        })
+            source: Box::new(error),
+        }
     }
 
     /// For aggregates without snapshots: a stored snapshot is never asked for.

@@ -33,11 +33,9 @@ pub struct Erased {}
 // user's own type lacks `Event`.
 #[diagnostic::do_not_recommend]
 impl Event for Erased {
-    const NAMES: &'static [&'static str] = &["annals.erased"];
-    const VERSION: u32 = 1;
     const REGISTRATION: EventRegistration = EventRegistration {
         rust_type: "annals::Erased",
-        ..EventRegistration::by_hand::<Erased>()
+        ..EventRegistration::by_hand::<Erased>(&["annals.erased"], 1)
     };
 
     fn encode(&self) -> std::result::Result<Vec<u8>, BoxError> {

@@ -22,28 +22,41 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct EventRegistration {
     pub names: &'static [&'static str],
-    /// `(alias, name)`: each former name and the current name it stands for.
-    pub aliases: &'static [(&'static str, &'static str)],
+    /// Former names.
+    pub aliases: &'static [&'static str],
+    /// The current name each of `aliases` stands for, in the same order.
+    pub alias_of: &'static [&'static str],
     pub version: u32,
     pub upcasts: &'static [UpcastRegistration],
-    /// The type's path, for messages.
+    /// The type's path, for messages; empty for a type implementing `Event` by hand, whose
+    /// path comes from the aggregates' and projections' lists that name it.
     pub rust_type: &'static str,
     /// The type itself: what tells two types with one path apart.
     pub type_id: TypeId,
 }
 
 impl EventRegistration {
-    /// The registration of an event type that implements `Event` by hand: its names and
-    /// version, with no aliases or upcast steps of record. Its path comes from the aggregates'
-    /// lists that name it.
-    pub const fn by_hand<E: crate::Event>() -> EventRegistration {
+    /// What a registration leaves out is taken from here (`..EventRegistration::NONE`): no
+    /// aliases and no upcast steps. One constant for every event type, where empty slices
+    /// written out in each registration would each be one more constant to evaluate per type.
+    pub const NONE: EventRegistration = EventRegistration {
+        names: &[],
+        aliases: &[],
+        alias_of: &[],
+        version: 1,
+        upcasts: &[],
+        rust_type: "",
+        type_id: TypeId::of::<()>(),
+    };
+
+    /// The registration of an event type `E` that implements `Event` by hand: its names and
+    /// version, with no aliases or upcast steps of record.
+    pub const fn by_hand<E: 'static>(names: &'static [&'static str], version: u32) -> Self {
         EventRegistration {
-            names: E::NAMES,
-            aliases: &[],
-            version: E::VERSION,
-            upcasts: &[],
-            rust_type: "",
+            names,
+            version,
             type_id: TypeId::of::<E>(),
+            ..EventRegistration::NONE
         }
     }
 }
@@ -208,7 +221,8 @@ impl Registry {
                         aliases: r
                             .aliases
                             .iter()
-                            .filter(|(_, of)| of == name)
+                            .zip(r.alias_of)
+                            .filter(|(_, of)| *of == name)
                             .map(|(alias, _)| *alias)
                             .collect(),
                         schema_version: r.version,
