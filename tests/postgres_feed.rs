@@ -491,6 +491,80 @@ async fn a_move_to_a_cluster_behind_hides_and_reorders_nothing() {
     store.close().await;
 }
 
+/// Whether the feed epoch was checked by this server, and the epoch.
+async fn epoch_state(raw: &sqlx::PgPool, schema: &support::Schema) -> (bool, i32) {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT server_started = pg_postmaster_start_time(), epoch FROM {} WHERE id = 1",
+        schema.table("feed_epoch")
+    )))
+    .fetch_one(raw)
+    .await
+    .unwrap()
+}
+
+#[cfg_attr(annals_skip_postgres, ignore = "DATABASE_URL is not set")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_commit_after_a_server_start_checks_the_epoch() {
+    let Some((store, schema)) = support::open_fresh().await else {
+        return;
+    };
+    let raw = schema.raw_pool().await;
+    let x = open_account(&store, "x").await;
+    let (checked, epoch) = epoch_state(&raw, &schema).await;
+    assert!(checked, "opening checks the epoch");
+    // As after a restart of the server: the one that last checked the epoch is another.
+    let restart = format!(
+        "UPDATE {} SET server_started = server_started - INTERVAL '1 day'",
+        schema.table("feed_epoch")
+    );
+    let restarted = async || {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(restart.clone()))
+            .execute(&raw)
+            .await
+            .unwrap();
+        assert_eq!(epoch_state(&raw, &schema).await, (false, epoch));
+    };
+
+    // A commit on the pool finds the epoch unchecked, checks it, and commits.
+    restarted().await;
+    deposit(&store, x, 1).await;
+    assert_eq!(epoch_state(&raw, &schema).await, (true, epoch));
+
+    // So does a commit in a transaction of the store's own (a key change).
+    restarted().await;
+    store
+        .transact(async |ctx| {
+            let mut a = ctx.load::<Account>(x).await?;
+            ctx.change_key(&mut a, "x2")?;
+            ctx.apply(&mut a, Deposited { amount: 2 })?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(epoch_state(&raw, &schema).await, (true, epoch));
+
+    // And one in a caller's transaction, which checks inside its statement.
+    restarted().await;
+    let mut tx = raw.begin().await.unwrap();
+    let mut ctx = store.begin();
+    let mut a = ctx.load::<Account>(x).await.unwrap();
+    ctx.apply(&mut a, Deposited { amount: 3 }).unwrap();
+    ctx.commit_in(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(epoch_state(&raw, &schema).await, (true, epoch));
+
+    // Nothing was lost or written twice, and the feed lists every event once, in order.
+    assert_eq!(conformance::versions(&store, x).await, [1, 2, 3, 4]);
+    let feed = read_all(&store, FeedCursor::START, 100).await;
+    assert_eq!(feed.len(), 4);
+    assert!(feed.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert!(
+        feed.iter()
+            .all(|e| i64::from(e.cursor.epoch) == i64::from(epoch))
+    );
+    store.close().await;
+}
+
 /// The warnings logged in this test binary: (schema field, message).
 type Warnings = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 

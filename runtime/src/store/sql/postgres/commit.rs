@@ -68,6 +68,24 @@ enum Sent {
     VersionMoved,
     /// The statement failed.
     Failed(sqlx::Error),
+    /// Nothing was written: the server started since the feed epoch was last checked (see
+    /// `commit_sql`). The store runs the check, then sends the commit again.
+    EpochUnchecked,
+}
+
+/// True when `e` is the commit statement finding the feed epoch unchecked: its first event had
+/// no epoch to take (a NOT NULL violation on the events' `epoch` column).
+fn epoch_unchecked(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .is_some_and(|db| db.code() == "23502" && db.column() == Some("epoch"))
+}
+
+/// The error for a commit that still finds the feed epoch unchecked after checking it.
+fn epoch_stays_unchecked() -> Error {
+    Error::Backend(
+        "the feed epoch stays unchecked: the server restarted again while committing".into(),
+    )
 }
 
 impl PostgresBackend {
@@ -77,12 +95,18 @@ impl PostgresBackend {
         if !batch.inline.is_empty() || batch.rekeys() || batch.erases() {
             return self.commit_projected(batch).await;
         }
-        match self.send_commit(&self.pool, batch, false).await? {
+        let mut sent = self.send_commit(&self.pool, batch, false).await?;
+        if matches!(sent, Sent::EpochUnchecked) {
+            self.check_epoch_on_pool().await?;
+            sent = self.send_commit(&self.pool, batch, false).await?;
+        }
+        match sent {
             Sent::Written(cursors) => {
                 self.wake.changed.notify();
                 self.wake.commits.notify_one();
                 Ok(cursors)
             }
+            Sent::EpochUnchecked => Err(epoch_stays_unchecked()),
             Sent::VersionMoved => Err(self.diagnose_on_pool(batch, None).await),
             // Once the statement was sent, a lost connection leaves its outcome unknown.
             Sent::Failed(e) if outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
@@ -130,8 +154,21 @@ impl PostgresBackend {
         to_u64(deleted, "deleted rows")
     }
 
-    /// Commits `batch` and runs the inline projections on its events, in one transaction.
+    /// Commits `batch` and runs the inline projections on its events, in one transaction; when
+    /// the feed epoch is unchecked, checks it and runs the transaction again.
     async fn commit_projected(&self, batch: &CommitBatch) -> Result<Vec<FeedCursor>> {
+        if let Some(cursors) = self.commit_projected_once(batch).await? {
+            return Ok(cursors);
+        }
+        self.check_epoch_on_pool().await?;
+        self.commit_projected_once(batch)
+            .await?
+            .ok_or_else(epoch_stays_unchecked)
+    }
+
+    /// One try of [`commit_projected`](PostgresBackend::commit_projected): `None` when the
+    /// feed epoch is unchecked, and nothing was written.
+    async fn commit_projected_once(&self, batch: &CommitBatch) -> Result<Option<Vec<FeedCursor>>> {
         let mut tx = super::begin(&self.pool).await?;
         let erasing;
         let batch = if batch.erases() {
@@ -151,13 +188,14 @@ impl PostgresBackend {
                 drop(tx);
                 return Err(self.diagnose_on_pool(batch, Some(e)).await);
             }
+            Sent::EpochUnchecked => return Ok(None),
         };
         self.project(&mut tx, batch).await?;
         match tx.commit().await {
             Ok(()) => {
                 self.wake.changed.notify();
                 self.wake.commits.notify_one();
-                Ok(cursors)
+                Ok(Some(cursors))
             }
             Err(e) if outcome_unknown(&e) => Err(Error::CommitOutcomeUnknown {
                 aggregates: batch
@@ -291,6 +329,8 @@ impl PostgresBackend {
             }
             Sent::VersionMoved => Err(stale_if_unmoved(self.diagnose_on_pool(batch, None).await)),
             Sent::Failed(e) => Err(self.diagnose_on_pool(batch, Some(e)).await),
+            // The statement of a caller's transaction checks the epoch itself.
+            Sent::EpochUnchecked => Err(epoch_stays_unchecked()),
         }
     }
 
@@ -328,6 +368,7 @@ impl PostgresBackend {
             },
             Ok(Sent::VersionMoved) => Ok(None),
             Ok(Sent::Failed(e)) => Ok(Some(e)),
+            Ok(Sent::EpochUnchecked) => Err(epoch_stays_unchecked()),
             Err(e) => Err(e),
         };
         // Undo the statement (and what a failure aborted) before reading over the connection.
@@ -463,12 +504,14 @@ impl PostgresBackend {
             return Ok(match q.execute(executor).await {
                 Ok(done) if done.rows_affected() == event_count => Sent::Written(Vec::new()),
                 Ok(_) => Sent::VersionMoved,
+                Err(e) if !in_caller_tx && epoch_unchecked(&e) => Sent::EpochUnchecked,
                 Err(e) => Sent::Failed(e),
             });
         }
         let rows = match q.fetch_all(executor).await {
             Ok(rows) if rows.len() as u64 == event_count => rows,
             Ok(_) => return Ok(Sent::VersionMoved),
+            Err(e) if !in_caller_tx && epoch_unchecked(&e) => return Ok(Sent::EpochUnchecked),
             Err(e) => return Ok(Sent::Failed(e)),
         };
         let mut cursors = rows

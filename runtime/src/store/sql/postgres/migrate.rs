@@ -46,11 +46,10 @@ impl PostgresBackend {
         tx.commit().await.map_err(backend_error)
     }
 
-    /// Writes every registered type name and caches the ids.
-    pub(super) async fn warm_up(&self, registry: &Registry) -> Result<()> {
-        let aggregates: Vec<&str> = registry.aggregates().iter().map(|a| a.name).collect();
-        let events: Vec<&str> = registry.events().iter().map(|e| e.name).collect();
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+    /// Runs the feed-epoch check (`CHECK_EPOCH`): after a server start, records the server and
+    /// starts the next epoch when the store was moved to a cluster whose transaction ids are
+    /// behind; else changes nothing.
+    pub(super) async fn check_epoch(&self, conn: &mut PgConnection) -> Result<()> {
         let (before, after): (Option<i32>, Option<i32>) =
             sqlx::query_as(AssertSqlSafe(self.sql.check_epoch.clone()))
                 .fetch_one(&mut *conn)
@@ -68,6 +67,21 @@ impl PostgresBackend {
                  saved feed cursors keep working"
             );
         }
+        Ok(())
+    }
+
+    /// [`check_epoch`](PostgresBackend::check_epoch) on a connection of the pool.
+    pub(super) async fn check_epoch_on_pool(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        self.check_epoch(&mut conn).await
+    }
+
+    /// Writes every registered type name and caches the ids.
+    pub(super) async fn warm_up(&self, registry: &Registry) -> Result<()> {
+        let aggregates: Vec<&str> = registry.aggregates().iter().map(|a| a.name).collect();
+        let events: Vec<&str> = registry.events().iter().map(|e| e.name).collect();
+        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        self.check_epoch(&mut conn).await?;
         self.ensure_types(&mut conn, TypeKind::Aggregate, &aggregates)
             .await?;
         self.ensure_types(&mut conn, TypeKind::Event, &events)

@@ -314,7 +314,9 @@ const FEED_HORIZON: &str = "\
 /// cluster's next one: the store was moved (restored, failed over, switched over) to a cluster
 /// whose counter is behind. Every other time it matches no row: no lock, no look at the events.
 /// Returns the epoch and the one before it when it ran. Concurrent first commits check once:
-/// the others wait on the row, then find it checked.
+/// the others wait on the row, then find it checked. A commit on the pool runs it as a
+/// statement of its own, when its commit statement found the epoch unchecked (see
+/// `commit_sql`); a commit in a caller's transaction, inside its commit statement.
 pub(super) const CHECK_EPOCH: &str = "\
     UPDATE {feed_epoch} f \
     SET server_started = pg_postmaster_start_time(), \
@@ -603,18 +605,30 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
              ON CONFLICT DO NOTHING)"
         ));
     }
-    // The epoch: the store's current one, read by key; the first commit after a server start
-    // checks for a move to another cluster first (`CHECK_EPOCH`), so new events sort after
-    // every old one.
-    let check = CHECK_EPOCH
-        .replace("{feed_epoch}", &names.table("feed_epoch"))
-        .replace("{events}", &events);
-    ctes.push(format!(
-        "checked AS ({check}), \
-         ep AS (SELECT COALESCE((SELECT epoch FROM checked), \
-                                (SELECT epoch FROM {} WHERE id = 1)) AS epoch)",
-        names.table("feed_epoch")
-    ));
+    // The epoch: the store's current one, read by key. After a server start, the epoch is
+    // checked for a move to another cluster (`CHECK_EPOCH`) before any commit, so new events
+    // sort after every old one. On the pool, the statement reads the epoch only when the
+    // server that last checked is this one: else it reads none, its first event breaks the
+    // column's NOT NULL and the whole statement rolls back, and the store runs the check and
+    // sends the commit again (`commit.rs`). A statement whose version check fails writes
+    // nothing, checked or not. In a caller's transaction, the statement checks itself: a
+    // failed statement there would abort the caller's transaction.
+    let feed_epoch = names.table("feed_epoch");
+    if shape.in_caller_tx {
+        let check = CHECK_EPOCH
+            .replace("{feed_epoch}", &feed_epoch)
+            .replace("{events}", &events);
+        ctes.push(format!(
+            "checked AS ({check}), \
+             ep AS (SELECT COALESCE((SELECT epoch FROM checked), \
+                                    (SELECT epoch FROM {feed_epoch} WHERE id = 1)) AS epoch)"
+        ));
+    } else {
+        ctes.push(format!(
+            "ep AS (SELECT epoch FROM {feed_epoch} \
+                    WHERE id = 1 AND server_started = pg_postmaster_start_time())"
+        ));
+    }
     // In a caller's transaction the transaction id may be older than a commit this context
     // loaded from (the caller's transaction can have written before this context loaded):
     // events are then stamped with the newest id among the events the context loaded (the last
@@ -724,19 +738,8 @@ mod tests {
         let expected = "
             WITH cas AS (UPDATE \"shop\".es_aggregates SET version = $3::int8
                          WHERE id = $1::uuid AND version = $2::int8 RETURNING id),
-            checked AS (
-                UPDATE \"shop\".es_feed_epoch f
-                SET server_started = pg_postmaster_start_time(),
-                    epoch = f.epoch + CASE
-                        WHEN (SELECT e.tx_id FROM \"shop\".es_events e WHERE e.epoch = f.epoch
-                              ORDER BY e.tx_id DESC LIMIT 1)
-                             >= pg_snapshot_xmax(pg_current_snapshot())
-                        THEN 1 ELSE 0 END
-                WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time()
-                RETURNING f.epoch),
-            ep AS (SELECT COALESCE((SELECT epoch FROM checked),
-                                   (SELECT epoch FROM \"shop\".es_feed_epoch WHERE id = 1))
-                   AS epoch)
+            ep AS (SELECT epoch FROM \"shop\".es_feed_epoch
+                   WHERE id = 1 AND server_started = pg_postmaster_start_time())
             INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
             SELECT (SELECT epoch FROM ep), e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
@@ -757,19 +760,8 @@ mod tests {
                 SELECT n.id, n.type_id, n.natural_key, n.version
                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int8[])
                      AS n (id, type_id, natural_key, version)),
-            checked AS (
-                UPDATE \"shop\".es_feed_epoch f
-                SET server_started = pg_postmaster_start_time(),
-                    epoch = f.epoch + CASE
-                        WHEN (SELECT e.tx_id FROM \"shop\".es_events e WHERE e.epoch = f.epoch
-                              ORDER BY e.tx_id DESC LIMIT 1)
-                             >= pg_snapshot_xmax(pg_current_snapshot())
-                        THEN 1 ELSE 0 END
-                WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time()
-                RETURNING f.epoch),
-            ep AS (SELECT COALESCE((SELECT epoch FROM checked),
-                                   (SELECT epoch FROM \"shop\".es_feed_epoch WHERE id = 1))
-                   AS epoch)
+            ep AS (SELECT epoch FROM \"shop\".es_feed_epoch
+                   WHERE id = 1 AND server_started = pg_postmaster_start_time())
             INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
                                         schema_version, payload, metadata, recorded_at, event_id)
             SELECT (SELECT epoch FROM ep), e.aggregate_id, e.sequence, e.type_id, e.schema_version, e.payload, e.metadata,
