@@ -62,6 +62,8 @@ struct Raw {
     load_sql: String,
     load_snapshot_sql: String,
     commit_sql: String,
+    /// One event to one aggregate: plain parameters, as annals sends it.
+    commit_one_sql: String,
     max_sequence_sql: String,
     insert_event_sql: String,
 }
@@ -130,6 +132,15 @@ impl Raw {
                       AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata, \
                             event_id, ord), cas \
                  ORDER BY e.ord",
+            ),
+            commit_one_sql: format!(
+                "WITH cas AS (UPDATE {schema}.raw_aggregates SET version = $3 \
+                              WHERE id = $1 AND version = $2 RETURNING id) \
+                 INSERT INTO {schema}.raw_events (aggregate_id, sequence, event_type_id, \
+                     schema_version, payload, metadata, recorded_at, event_id) \
+                 SELECT cas.id, $3, $4, 1, $5, $6, \
+                        TIMESTAMPTZ 'epoch' + $7::int8 * INTERVAL '1 microsecond', $8 \
+                 FROM cas",
             ),
             max_sequence_sql: format!(
                 "SELECT max(sequence) FROM {schema}.raw_events WHERE aggregate_id = $1"
@@ -246,11 +257,27 @@ impl Raw {
         (state, version)
     }
 
-    /// One commit by hand: `events` appended to `id` at `expected`; false on a conflict.
+    /// One commit by hand: `events` appended to `id` at `expected`; false on a conflict. One
+    /// event goes in a statement of plain parameters, several in one of arrays.
     async fn append(&self, id: uuid::Uuid, expected: i64, events: &[Moved]) -> bool {
         let n = events.len();
         let metadata =
             serde_json::to_vec(&Metadata::new().correlation_id(uuid::Uuid::now_v7())).unwrap();
+        if let [event] = events {
+            let done = sqlx::query(AssertSqlSafe(self.commit_one_sql.as_str()))
+                .bind(id)
+                .bind(expected)
+                .bind(expected + 1)
+                .bind(self.moved_type)
+                .bind(serde_json::to_vec(event).unwrap())
+                .bind(Some(metadata.as_slice()))
+                .bind(micros_now())
+                .bind(uuid::Uuid::now_v7())
+                .execute(&self.pool)
+                .await
+                .unwrap();
+            return done.rows_affected() == 1;
+        }
         let payloads: Vec<Vec<u8>> = events
             .iter()
             .map(|e| serde_json::to_vec(e).unwrap())

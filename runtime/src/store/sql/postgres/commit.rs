@@ -446,9 +446,59 @@ impl PostgresBackend {
             in_caller_tx,
             returning: batch.cursors,
         };
-        let sql = self.sql.commit(shape)?;
         let event_count = args.ev_ids.len() as u64;
-        let mut q = query(&sql);
+        let q = match args.one_event() {
+            // A command's usual commit, in its own statement (see `commit_one_sql`).
+            Some(one) if !in_caller_tx => query(&self.sql.commit_one[usize::from(shape.returning)])
+                .bind(one.id)
+                .bind(one.expected)
+                .bind(one.new_version)
+                .bind(one.sequence)
+                .bind(one.type_id)
+                .bind(one.schema_version)
+                .bind(one.payload)
+                .bind(one.metadata)
+                .bind(to_micros(batch.recorded_at))
+                .bind(one.event_id),
+            _ => self.bind_commit(shape, args, batch)?,
+        };
+        if !shape.returning {
+            return Ok(match q.execute(executor).await {
+                Ok(done) if done.rows_affected() == event_count => Sent::Written(Vec::new()),
+                Ok(_) => Sent::VersionMoved,
+                Err(e) if !in_caller_tx && epoch_unchecked(&e) => Sent::EpochUnchecked,
+                Err(e) => Sent::Failed(e),
+            });
+        }
+        let rows = match q.fetch_all(executor).await {
+            Ok(rows) if rows.len() as u64 == event_count => rows,
+            Ok(_) => return Ok(Sent::VersionMoved),
+            Err(e) if !in_caller_tx && epoch_unchecked(&e) => return Ok(Sent::EpochUnchecked),
+            Err(e) => return Ok(Sent::Failed(e)),
+        };
+        let mut cursors = rows
+            .iter()
+            .map(|row| {
+                Ok(FeedCursor {
+                    epoch: epoch(get(row, 0)?)?,
+                    tx: to_u64(get(row, 1)?, "transaction id")?,
+                    position: to_u64(get(row, 2)?, "event position")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Positions follow the order the events were applied in.
+        cursors.sort_by_key(|c| c.position);
+        Ok(Sent::Written(cursors))
+    }
+
+    /// The commit statement of `shape` with `args` bound, in the order `commit_sql` numbers them.
+    fn bind_commit<'a>(
+        &self,
+        shape: Shape,
+        args: CommitArgs<'a>,
+        batch: &CommitBatch,
+    ) -> Result<sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>> {
+        let mut q = query(&self.sql.commit(shape)?);
         match shape.cas {
             Cas::None => {}
             Cas::One => {
@@ -490,7 +540,7 @@ impl PostgresBackend {
                 .bind(args.snap_versions)
                 .bind(args.snap_payloads);
         }
-        if in_caller_tx {
+        if shape.in_caller_tx {
             let (ids, versions): (Vec<uuid::Uuid>, Vec<i64>) = batch
                 .loaded
                 .iter()
@@ -500,33 +550,7 @@ impl PostgresBackend {
                 .unzip();
             q = q.bind(ids).bind(versions);
         }
-        if !shape.returning {
-            return Ok(match q.execute(executor).await {
-                Ok(done) if done.rows_affected() == event_count => Sent::Written(Vec::new()),
-                Ok(_) => Sent::VersionMoved,
-                Err(e) if !in_caller_tx && epoch_unchecked(&e) => Sent::EpochUnchecked,
-                Err(e) => Sent::Failed(e),
-            });
-        }
-        let rows = match q.fetch_all(executor).await {
-            Ok(rows) if rows.len() as u64 == event_count => rows,
-            Ok(_) => return Ok(Sent::VersionMoved),
-            Err(e) if !in_caller_tx && epoch_unchecked(&e) => return Ok(Sent::EpochUnchecked),
-            Err(e) => return Ok(Sent::Failed(e)),
-        };
-        let mut cursors = rows
-            .iter()
-            .map(|row| {
-                Ok(FeedCursor {
-                    epoch: epoch(get(row, 0)?)?,
-                    tx: to_u64(get(row, 1)?, "transaction id")?,
-                    position: to_u64(get(row, 2)?, "event position")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Positions follow the order the events were applied in.
-        cursors.sort_by_key(|c| c.position);
-        Ok(Sent::Written(cursors))
+        Ok(q)
     }
 
     /// The bind arrays of a commit, with type names turned into ids.
@@ -791,6 +815,43 @@ struct CommitArgs<'a> {
     snap_shapes: Vec<i32>,
     snap_versions: Vec<i64>,
     snap_payloads: Vec<&'a [u8]>,
+}
+
+/// The parameters of a commit of one event to one existing aggregate.
+struct OneEvent<'a> {
+    id: uuid::Uuid,
+    expected: i64,
+    new_version: i64,
+    sequence: i64,
+    type_id: i32,
+    schema_version: i32,
+    payload: &'a [u8],
+    metadata: Option<&'a [u8]>,
+    event_id: uuid::Uuid,
+}
+
+impl<'a> CommitArgs<'a> {
+    /// The commit's one event, when it writes one event to one existing aggregate and no
+    /// snapshot.
+    fn one_event(&self) -> Option<OneEvent<'a>> {
+        if !self.new_ids.is_empty() || !self.snap_ids.is_empty() {
+            return None;
+        }
+        match (&self.cas_ids[..], &self.ev_aggregates[..], &self.ev_ids[..]) {
+            ([id], [aggregate], [event_id]) if id == aggregate => Some(OneEvent {
+                id: *id,
+                expected: *self.cas_expected.first()?,
+                new_version: *self.cas_new.first()?,
+                sequence: *self.ev_sequences.first()?,
+                type_id: *self.ev_types.first()?,
+                schema_version: *self.ev_schema_versions.first()?,
+                payload: self.ev_payloads.first()?,
+                metadata: *self.ev_metadata.first()?,
+                event_id: *event_id,
+            }),
+            _ => None,
+        }
+    }
 }
 
 impl CommitArgs<'_> {

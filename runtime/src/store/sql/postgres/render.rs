@@ -80,6 +80,8 @@ impl Params {
 /// The SQL text of every statement, rendered once at open from validated identifiers.
 pub(super) struct Statements {
     commit: Vec<Arc<str>>,
+    /// One event to one existing aggregate, on the pool: without and with `RETURNING`.
+    pub commit_one: [Arc<str>; 2],
     /// By id without and with snapshots, then by key without and with snapshots.
     pub load: [Arc<str>; 4],
     pub locate_by_id: Arc<str>,
@@ -222,6 +224,7 @@ impl Statements {
                  ORDER BY e.sequence DESC LIMIT $4::int8"
             )
             .into(),
+            commit_one: [false, true].map(|returning| commit_one_sql(names, returning).into()),
             read_feed: feed_sql(names, None).into(),
             records_by_id: format!(
                 "SELECT {RECORD_COLUMNS} FROM {events} e JOIN {aggregates} a ON a.id = e.aggregate_id \
@@ -624,10 +627,7 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
                                     (SELECT epoch FROM {feed_epoch} WHERE id = 1)) AS epoch)"
         ));
     } else {
-        ctes.push(format!(
-            "ep AS (SELECT epoch FROM {feed_epoch} \
-                    WHERE id = 1 AND server_started = pg_postmaster_start_time())"
-        ));
+        ctes.push(guarded_epoch(names));
     }
     // In a caller's transaction the transaction id may be older than a commit this context
     // loaded from (the caller's transaction can have written before this context loaded):
@@ -671,6 +671,42 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
               AS e (aggregate_id, sequence, type_id, schema_version, payload, metadata, \
                     event_id, ord){gate} \
          ORDER BY e.ord{returning}"
+    )
+}
+
+/// The epoch a commit on the pool writes into, as the CTE `ep`: the store's current one, read
+/// by key, when the server that last checked it is this one; else none (see `commit_sql`).
+fn guarded_epoch(names: &Names) -> String {
+    format!(
+        "ep AS (SELECT epoch FROM {} \
+                WHERE id = 1 AND server_started = pg_postmaster_start_time())",
+        names.table("feed_epoch")
+    )
+}
+
+/// The commit of one event to one existing aggregate on the pool, a command's usual commit:
+/// the statement [`commit_sql`] writes for that shape, with plain parameters where it binds
+/// one-element arrays (no `UNNEST`, no sort). Parameters: the aggregate's id, its expected
+/// version, its new version; the event's sequence, type id, schema version, payload, metadata,
+/// recorded-at (microseconds since the Unix epoch) and id.
+fn commit_one_sql(names: &Names, returning: bool) -> String {
+    let aggregates = names.table("aggregates");
+    let events = names.table("events");
+    let ep = guarded_epoch(names);
+    let returning = if returning {
+        " RETURNING epoch::int8, tx_id::text::int8, position"
+    } else {
+        ""
+    };
+    format!(
+        "WITH cas AS (UPDATE {aggregates} SET version = $3::int8 \
+                      WHERE id = $1::uuid AND version = $2::int8 RETURNING id), \
+              {ep} \
+         INSERT INTO {events} (epoch, aggregate_id, sequence, event_type_id, schema_version, \
+             payload, metadata, recorded_at, event_id) \
+         SELECT (SELECT epoch FROM ep), cas.id, $4::int8, $5::int4, $6::int4, $7::bytea, \
+                $8::bytea, TIMESTAMPTZ 'epoch' + $9::int8 * INTERVAL '1 microsecond', $10::uuid \
+         FROM cas{returning}"
     )
 }
 
@@ -731,6 +767,27 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ")
             .replace("( ", "(")
+    }
+
+    #[test]
+    fn one_event_to_one_aggregate_binds_plain_values() {
+        let expected = "
+            WITH cas AS (UPDATE \"shop\".es_aggregates SET version = $3::int8
+                         WHERE id = $1::uuid AND version = $2::int8 RETURNING id),
+                 ep AS (SELECT epoch FROM \"shop\".es_feed_epoch
+                        WHERE id = 1 AND server_started = pg_postmaster_start_time())
+            INSERT INTO \"shop\".es_events (epoch, aggregate_id, sequence, event_type_id,
+                schema_version, payload, metadata, recorded_at, event_id)
+            SELECT (SELECT epoch FROM ep), cas.id, $4::int8, $5::int4, $6::int4, $7::bytea,
+                   $8::bytea, TIMESTAMPTZ 'epoch' + $9::int8 * INTERVAL '1 microsecond', $10::uuid
+            FROM cas";
+        assert_eq!(flat(&commit_one_sql(&names(), false)), flat(expected));
+        assert_eq!(
+            flat(&commit_one_sql(&names(), true)),
+            flat(&format!(
+                "{expected} RETURNING epoch::int8, tx_id::text::int8, position"
+            ))
+        );
     }
 
     #[test]
