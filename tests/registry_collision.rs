@@ -1,5 +1,8 @@
 //! Two Rust types registered under one event name: opening a store fails, naming both.
 
+#[path = "support/collision.rs"]
+mod collision;
+
 use annals::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -40,19 +43,7 @@ mod shipping {
 
 #[tokio::test]
 async fn two_types_under_one_name_refuse_to_open() {
-    match Store::open("memory:").await {
-        Err(Error::TypeNameCollision {
-            kind,
-            name,
-            first,
-            second,
-        }) => {
-            assert_eq!((kind, name.as_str()), ("event", "paid"));
-            assert!(first.ends_with("billing::Paid"), "{first}");
-            assert!(second.ends_with("shipping::Paid"), "{second}");
-        }
-        other => panic!("expected TypeNameCollision, got {other:?}"),
-    }
+    collision::refused_to_open("event", "paid", "billing::Paid", "shipping::Paid").await;
     let message = annals::registry().validate().unwrap_err().to_string();
     assert!(
         message.contains("billing::Paid") && message.contains("shipping::Paid"),

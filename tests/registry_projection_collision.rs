@@ -1,6 +1,9 @@
 //! Two projection types under one subscription name, which would share one position: opening a
 //! store fails, naming both.
 
+#[path = "support/collision.rs"]
+mod collision;
+
 use annals::prelude::*;
 use annals::subscription::{Envelope, On};
 use annals::{BoxError, Transaction};
@@ -50,19 +53,7 @@ mod monthly {
 
 #[tokio::test]
 async fn two_projections_under_one_name_refuse_to_open() {
-    match Store::open("memory:").await {
-        Err(Error::TypeNameCollision {
-            kind,
-            name,
-            first,
-            second,
-        }) => {
-            assert_eq!((kind, name.as_str()), ("projection", "totals"));
-            assert!(first.ends_with("daily::Totals"), "{first}");
-            assert!(second.ends_with("monthly::Totals"), "{second}");
-        }
-        other => panic!("expected TypeNameCollision, got {other:?}"),
-    }
+    collision::refused_to_open("projection", "totals", "daily::Totals", "monthly::Totals").await;
     // The event both list is registered once.
     let registry = annals::registry();
     let posted: Vec<_> = registry
