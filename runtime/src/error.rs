@@ -350,7 +350,7 @@ pub enum Error {
     /// A durable subscription was opened with settings other than the ones it was created
     /// with: it would read another stream of events from a cursor kept for the first one.
     /// Nothing was changed; open it as stored, or reset it with the new settings
-    /// ([`Subscriptions::reset`](crate::Subscriptions::reset)) to rebuild from them.
+    /// ([`Subscription::reset`](crate::subscription::Subscription::reset)) to rebuild from them.
     #[error(
         "subscription {name:?} was created with {setting} {stored}, not {given}: open it as \
          created, or reset it to start over with a new filter or start (its partitions cannot \
