@@ -239,9 +239,7 @@ impl Statements {
                  checked AS ({check}) \
                  SELECT (SELECT epoch FROM before), (SELECT epoch FROM checked)",
                 feed_epoch = names.table("feed_epoch"),
-                check = CHECK_EPOCH
-                    .replace("{feed_epoch}", &names.table("feed_epoch"))
-                    .replace("{events}", &events),
+                check = check_epoch(names),
             )
             .into(),
             schema_version: format!(
@@ -329,6 +327,16 @@ pub(super) const CHECK_EPOCH: &str = "\
             THEN 1 ELSE 0 END \
     WHERE f.id = 1 AND f.server_started IS DISTINCT FROM pg_postmaster_start_time() \
     RETURNING f.epoch";
+
+/// [`CHECK_EPOCH`] on this store's tables.
+fn check_epoch(names: &Names) -> String {
+    CHECK_EPOCH
+        .replace("{feed_epoch}", &names.table("feed_epoch"))
+        .replace("{events}", &names.table("events"))
+}
+
+/// What a commit statement returns when its batch asks for the events' cursors.
+const RETURNING_CURSORS: &str = " RETURNING epoch::int8, tx_id::text::int8, position";
 
 /// The feed's open epoch, as CTEs after [`FEED_HORIZON`]: the store's current one, or the next
 /// when the newest event's transaction id is ahead of the cluster's next one (`xmax`): the store
@@ -618,9 +626,7 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
     // failed statement there would abort the caller's transaction.
     let feed_epoch = names.table("feed_epoch");
     if shape.in_caller_tx {
-        let check = CHECK_EPOCH
-            .replace("{feed_epoch}", &feed_epoch)
-            .replace("{events}", &events);
+        let check = check_epoch(names);
         ctes.push(format!(
             "checked AS ({check}), \
              ep AS (SELECT COALESCE((SELECT epoch FROM checked), \
@@ -655,7 +661,7 @@ fn commit_sql(names: &Names, shape: Shape) -> String {
     };
     let with = format!("WITH {} ", ctes.join(", "));
     let returning = if shape.returning {
-        " RETURNING epoch::int8, tx_id::text::int8, position"
+        RETURNING_CURSORS
     } else {
         ""
     };
@@ -693,11 +699,7 @@ fn commit_one_sql(names: &Names, returning: bool) -> String {
     let aggregates = names.table("aggregates");
     let events = names.table("events");
     let ep = guarded_epoch(names);
-    let returning = if returning {
-        " RETURNING epoch::int8, tx_id::text::int8, position"
-    } else {
-        ""
-    };
+    let returning = if returning { RETURNING_CURSORS } else { "" };
     format!(
         "WITH cas AS (UPDATE {aggregates} SET version = $3::int8 \
                       WHERE id = $1::uuid AND version = $2::int8 RETURNING id), \
