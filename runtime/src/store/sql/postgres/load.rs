@@ -109,6 +109,13 @@ impl PostgresBackend {
         let snapshot_version = snapshot_version.filter(|_| after.is_none());
         let with_snapshots = usize::from(snapshot_version.is_some());
         let rows = match request.locate {
+            // After a cached version, to the newest: the lean statement (`load_after_sql`).
+            Locate::Id(id) if up_to.is_none() && after.is_some() => query(&self.sql.load_after)
+                .bind(*id.as_uuid())
+                .bind(after)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(backend_error)?,
             Locate::Id(id) => {
                 let sql = self.sql.load.get(with_snapshots).ok_or_else(no_statement)?;
                 let mut q = query(sql).bind(*id.as_uuid()).bind(up_to);

@@ -84,6 +84,8 @@ pub(super) struct Statements {
     pub commit_one: [Arc<str>; 2],
     /// By id without and with snapshots, then by key without and with snapshots.
     pub load: [Arc<str>; 4],
+    /// By id, the events after a cached version, to the newest: [`load_after_sql`].
+    pub load_after: Arc<str>,
     pub locate_by_id: Arc<str>,
     pub locate_by_key: Arc<str>,
     pub versions: Arc<str>,
@@ -156,6 +158,7 @@ impl Statements {
                 load_sql(names, true, false).into(),
                 load_sql(names, true, true).into(),
             ],
+            load_after: load_after_sql(names).into(),
             locate_by_id: format!(
                 "SELECT id, type_id, natural_key, version, erased FROM {aggregates} \
                  WHERE id = $1::uuid"
@@ -533,6 +536,26 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
             events_branch(&format!(" AND e.sequence > {after}::int8"))
         )
     }
+}
+
+/// The load of an aggregate by id after a cached version, to its newest: the row and the events
+/// above the version, as [`load_sql`] returns them, each read by its key with no bound taken
+/// from the row. The events and the row's version are written by one statement, so a
+/// statement's snapshot sees the events up to the version and none beyond; the caller checks
+/// that the events it folds end at the version. Parameters: the id and the cached version.
+fn load_after_sql(names: &Names) -> String {
+    let aggregates = names.table("aggregates");
+    let events = names.table("events");
+    format!(
+        "SELECT NULL::int8 AS position, version AS sequence, type_id, NULL::int8 AS extra, \
+                NULL::bytea AS payload, natural_key, id, erased \
+         FROM {aggregates} WHERE id = $1::uuid \
+         UNION ALL \
+         (SELECT position, sequence, event_type_id, schema_version::int8, payload, \
+                 NULL, NULL, NULL \
+          FROM {events} WHERE aggregate_id = $1::uuid AND sequence > $2::int8 \
+          ORDER BY sequence)"
+    )
 }
 
 /// The one statement of a commit: the events' `INSERT`, with the version checks, the new
