@@ -6,6 +6,7 @@
 use annals::prelude::*;
 
 /// Implements `Event` by hand: a ring is stored as the JSON `null`.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Rang;
 
 impl Event for Rang {

@@ -112,34 +112,28 @@ pub fn expand(input: &Input) -> TokenStream {
     ));
 
     if !cx.is_ok() {
-        return cx.into_errors_with_fallback(&input.generics, quote! {
-            const _: () = {
-                #[automatically_derived]
-                impl #krate::Event for #ident {
-                    const REGISTRATION: #private::EventRegistration =
-                        #private::EventRegistration::by_hand::<Self>(&[], 1);
-                    fn name(&self) -> &'static str { "" }
-                    fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
-                        ::core::result::Result::Err(::core::convert::From::from("invalid event"))
+        return cx.into_errors_with_fallback(
+            &input.generics,
+            quote! {
+                const _: () = {
+                    #[automatically_derived]
+                    impl #krate::Event for #ident {
+                        const REGISTRATION: #private::EventRegistration =
+                            #private::EventRegistration::by_hand::<Self>(&[], 1);
                     }
-                    fn decode(_: &str, _: u32, _: &[u8]) -> ::core::result::Result<Self, #private::BoxError> {
-                        ::core::result::Result::Err(::core::convert::From::from("invalid event"))
-                    }
-                }
-            };
-        });
+                };
+            },
+        );
     }
 
     let upcast = upcast_prelude(&krate, steps, version);
-    let (name_fn, encode_body, current) = match &cont.data {
-        // A struct has one name: the trait's provided `name` returns it.
-        Shape::Struct => (
-            TokenStream::new(),
-            // serde_json is called directly, and its error converted by one shared function:
-            // no generic helper is instantiated per event type.
-            quote_spanned! {ident.span()=>
-                #private::serde_json::to_vec(self).map_err(#private::json_error)
-            },
+    let methods = match &cont.data {
+        // A struct has one name, and its payload is its JSON: the trait's provided `name`,
+        // `encode` and `decode` are its own, type-checked once in annals rather than once per
+        // event type. Only upcast steps need a `decode` of the type's own.
+        Shape::Struct if upcast.is_empty() => TokenStream::new(),
+        Shape::Struct => decode_fn(
+            &private,
             quote_spanned! {ident.span()=>
                 let __name: &'static str = #type_name;
                 #upcast
@@ -166,31 +160,39 @@ pub fn expand(input: &Input) -> TokenStream {
             let encode = quote_spanned! {ident.span()=>
                 #private::encode_enum::<Self>(self, #count)
             };
-            let decode = quote_spanned! {ident.span()=>
-                let (__index, __name): (usize, &'static str) = match __name {
-                    #(#indices)*
-                    _ => {
-                        return ::core::result::Result::Err(#private::unknown_variant(
-                            __name,
-                            #rust_type,
-                        ));
-                    }
-                };
-                #upcast
-                #private::decode_enum::<Self>(
-                    __payload,
-                    __name,
-                    __index,
-                    #count,
-                    <Self as #krate::Event>::name,
-                )
-            };
-            let name_fn = quote! {
+            let decode = decode_fn(
+                &private,
+                quote_spanned! {ident.span()=>
+                    let (__index, __name): (usize, &'static str) = match __name {
+                        #(#indices)*
+                        _ => {
+                            return ::core::result::Result::Err(#private::unknown_variant(
+                                __name,
+                                #rust_type,
+                            ));
+                        }
+                    };
+                    #upcast
+                    #private::decode_enum::<Self>(
+                        __payload,
+                        __name,
+                        __index,
+                        #count,
+                        <Self as #krate::Event>::name,
+                    )
+                },
+            );
+            quote! {
                 fn name(&self) -> &'static str {
                     match self { #(#arms)* }
                 }
-            };
-            (name_fn, encode, decode)
+
+                fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
+                    #encode
+                }
+
+                #decode
+            }
         }
     };
     let names = entries.iter().map(|e| &e.name);
@@ -234,20 +236,21 @@ pub fn expand(input: &Input) -> TokenStream {
                 #rest
             };
 
-            #name_fn
+            #methods
+        }
+    }
+}
 
-            fn encode(&self) -> ::core::result::Result<::std::vec::Vec<u8>, #private::BoxError> {
-                #encode_body
-            }
-
-            #[allow(unused_variables)]
-            fn decode(
-                __name: &str,
-                __version: u32,
-                __payload: &[u8],
-            ) -> ::core::result::Result<Self, #private::BoxError> {
-                #current
-            }
+/// The `decode` method around `body`, which reads `__name`, `__version` and `__payload`.
+fn decode_fn(private: &TokenStream, body: TokenStream) -> TokenStream {
+    quote! {
+        #[allow(unused_variables)]
+        fn decode(
+            __name: &str,
+            __version: u32,
+            __payload: &[u8],
+        ) -> ::core::result::Result<Self, #private::BoxError> {
+            #body
         }
     }
 }

@@ -12,13 +12,16 @@
 //! - **`Event`**: one `impl Event` with one constant, the type's registration (its names,
 //!   aliases, version and upcast steps' names, its path as a string and its `TypeId`; what it
 //!   leaves empty comes from one shared constant), which `NAMES`, `ALIASES` and `VERSION`
-//!   read; and `name` (enums only), `encode` and `decode`, each calling one runtime function.
-//!   Each constant of an impl costs every build its own type check, MIR and evaluation, so the
-//!   derive writes only this one. No `inventory` submission: the aggregates and
+//!   read. A struct keeps the trait's provided `name`, `encode` and `decode` (its JSON, through
+//!   the `Serialize` and `DeserializeOwned` supertraits), whose bodies are type-checked once in
+//!   the runtime, not once per event type; only an enum gets its own three (its variant names,
+//!   and only the variant's content stored), each calling one runtime function. Each constant
+//!   and function body of an impl costs every build its own type check, MIR and evaluation (a
+//!   body also its borrow check), so the derive writes only what differs per type. No `inventory` submission: the aggregates and
 //!   projections that list the type carry its registration, as one reference each, in their
 //!   own. An `inventory` item costs a static, a constructor function and its `.init_array`
 //!   entry, which for every event of a large domain added about 8 % to `cargo check`.
-//!   `upcast(...)` adds, inside `decode`, one branch for older versions and one small function
+//!   `upcast(...)` adds a `decode` with one branch for older versions and one small function
 //!   per declared step; a type without steps gets nothing for them.
 //! - **`Aggregate`**: one `impl Aggregate` whose `handler` maps a stored name to the runtime's
 //!   generic `apply_stored::<Self, E>` for each listed event (looked up once per event type per

@@ -191,7 +191,7 @@ pub trait Handles<E: Event>: Aggregate + Apply<E> {}
 /// [`Context::apply`](crate::Context::apply) from an aggregate's only listed event (and report
 /// an unlisted one as "mismatched types") but reports it with the message of [`Handles`].
 #[doc(hidden)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub enum NoEvent {}
 
 #[diagnostic::do_not_recommend]

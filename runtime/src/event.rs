@@ -130,7 +130,8 @@ use crate::metadata::Metadata;
 /// ([`Error::RoundTrip`]).
 ///
 /// Derive it: implementing it by hand is not supported (its registration, `encode` and `decode`
-/// are hidden items that the derive writes).
+/// are hidden items that the derive writes or keeps). An event type is serde `Serialize` and
+/// `Deserialize` (the trait requires both): without them, the error points at the type.
 ///
 /// [`Store::open`]: crate::Store::open
 /// [`Context::apply`]: crate::Context::apply
@@ -139,7 +140,7 @@ use crate::metadata::Metadata;
     label = "`{Self}` is not an event",
     note = "add `#[derive(annals::Event, serde::Serialize, serde::Deserialize)]` to `{Self}`"
 )]
-pub trait Event: Send + Sync + Sized + 'static {
+pub trait Event: Serialize + serde::de::DeserializeOwned + Send + Sync + Sized + 'static {
     /// Every name values of this type are stored under: one for a struct, one per variant for an
     /// enum.
     const NAMES: &'static [&'static str] = Self::REGISTRATION.names;
@@ -161,14 +162,23 @@ pub trait Event: Send + Sync + Sized + 'static {
         Self::NAMES.first().copied().unwrap_or_default()
     }
 
-    /// Encodes the payload.
+    /// Encodes the payload: the value's serde JSON. The derive keeps this for a struct and
+    /// writes its own for an enum (only the variant's content is stored).
     #[doc(hidden)]
-    fn encode(&self) -> std::result::Result<Vec<u8>, BoxError>;
+    fn encode(&self) -> std::result::Result<Vec<u8>, BoxError> {
+        serde_json::to_vec(self).map_err(crate::__private::json_error)
+    }
 
     /// Decodes a payload stored under `name` (one of [`NAMES`](Event::NAMES) or
     /// [`ALIASES`](Event::ALIASES)) with schema version `version`, upcasting an older version.
+    /// This default reads the JSON as the current version, whatever `name` and `version`; the
+    /// derive writes its own for an enum, and for a struct with upcast steps. A default here,
+    /// rather than a body the derive writes, is type-checked once, not once per event type.
     #[doc(hidden)]
-    fn decode(name: &str, version: u32, payload: &[u8]) -> std::result::Result<Self, BoxError>;
+    fn decode(name: &str, version: u32, payload: &[u8]) -> std::result::Result<Self, BoxError> {
+        let _ = (name, version);
+        serde_json::from_slice(payload).map_err(crate::__private::json_error)
+    }
 
     /// True when events stored under `name` are of this type: one of its names or aliases.
     #[doc(hidden)]

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::AggregateId;
-use crate::error::{BoxError, Error, Result, Target};
+use crate::error::{Error, Result, Target};
 use crate::event::{Event, FeedCursor};
 use crate::metadata::Metadata;
 use crate::registry::{AggregateInfo, EventRegistration};
@@ -37,14 +37,6 @@ impl Event for Erased {
         rust_type: "annals::Erased",
         ..EventRegistration::by_hand::<Erased>(&["annals.erased"], 1)
     };
-
-    fn encode(&self) -> std::result::Result<Vec<u8>, BoxError> {
-        serde_json::to_vec(self).map_err(Into::into)
-    }
-
-    fn decode(_name: &str, _version: u32, payload: &[u8]) -> std::result::Result<Self, BoxError> {
-        serde_json::from_slice(payload).map_err(Into::into)
-    }
 }
 
 // No aggregate lists it: the runtime registers it itself.
