@@ -173,7 +173,9 @@ impl StoreOptions {
         self
     }
 
-    /// Sets the connection pool's size.
+    /// Sets the connection pool's size. On PostgreSQL, up to half of it may stay checked out
+    /// for a second between two loads or commits, handed from one to the next (see the README,
+    /// "Connections handed from one statement to the next").
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self

@@ -95,10 +95,10 @@ impl PostgresBackend {
         if !batch.inline.is_empty() || batch.rekeys() || batch.erases() {
             return self.commit_projected(batch).await;
         }
-        let mut sent = self.send_commit(&self.pool, batch, false).await?;
+        let mut sent = self.send_checked_out(batch).await?;
         if matches!(sent, Sent::EpochUnchecked) {
             self.check_epoch_on_pool().await?;
-            sent = self.send_commit(&self.pool, batch, false).await?;
+            sent = self.send_checked_out(batch).await?;
         }
         match sent {
             Sent::Written(cursors) => {
@@ -119,6 +119,18 @@ impl PostgresBackend {
             }),
             Sent::Failed(e) => Err(self.diagnose_on_pool(batch, Some(e)).await),
         }
+    }
+
+    /// [`send_commit`](PostgresBackend::send_commit) in autocommit, on a connection that
+    /// serves the next statement when this one completed (written, or refused by a version
+    /// check).
+    async fn send_checked_out(&self, batch: &CommitBatch) -> Result<Sent> {
+        let mut conn = self.warm.checkout(&self.pool).await?;
+        let sent = self.send_commit(&mut *conn, batch, false).await?;
+        if matches!(sent, Sent::Written(_) | Sent::VersionMoved) {
+            conn.done();
+        }
+        Ok(sent)
     }
 
     /// Deletes what `prune` names, in one statement; returns how many rows went.

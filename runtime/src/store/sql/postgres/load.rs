@@ -15,8 +15,10 @@ use crate::store::{AggregateRow, LoadRequest, LoadedStream, Locate, to_i64};
 impl PostgresBackend {
     /// The row of one aggregate.
     pub(super) async fn locate_row(&self, locate: Locate<'_>) -> Result<Option<AggregateRow>> {
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        self.locate_on(&mut conn, locate).await
+        let mut conn = self.warm.checkout(&self.pool).await?;
+        let row = self.locate_on(&mut conn, locate).await?;
+        conn.done();
+        Ok(row)
     }
 
     /// The row of one aggregate, read over `conn`.
@@ -83,8 +85,10 @@ impl PostgresBackend {
         &self,
         request: LoadRequest<'_>,
     ) -> Result<Option<LoadedStream>> {
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        self.load_stream_on(&mut conn, request).await
+        let mut conn = self.warm.checkout(&self.pool).await?;
+        let loaded = self.load_stream_on(&mut conn, request).await?;
+        conn.done();
+        Ok(loaded)
     }
 
     /// The rebuild material of one aggregate, in one statement over `conn`.

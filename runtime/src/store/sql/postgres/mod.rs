@@ -26,6 +26,7 @@ mod render;
 mod size;
 mod subscriptions;
 mod types;
+mod warm;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -61,6 +62,9 @@ pub(crate) struct PostgresBackend {
     pool: PgPool,
     /// False for a pool the application gave: closing the store leaves it open.
     owns_pool: bool,
+    /// Connections handed from one load or commit to the next (only on a pool of the store's
+    /// own).
+    warm: warm::Warm,
     /// One connection for `LISTEN`, apart from the pool so it never takes a worker's place and
     /// never runs a query; `None` when notifications are off.
     listener_pool: Option<PgPool>,
@@ -134,6 +138,7 @@ impl PostgresBackend {
             .map_err(backend_error)?;
         let mut backend = PostgresBackend::on_pool(pool, options)?;
         backend.owns_pool = true;
+        backend.warm = warm::Warm::new(&backend.pool, true);
         Ok(backend)
     }
 
@@ -159,6 +164,7 @@ impl PostgresBackend {
                 .connect_lazy_with(connect)
         });
         let sql = Statements::new(&names);
+        let warm = warm::Warm::new(&pool, false);
         let wake = Arc::new(Wake::default());
         let notifier = tokio::spawn(notify_commits(
             pool.clone(),
@@ -169,6 +175,7 @@ impl PostgresBackend {
         Ok(PostgresBackend {
             pool,
             owns_pool: false,
+            warm,
             listener_pool,
             subs: subscriptions::Statements::new(&names),
             sql,
@@ -353,6 +360,8 @@ impl Backend for PostgresBackend {
             if let Some(listener_pool) = &self.listener_pool {
                 listener_pool.close().await;
             }
+            // sqlx's `close` waits for every connection checked out: parked ones go back first.
+            self.warm.close();
             if self.owns_pool {
                 self.pool.close().await;
             }
