@@ -174,8 +174,8 @@ impl StoreOptions {
     }
 
     /// Sets the connection pool's size. On PostgreSQL, up to half of it may stay checked out
-    /// for a second between two loads or commits, handed from one to the next (see the README,
-    /// "Connections handed from one statement to the next").
+    /// for a second between two loads, commits or reads, handed from one to the next (see the
+    /// README, "Connections handed from one statement to the next").
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self

@@ -31,8 +31,10 @@ impl PostgresBackend {
         id: AggregateId,
         range: StreamRange,
     ) -> Result<Vec<RecordedEvent>> {
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
-        self.stream_records_on(&mut conn, id, range).await
+        let mut conn = self.warm.checkout(&self.pool).await?;
+        let records = self.stream_records_on(&mut conn, id, range).await?;
+        conn.done();
+        Ok(records)
     }
 
     /// [`stream_records`](PostgresBackend::stream_records) over `conn`.
@@ -136,7 +138,7 @@ impl PostgresBackend {
                     .bind(i32::try_from(partitions).unwrap_or(i32::MAX));
             }
         }
-        let mut conn = self.pool.acquire().await.map_err(backend_error)?;
+        let mut conn = self.warm.checkout(&self.pool).await?;
         let mut rows = q.fetch_all(&mut *conn).await.map_err(backend_error)?;
         // The last row is the status row (see `render::feed_sql`).
         let status = match rows.pop() {
@@ -152,6 +154,7 @@ impl PostgresBackend {
         }
         let held_back = held_back_from(&status)?;
         let events = self.records(&mut conn, &rows).await?;
+        conn.done();
         if let Some(held) = &held_back {
             self.warn_if_held_long(held);
         }

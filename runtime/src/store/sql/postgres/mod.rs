@@ -62,8 +62,8 @@ pub(crate) struct PostgresBackend {
     pool: PgPool,
     /// False for a pool the application gave: closing the store leaves it open.
     owns_pool: bool,
-    /// Connections handed from one load or commit to the next (only on a pool of the store's
-    /// own).
+    /// Connections handed from one load, commit or read to the next (only on a pool of the
+    /// store's own).
     warm: warm::Warm,
     /// One connection for `LISTEN`, apart from the pool so it never takes a worker's place and
     /// never runs a query; `None` when notifications are off.

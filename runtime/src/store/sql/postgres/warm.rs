@@ -1,8 +1,8 @@
 //! Connections handed from one statement to the next. sqlx takes a connection back into its
 //! pool with a round trip to the server (a `Sync`, in a task of its own) to check it is still
 //! usable; a command's load and commit, each a statement of its own on the pool, paid it twice.
-//! Here a connection whose statement completed is parked for the next load or commit, which
-//! takes it without that round trip.
+//! Here a connection whose statement completed is parked for the next load, locate, commit,
+//! feed read or stream read, which takes it without that round trip.
 //!
 //! What keeps it safe:
 //! - only a connection whose statement returned `Ok` is parked: one whose statement failed or
