@@ -136,15 +136,18 @@ impl PostgresBackend {
             .connect_with(connect)
             .await
             .map_err(backend_error)?;
-        let mut backend = PostgresBackend::on_pool(pool, options)?;
-        backend.owns_pool = true;
-        backend.warm = warm::Warm::new(&backend.pool, true);
-        Ok(backend)
+        PostgresBackend::with_pool(pool, options, true)
     }
 
-    /// Uses `pool`, the caller's or one built above, for every query; `LISTEN` gets a
-    /// connection of its own (see [`Listen`]).
+    /// Uses the application's `pool` for every query; `LISTEN` gets a connection of its own
+    /// (see [`Listen`]).
     pub(crate) fn on_pool(pool: PgPool, options: &StoreOptions) -> Result<Self> {
+        PostgresBackend::with_pool(pool, options, false)
+    }
+
+    /// Uses `pool` for every query: the store's own (`owns_pool`: closed with the store, its
+    /// connections handed from one statement to the next) or the application's.
+    fn with_pool(pool: PgPool, options: &StoreOptions, owns_pool: bool) -> Result<Self> {
         let names = Names::new(options)?;
         let listen = match &options.listen {
             Listen::Store => Some(pool.connect_options().as_ref().clone()),
@@ -164,7 +167,7 @@ impl PostgresBackend {
                 .connect_lazy_with(connect)
         });
         let sql = Statements::new(&names);
-        let warm = warm::Warm::new(&pool, false);
+        let warm = warm::Warm::new(&pool, owns_pool);
         let wake = Arc::new(Wake::default());
         let notifier = tokio::spawn(notify_commits(
             pool.clone(),
@@ -174,7 +177,7 @@ impl PostgresBackend {
         ));
         Ok(PostgresBackend {
             pool,
-            owns_pool: false,
+            owns_pool,
             warm,
             listener_pool,
             subs: subscriptions::Statements::new(&names),

@@ -504,8 +504,7 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
     );
     let events_branch = |after: &str| {
         format!(
-            "(SELECT e.position, e.sequence, e.event_type_id, e.schema_version::int8, e.payload, \
-                     NULL, NULL, NULL \
+            "(SELECT {LOAD_EVENT_COLUMNS} \
               FROM {events} e \
               WHERE e.aggregate_id = {id}{after} AND e.sequence <= (SELECT up_to FROM a) \
               ORDER BY e.sequence)"
@@ -529,8 +528,7 @@ fn load_sql(names: &Names, by_key: bool, snapshots: bool) -> String {
         let after = if by_key { "$4" } else { "$3" };
         format!(
             "WITH {a} \
-             SELECT NULL::int8 AS position, a.version AS sequence, a.type_id, NULL::int8 AS extra, \
-                    NULL::bytea AS payload, a.natural_key, a.id, a.erased \
+             SELECT {LOAD_ROW_COLUMNS} \
              FROM a \
              UNION ALL {}",
             events_branch(&format!(" AND e.sequence > {after}::int8"))
@@ -547,16 +545,24 @@ fn load_after_sql(names: &Names) -> String {
     let aggregates = names.table("aggregates");
     let events = names.table("events");
     format!(
-        "SELECT NULL::int8 AS position, version AS sequence, type_id, NULL::int8 AS extra, \
-                NULL::bytea AS payload, natural_key, id, erased \
-         FROM {aggregates} WHERE id = $1::uuid \
+        "SELECT {LOAD_ROW_COLUMNS} \
+         FROM {aggregates} a WHERE a.id = $1::uuid \
          UNION ALL \
-         (SELECT position, sequence, event_type_id, schema_version::int8, payload, \
-                 NULL, NULL, NULL \
-          FROM {events} WHERE aggregate_id = $1::uuid AND sequence > $2::int8 \
-          ORDER BY sequence)"
+         (SELECT {LOAD_EVENT_COLUMNS} \
+          FROM {events} e WHERE e.aggregate_id = $1::uuid AND e.sequence > $2::int8 \
+          ORDER BY e.sequence)"
     )
 }
+
+/// The columns of a load's row of the aggregate (`a`) without a snapshot, in the order
+/// `load_stream_on` reads them: no position (which marks the row), version, type id, no
+/// snapshot version or payload, key, id, erased.
+const LOAD_ROW_COLUMNS: &str = "NULL::int8 AS position, a.version AS sequence, a.type_id, \
+     NULL::int8 AS extra, NULL::bytea AS payload, a.natural_key, a.id, a.erased";
+
+/// The columns of a load's rows of events (`e`), in the order `load_stream_on` reads them.
+const LOAD_EVENT_COLUMNS: &str = "e.position, e.sequence, e.event_type_id, \
+     e.schema_version::int8, e.payload, NULL, NULL, NULL";
 
 /// The one statement of a commit: the events' `INSERT`, with the version checks, the new
 /// aggregates and the snapshots as CTEs before it. Every insert joins the version check (`cas`:
